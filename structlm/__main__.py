@@ -1,0 +1,4 @@
+from structlm.cli import main
+
+if __name__ == "__main__":
+    main()

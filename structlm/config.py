@@ -1,0 +1,354 @@
+"""Typed configuration: one dataclass per concern, presets as Python functions, JSON round trip.
+
+Every field carries a trailing comment; the CLI (tyro) turns the fields into `--a.b.c` flags with these
+comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field path and the fix.
+Derived values are properties, so a serialised config holds no redundant state.
+
+This module imports nothing from structlm at import time. `ModelConfig.__post_init__` asks the
+structured-linear registry to check the FFN hyper-parameters (a call-time import), so that a bad rank or block
+count fails when the config is built, not after minutes of work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class LinearSpec:
+    """Which linear map the FFN layers use, and its hyper-parameters."""
+
+    kind: str = "dense"  # dense | lowrank | blockshuffle | blockdense (structlm.linear.LINEARS)
+    rank: int | None = None  # lowrank, blockdense: inner dimension R
+    nblocks: int | None = None  # blockshuffle, blockdense: number of diagonal blocks B
+    init: str = "default"  # default (the paper's per kind) | fixed | xavier | svd (lowrank) | ortho (block kinds)
+
+    def hparams(self) -> dict[str, int]:
+        """The set hyper-parameters as constructor kwargs (None ones left out)."""
+        return {k: v for k, v in (("rank", self.rank), ("nblocks", self.nblocks)) if v is not None}
+
+
+@dataclass
+class ModelConfig:
+    """A pre-LN decoder-only transformer whose FFN linears are built from `ffn` (SPEC §3)."""
+
+    vocab_size: int = 32000  # tokenizer vocabulary size
+    block_size: int = 1024  # maximum context length (sequence length)
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # query heads
+    n_kv_head: int | None = None  # key/value heads; None = n_head (MHA), fewer = GQA/MQA
+    d_model: int = 768  # residual stream width ("FFN width" in the paper)
+    attn_dim: int | None = None  # total query width n_head*head_dim; None = d_model
+    d_ff: int = 3072  # FFN intermediate size
+    act: Literal["gelu", "swiglu"] = "gelu"  # gelu (tanh approx.) or swiglu (fc1 outputs 2*d_ff)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (eps 1e-5)
+    bias: bool = True  # biases in qkv, o, fc1, fc2
+    tie_embeddings: bool = True  # lm_head shares the token embedding
+    pos_emb: Literal["rope", "absolute"] = "rope"  # rotary or learned absolute positions
+    rope_base: float = 10000.0  # RoPE frequency base
+    rope_interleaved: bool = False  # rotate adjacent pairs instead of halves
+    rope_scale: float = 1.0  # position interpolation factor (positions are divided by it)
+    dropout: float = 0.0  # dropout on embeddings and residual branches
+    init_std: float = 0.02  # std of the N(0, std^2) init of every matrix and embedding
+    ffn: LinearSpec = field(default_factory=LinearSpec)  # the FFN linear map (fc1 and fc2)
+    dense_ffn_layers: tuple[int, ...] = (0,)  # blocks whose FFN stays dense (the paper keeps block 0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ffn, dict):
+            self.ffn = LinearSpec(**self.ffn)
+        self.dense_ffn_layers = tuple(self.dense_ffn_layers)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ValueError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}; "
+                "pick a divisor of n_head (or leave it unset for multi-head attention)"
+            )
+        if self.attention_dim % self.n_head:
+            raise ValueError(
+                f"model.attn_dim={self.attention_dim} is not divisible by model.n_head={self.n_head}; "
+                "choose attn_dim = n_head * head_dim"
+            )
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}; change attn_dim or n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        bad = [i for i in self.dense_ffn_layers if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(
+                f"model.dense_ffn_layers={list(self.dense_ffn_layers)} names blocks {bad} outside "
+                f"0..{self.n_layer - 1}"
+            )
+        from structlm.linear import check_spec  # call-time import: config imports nothing at load
+
+        for name, d_in, d_out in self.ffn_shapes():
+            try:
+                check_spec(self.ffn, d_in, d_out)
+            except ValueError as e:
+                raise ValueError(f"model.ffn ({name}: {d_in}->{d_out}): {e}") from None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def attention_dim(self) -> int:
+        return self.attn_dim or self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_dim // self.n_head
+
+    def ffn_shapes(self) -> list[tuple[str, int, int]]:
+        """(name, d_in, d_out) of the two FFN linears; SwiGLU's fc1 emits gate and up together."""
+        fc1_out = 2 * self.d_ff if self.act == "swiglu" else self.d_ff
+        return [("fc1", self.d_model, fc1_out), ("fc2", self.d_ff, self.d_model)]
+
+    def ffn_spec(self, layer: int) -> LinearSpec:
+        """The LinearSpec of block `layer`: dense for `dense_ffn_layers`, else `ffn`."""
+        return LinearSpec() if layer in self.dense_ffn_layers else self.ffn
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and where its prepared tokens live."""
+
+    source: str = "shakespeare"  # 'shakespeare' (built in), a text file, a directory, a glob or a .jsonl file
+    data_dir: str | None = None  # prepared data directory; None = data/<source name>-bpe<vocab_size>
+    tokenizer: str | None = None  # an existing tokenizer.json to use instead of training a BPE
+    vocab_size: int = 8192  # vocabulary of the BPE trained by prepare
+    val_fraction: float = 0.05  # share of documents held out for validation
+    text_field: str = "text"  # the JSONL field that holds the text
+    seed: int = 1005  # seed of the document-level train/val split
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.vocab_size < 256 + 1:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be > 256 (byte-level BPE)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (SPEC §6.3)."""
+
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_frac: float = 0.1  # share of total steps spent in linear warm-up
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    decay_all: bool = True  # decay every parameter (paper); False: only matrices and embeddings
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"optim.warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: budget, batch, evaluation, logging, checkpoints, precision."""
+
+    out_dir: str = "runs/default"  # run directory (config.json, checkpoints, metrics, summary)
+    batch_size: int = 16  # global batch in sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward on one process (gradient accumulation fills the rest)
+    seq_len: int | None = None  # training sequence length; None = model.block_size
+    max_steps: int | None = None  # budget in optimizer steps (exactly one of max_steps/max_tokens/max_flops)
+    max_tokens: float | None = None  # budget in training tokens; steps = int(tokens / tokens_per_step)
+    max_flops: float | None = None  # budget in training FLOPs (paper convention, flops.py)
+    eval_interval: int = 100  # evaluate on the validation split every this many steps (0: only at the end)
+    eval_tokens: int = 65536  # validation tokens per periodic evaluation (the final one uses all of them)
+    log_interval: int = 10  # one log line every this many steps
+    ckpt_interval: int = 0  # checkpoint every this many steps; 0 = at each evaluation
+    keep_last: int = 2  # checkpoints kept on disk
+    seed: int = 1005  # seed of init, data order and dropout
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute precision; auto = bf16 autocast where supported
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps ...
+    tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
+
+    def __post_init__(self) -> None:
+        budgets = [b for b in (self.max_steps, self.max_tokens, self.max_flops) if b is not None]
+        if len(budgets) > 1:
+            raise ValueError(
+                "give only one of train.max_steps, train.max_tokens, train.max_flops "
+                f"(got steps={self.max_steps}, tokens={self.max_tokens}, flops={self.max_flops})"
+            )
+        if self.batch_size <= 0 or self.micro_batch_size <= 0:
+            raise ValueError("train.batch_size and train.micro_batch_size must be positive")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if any(b is not None and b <= 0 for b in budgets):
+            raise ValueError("the training budget (max_steps/max_tokens/max_flops) must be positive")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as run_dir/config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        seq = self.train.seq_len
+        if seq is not None and not 0 < seq <= self.model.block_size:
+            raise ValueError(
+                f"train.seq_len={seq} must be in 1..model.block_size={self.model.block_size}"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+
+# --- serialisation ---------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain JSON-able dicts (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, d: dict, path: str = "") -> Any:
+    """Rebuild a dataclass config from `to_dict` output; unknown keys raise with their field path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = path.rstrip(".") or cls.__name__
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = from_dict(t, v, f"{path}{k}.")
+        elif typing.get_origin(t) is tuple or (
+            isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__)
+        ):
+            v = tuple(v) if v is not None else None
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def save_json(cfg: Any, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+
+
+def load_run_config(path: str) -> RunConfig:
+    with open(path) as f:
+        return from_dict(RunConfig, json.load(f))
+
+
+# --- presets ---------------------------------------------------------------------------------------
+# The paper's sizes (SPEC §3.2, §6.3): vocab 32000, sequence 1024, global batch 512 x 1024 tokens.
+# Variants derive by mutation: `cfg = PRESETS["paper-m"](); cfg.model.ffn = LinearSpec("lowrank", rank=256)`.
+
+_PAPER = {  # name: (d_model, n_layer, n_head, lr, tokens, micro_batch)
+    "s": (768, 12, 12, 6e-4, 2.2e9, 64),
+    "m": (1024, 24, 16, 3e-4, 6.7e9, 32),
+    "l": (1536, 24, 12, 2.5e-4, 14.58e9, 16),
+    "xl": (2048, 24, 16, 2e-4, 25.5e9, 16),
+}
+
+
+def _paper(size: str) -> RunConfig:
+    d, n_layer, n_head, lr, tokens, micro = _PAPER[size]
+    return RunConfig(
+        model=ModelConfig(
+            vocab_size=32000, block_size=1024, n_layer=n_layer, n_head=n_head, d_model=d, d_ff=4 * d
+        ),
+        optim=OptimConfig(lr=lr),
+        train=TrainConfig(
+            out_dir=f"runs/paper-{size}", batch_size=512, micro_batch_size=micro, max_tokens=tokens,
+            eval_interval=0, log_interval=100,
+        ),
+    )
+
+
+def _wide(size: str) -> RunConfig:
+    """Wide & structured (Table 2): GQA attention of half width + LowRank FFN, more tokens."""
+    cfg = _paper(size)
+    m = cfg.model
+    if size == "m":
+        m.d_ff, m.attn_dim, m.n_head, m.n_kv_head = 4864, 512, 8, 4
+        m.ffn, cfg.train.max_tokens = LinearSpec("lowrank", rank=512), 10.58e9
+    else:
+        m.d_ff, m.attn_dim, m.n_head, m.n_kv_head = 7424, 768, 12, 4
+        m.ffn, cfg.train.max_tokens = LinearSpec("lowrank", rank=768), 23.36e9
+    cfg.train.out_dir = f"runs/wide-{size}"
+    return _revalidate(cfg)
+
+
+def _gqa(size: str) -> RunConfig:
+    """The GQA baselines of Table 2: fewer KV heads, FFN enlarged to keep the dense parameter count."""
+    cfg = _paper(size)
+    cfg.model.n_kv_head, cfg.model.d_ff = (4, 4864) if size == "m" else (2, 7424)
+    cfg.train.out_dir = f"runs/gqa-{size}"
+    return _revalidate(cfg)
+
+
+def _cpu(n_layer: int, d: int, n_head: int, steps: int, out: str) -> RunConfig:
+    """Small models that train for real on a 2-core CPU on the built-in corpus (8k BPE)."""
+    return RunConfig(
+        model=ModelConfig(
+            vocab_size=8192, block_size=256, n_layer=n_layer, n_head=n_head, d_model=d, d_ff=4 * d,
+            ffn=LinearSpec("lowrank", rank=d // 4),  # 32% of the structured FFNs' parameters
+        ),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.1),
+        train=TrainConfig(
+            out_dir=out, batch_size=16, micro_batch_size=16, max_steps=steps, eval_interval=100,
+            eval_tokens=65536, log_interval=10,
+        ),
+    )
+
+
+def _tiny() -> RunConfig:
+    """Seconds-long runs for tests and smoke checks."""
+    cfg = _cpu(2, 64, 4, 20, "runs/tiny")
+    cfg.model.block_size, cfg.model.vocab_size = 64, 512
+    cfg.model.ffn = LinearSpec("lowrank", rank=16)
+    cfg.data.vocab_size = 512
+    cfg.train.batch_size = cfg.train.micro_batch_size = 8
+    cfg.train.eval_interval, cfg.train.eval_tokens, cfg.train.log_interval = 10, 4096, 5
+    return _revalidate(cfg)
+
+
+def _revalidate(cfg: RunConfig) -> RunConfig:
+    """Rebuild from dicts so every __post_init__ check runs on the mutated config."""
+    return from_dict(RunConfig, to_dict(cfg))
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "small": lambda: _cpu(4, 256, 4, 600, "runs/small"),  # the default main job (~5 min on 2 cores)
+    "medium": lambda: _cpu(6, 384, 6, 2000, "runs/medium"),
+    "cpu-d512": lambda: _cpu(6, 512, 8, 3000, "runs/cpu-d512"),
+    "tiny": _tiny,
+    "paper-s": lambda: _paper("s"),
+    "paper-m": lambda: _paper("m"),
+    "paper-l": lambda: _paper("l"),
+    "paper-xl": lambda: _paper("xl"),
+    "wide-m": lambda: _wide("m"),
+    "wide-l": lambda: _wide("l"),
+    "gqa-m": lambda: _gqa("m"),
+    "gqa-l": lambda: _gqa("l"),
+}
+DEFAULT_PRESET = "small"

@@ -1,0 +1,112 @@
+"""BlockShuffle = Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride permutation
+(SPEC §1.4; the channel ordering is bit-exact with the paper's reference code).
+
+    W x = P_out  blockdiag(blkdiag2)  P_mid  blockdiag(blkdiag1)  x
+
+    x (N): B chunks of p ─ blkdiag1[k]: (q, p) ─► h = [h_0 | ... | h_{B-1}]      flat index k*q + t
+    shuffle P_mid:  z_j[i] = h[i*B + j]          view h as (q, B), transpose to (B, q)
+    z_j (q)        ─ blkdiag2[j]: (s, q) ─► u_j (s)
+    un-shuffle P_out: y[i*B + j] = u_j[i]        stack u as (B, s), transpose to (s, B), flatten
+
+    p = N/B, o = M/B, s = o, q = min(p, o): the block on the smaller side is square
+    (expanding fc1: blkdiag1 (B, p, p), blkdiag2 (B, o, p); contracting fc2: (B, o, p) and (B, o, o)).
+
+    params = MACs per token = min(N, M) * (N + M) / B;  N % B == 0, M % B == 0
+
+Init 'ortho' (default): every block of both factors is replaced by its polar factor U V^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from structlm.linear.base import StructuredLinear, polar_, register
+
+
+def shuffle_indices(nblocks: int, q: int) -> Tensor:
+    """idx with z_flat = h[..., idx]: position j*q + i of z takes h[i*B + j] (P_mid)."""
+    return torch.arange(q * nblocks).view(q, nblocks).T.reshape(-1)
+
+
+def unshuffle_indices(nblocks: int, s: int) -> Tensor:
+    """idx with y = u_flat[..., idx]: position i*B + j of y takes u[j*s + i] (P_out)."""
+    return torch.arange(s * nblocks).view(nblocks, s).T.reshape(-1)
+
+
+def blockshuffle_matmul_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor:
+    """The four steps of SPEC §1.4 literally, with explicit gathers.
+
+    x: (..., N), blkdiag1: (B, q, p) with N = B*p, blkdiag2: (B, s, q) -> (..., B*s).
+    """
+    nb, q, p = blkdiag1.shape
+    s = blkdiag2.shape[1]
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, nb, p)  # (T, B, p)
+    h = torch.einsum("tkp,kqp->tkq", xb, blkdiag1).reshape(-1, nb * q)  # (T, B*q), flat k*q + t
+    z = h[:, shuffle_indices(nb, q).to(x.device)].view(-1, nb, q)  # (T, B, q), z_j[i] = h[i*B + j]
+    u = torch.einsum("tjq,jsq->tjs", z, blkdiag2).reshape(-1, nb * s)  # (T, B*s), flat j*s + i
+    y = u[:, unshuffle_indices(nb, s).to(x.device)]  # y[i*B + j] = u_j[i]
+    return y.view(*lead, nb * s)
+
+
+def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor:
+    """Two bmm's; the shuffles are views/reshapes instead of gathers. Shapes as in the reference."""
+    nb, q, p = blkdiag1.shape
+    s = blkdiag2.shape[1]
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p)
+    h = torch.bmm(xb, blkdiag1.transpose(1, 2))  # (B, T, q): h[k, t, i] = flat h[k*q + i]
+    # flat h as (q, B) row-major means h_flat[i*B + j]; the shuffle reads it transposed: z[j, t, i]
+    z = h.transpose(0, 1).reshape(-1, q, nb).permute(2, 0, 1)  # (B, T, q)
+    u = torch.bmm(z, blkdiag2.transpose(1, 2))  # (B, T, s)
+    y = u.permute(1, 2, 0).reshape(-1, s * nb)  # (T, s, B) -> flat i*B + j
+    return y.view(*lead, nb * s)
+
+
+@register("blockshuffle")
+class BlockShuffleLinear(StructuredLinear):
+    """= Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride permutation.
+
+    blkdiag1: (nblocks, q, d_in/nblocks), blkdiag2: (nblocks, d_out/nblocks, q), q = min(d_in, d_out)/nblocks.
+    """
+
+    hparams = ("nblocks",)
+    post_inits = ("ortho",)
+    default_init = "ortho"
+
+    def __init__(
+        self, d_in: int, d_out: int, *, nblocks: int, bias: bool = True, init: str = "default",
+        init_std: float = 0.02, device=None, dtype=None,
+    ) -> None:
+        self.check(d_in, d_out, nblocks=nblocks)
+        self.check_init(init)
+        super().__init__(d_in, d_out, bias=bias, device=device, dtype=dtype)
+        self.nblocks = nblocks
+        p, o = d_in // nblocks, d_out // nblocks
+        q = min(p, o)
+        self.blkdiag1 = nn.Parameter(torch.empty(nblocks, q, p, device=device, dtype=dtype))
+        self.blkdiag2 = nn.Parameter(torch.empty(nblocks, o, q, device=device, dtype=dtype))
+        self.reset_parameters(init, init_std)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return blockshuffle_matmul(x, self.blkdiag1, self.blkdiag2)
+
+    @classmethod
+    def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
+        super().check(d_in, d_out, **hp)
+        nb = hp["nblocks"]
+        for name, d in (("d_in", d_in), ("d_out", d_out)):
+            if d % nb:
+                raise ValueError(
+                    f"{name}={d} is not divisible by nblocks={nb}; choose nblocks dividing both "
+                    f"d_in={d_in} and d_out={d_out}"
+                )
+
+    @classmethod
+    def weight_params(cls, d_in: int, d_out: int, *, nblocks: int) -> int:
+        return min(d_in, d_out) * (d_in + d_out) // nblocks
+
+    def _post_init(self, init: str, std: float) -> None:
+        polar_(self.blkdiag1)
+        polar_(self.blkdiag2)

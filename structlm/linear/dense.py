@@ -1,0 +1,47 @@
+"""Dense baseline: the plain `W: (d_out, d_in)` matrix behind the same interface as the structured kinds.
+
+    params = MACs per token = d_in * d_out                                         (SPEC §1.1)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from structlm.linear.base import StructuredLinear, register
+
+
+def dense_matmul_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """x: (..., d_in), weight: (d_out, d_in) -> (..., d_out)."""
+    return x @ weight.T
+
+
+def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    return F.linear(x, weight)
+
+
+@register("dense")
+class DenseLinear(StructuredLinear):
+    """nn.Linear with the StructuredLinear interface (fixed N(0, 0.02^2) init, bias 0)."""
+
+    def __init__(
+        self, d_in: int, d_out: int, *, bias: bool = True, init: str = "default",
+        init_std: float = 0.02, device=None, dtype=None,
+    ) -> None:
+        self.check(d_in, d_out)
+        self.check_init(init)
+        super().__init__(d_in, d_out, bias=bias, device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+        self.reset_parameters(init, init_std)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return dense_matmul(x, self.weight)
+
+    @torch.no_grad()
+    def to_dense(self) -> Tensor:
+        return self.weight.detach().clone()
+
+    @classmethod
+    def weight_params(cls, d_in: int, d_out: int) -> int:
+        return d_in * d_out

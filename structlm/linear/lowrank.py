@@ -1,0 +1,82 @@
+"""LowRank: `W ~= U V` with a bottleneck of size R (SPEC §1.2).
+
+      x (N) --down V: (R, N)--> h (R) --up U: (M, R)--> y (M)
+
+        N            R             M
+    +-------+     +-----+      +-------+
+    |   x   | --> |  h  |  --> |   y   |      y = U (V x) + b
+    +-------+     +-----+      +-------+
+
+    params = MACs per token = R * (N + M);  R <= min(N, M)
+
+Init 'svd' (the paper's spectral init, default): the best rank-R approximation of a dense N(0, std^2) draw,
+split as sqrt(S) into both factors: down = sqrt(S_R) Vh_R, up = U_R sqrt(S_R).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from structlm.linear.base import StructuredLinear, register
+
+
+def lowrank_matmul_reference(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """Materialise W = up @ down and apply it. x: (..., N), down: (R, N), up: (M, R) -> (..., M)."""
+    return x @ (up @ down).T
+
+
+def lowrank_matmul(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """Two thin matmuls, never forming W: (x V^T) U^T."""
+    return F.linear(F.linear(x, down), up)  # (..., R) -> (..., M)
+
+
+@register("lowrank")
+class LowRankLinear(StructuredLinear):
+    """y = up(down(x)) + b, down: (rank, d_in), up: (d_out, rank)."""
+
+    hparams = ("rank",)
+    post_inits = ("svd",)
+    default_init = "svd"
+
+    def __init__(
+        self, d_in: int, d_out: int, *, rank: int, bias: bool = True, init: str = "default",
+        init_std: float = 0.02, device=None, dtype=None,
+    ) -> None:
+        self.check(d_in, d_out, rank=rank)
+        self.check_init(init)
+        super().__init__(d_in, d_out, bias=bias, device=device, dtype=dtype)
+        self.rank = rank
+        self.down = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype))
+        self.reset_parameters(init, init_std)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return lowrank_matmul(x, self.down, self.up)
+
+    @torch.no_grad()
+    def to_dense(self) -> Tensor:
+        return self.up @ self.down
+
+    @classmethod
+    def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
+        super().check(d_in, d_out, **hp)
+        rank = hp["rank"]
+        if rank > min(d_in, d_out):
+            raise ValueError(
+                f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for a {d_in}->{d_out} "
+                f"layer; choose rank <= {min(d_in, d_out)} (structlm.linear.choose_hparams finds the "
+                "paper's rank for a parameter budget)"
+            )
+
+    @classmethod
+    def weight_params(cls, d_in: int, d_out: int, *, rank: int) -> int:
+        return rank * (d_in + d_out)
+
+    def _post_init(self, init: str, std: float) -> None:
+        w0 = torch.randn(self.d_out, self.d_in, device=self.down.device, dtype=torch.float32) * std
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)  # u: (M, k), s: (k,), vh: (k, N)
+        root = s[: self.rank].sqrt()
+        self.down.copy_(root[:, None] * vh[: self.rank])  # (R, N)
+        self.up.copy_(u[:, : self.rank] * root[None, :])  # (M, R)

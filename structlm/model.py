@@ -1,0 +1,285 @@
+"""The GPT model: a pre-LN decoder-only transformer whose FFN linears are structured (SPEC §3).
+
+    idx -> wte (+ wpe) -> [ Block x n_layer ] -> ln_f -> lm_head (tied to wte) -> logits
+
+    Block:  h = h + o_proj(attn(rope(q), rope(k), v))      attn = causal SDPA, GQA by repeating K/V heads
+            h = h + fc2(act(fc1(ln_2(h))))                  fc1, fc2 = build_linear(cfg.ffn_spec(layer), ...)
+
+The model is built structured from its config: `dense_ffn_layers` blocks get dense FFNs, the others the
+`cfg.ffn` kind. It knows nothing of training, data or distribution; `KVCache` gives incremental decoding whose
+logits equal those of full recomputation (the cache attends to keys 0..offset inclusive, fixing SPEC §3.4's bug).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from structlm.config import ModelConfig
+from structlm.linear import build_linear
+
+# --- positions -------------------------------------------------------------------------------------
+
+
+def rope_angles(cfg: ModelConfig, start: int, T: int, device) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, head_dim) for positions start..start+T-1 (SPEC §3.3, Megatron layout)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    pos = torch.arange(start, start + T, device=device, dtype=torch.float32) / cfg.rope_scale
+    freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
+    if cfg.rope_interleaved:
+        emb = freqs.repeat_interleave(2, dim=-1)  # (T, hd): f0 f0 f1 f1 ...
+    else:
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd): f0 f1 ... f0 f1 ...
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotate x: (B, nh, T, hs) by the angles (T, hs); computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    if interleaved:
+        pairs = xf.unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
+        rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        rot = torch.cat([-x2, x1], dim=-1)  # rotate_half
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+# --- KV cache --------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, n_kv_head, max_len, head_dim), allocated on first write.
+
+    Keys are stored already rotated (RoPE of absolute positions), which equals rotating cached raw keys.
+    `length` counts the positions written; `GPT.forward` advances it after each call.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v: (B, n_kv, T, hs) at [length, length+T) and return keys/values 0..length+T-1."""
+        B, nkv, T, hs = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(B, nkv, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, nkv, self.max_len, hs)
+        kc, vc = self.k[layer], self.v[layer]
+        kc[:, :, self.length : end] = k
+        vc[:, :, self.length : end] = v
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+# --- layers ----------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused QKV projection, RoPE, causal SDPA with grouped-query heads, output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+        # rows: [Q: nq*hd | K: nkv*hd | V: nkv*hd]
+        self.qkv = nn.Linear(cfg.d_model, (nq + 2 * nkv) * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.attention_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
+        q, k, v = self.qkv(x).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hs)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q = apply_rope(q, *rope, cfg.rope_interleaved)
+            k = apply_rope(k, *rope, cfg.rope_interleaved)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
+        if nkv != nq:  # GQA: each K/V head serves nq/nkv query heads
+            k = k.repeat_interleave(nq // nkv, dim=1)
+            v = v.repeat_interleave(nq // nkv, dim=1)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new query attends to every cached key, itself included
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # query i sits at position start+i and sees keys 0..start+i
+            keys = torch.arange(start + T, device=x.device)
+            mask = keys[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # (T, start+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, nq * hd)  # (B, T, attn_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))): GELU (tanh, in fp32) or SwiGLU; fc1/fc2 of the block's structured kind."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.act = cfg.act
+        spec = cfg.ffn_spec(layer)
+        (_, d_in1, d_out1), (_, d_in2, d_out2) = cfg.ffn_shapes()
+        self.fc1 = build_linear(spec, d_in1, d_out1, bias=cfg.bias, init_std=cfg.init_std)
+        self.fc2 = build_linear(spec, d_in2, d_out2, bias=cfg.bias, init_std=cfg.init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)  # (B, T, d_ff) or (B, T, 2*d_ff) for swiglu
+        if self.act == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # the paper computes the tanh-GELU in fp32
+            h = F.gelu(h.float(), approximate="tanh").to(h.dtype)
+        return self.fc2(h)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model, eps=1e-5)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg, layer)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), rope, cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == "absolute" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_dense(cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    @torch.no_grad()
+    def _init_dense(self, std: float) -> None:
+        """SPEC §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth scaling.
+        Structured FFN layers initialised themselves at construction (SPEC §1.6)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+
+    def hidden(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, d_model) for tokens idx: (B, T)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if self.wpe is not None and start + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size} "
+                "(absolute position embeddings); crop the input"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = rope_angles(self.cfg, start, T, idx.device)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """logits (B, T, vocab) and, given targets (B, T), the mean next-token cross-entropy."""
+        logits = self.lm_head(self.hidden(idx, kv_cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    def make_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg.n_layer, max_len or self.cfg.block_size)
+
+    @torch.no_grad()
+    def stream(
+        self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """Yield (B, 1) sampled tokens one at a time after the prompt idx: (B, T).
+
+        temperature 0 is greedy. With the cache, a context that fills block_size is re-prefilled from its
+        last block_size/2 tokens; without it, every step recomputes the last block_size tokens.
+        """
+        cache = self.make_cache() if use_cache else None
+        ctx = idx
+        logits = self._last_logits(ctx, cache)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            yield nxt
+            ctx = torch.cat([ctx, nxt], dim=1)
+            if cache is None:
+                logits = self._last_logits(ctx[:, -self.cfg.block_size :], None)
+            elif cache.length + 1 > cache.max_len:
+                cache = self.make_cache()
+                logits = self._last_logits(ctx[:, -(self.cfg.block_size // 2) :], cache)
+            else:
+                logits = self._last_logits(nxt, cache)
+
+    def _last_logits(self, idx: Tensor, cache: KVCache | None) -> Tensor:
+        if cache is None or cache.length == 0:
+            idx = idx[:, -self.cfg.block_size :]
+        return self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, **kw) -> Tensor:
+        """The prompt followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, **kw)], dim=1)
+
+
+def sample(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row of logits (B, vocab): greedy at temperature 0, else top-k then top-p."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
