@@ -16,26 +16,37 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
 
 
-def parse_run_config(prog: str, argv: list[str], extra: argparse.ArgumentParser) -> tuple:
+def parse_run_config(
+    prog: str, argv: list[str], extra: argparse.ArgumentParser, resume: bool = False
+) -> tuple:
     """Split argv into the command's own flags (argparse `extra`) and config overrides (tyro).
 
     `--preset NAME` or `--config FILE` picks the starting RunConfig; every `--a.b.c value` then overrides it.
     """
     import tyro
 
+    extra.add_argument("--resume", default=None, help="continue the run in this directory") if resume else None
     extra.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
     extra.add_argument("--config", default=None, help="start from a saved config.json instead of a preset")
     ns, rest = extra.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         extra.print_help()
         print("\nConfig overrides (every field of RunConfig):\n")
-    if ns.preset and ns.config:
-        raise ValueError("give either --preset or --config, not both")
-    if ns.config:
+    if sum(bool(v) for v in (ns.preset, ns.config, getattr(ns, "resume", None))) > 1:
+        raise ValueError("give only one of --preset, --config, --resume")
+    if getattr(ns, "resume", None):
+        run = Path(ns.resume)
+        if not (run / "config.json").exists():
+            what = "does not exist" if not run.exists() else "holds no config.json (not a structlm run)"
+            raise FileNotFoundError(f"--resume {run}: the directory {what}")
+        base = load_run_config(str(run / "config.json"))
+        base.train.out_dir = str(run)
+    elif ns.config:
         base = load_run_config(ns.config)
     else:
         name = ns.preset or DEFAULT_PRESET
@@ -120,7 +131,155 @@ def cmd_info(argv: list[str]) -> None:
         print(f"\ntraining FLOPs for {format_count(ns.tokens)} tokens: {out['train_flops']:.3e} (3 x forward)")
 
 
+def cmd_prepare(argv: list[str]) -> None:
+    """Tokenize a corpus into data_dir (train.bin, val.bin, tokenizer.json, meta.json)."""
+    from structlm.data import prepare
+
+    cfg, _ = parse_run_config("structlm prepare", argv, argparse.ArgumentParser(add_help=False))
+    prepare(cfg.data)
+
+
+def cmd_train(argv: list[str]) -> None:
+    """Train (or resume) a run; prints the validation perplexity and how to generate from it."""
+    from structlm.train import train
+
+    p = argparse.ArgumentParser(prog="structlm train", add_help=False)
+    cfg, _ = parse_run_config("structlm train", argv, p, resume=True)
+    s = train(cfg)
+    print(
+        f"\ndone: {s.steps} steps, {s.tokens / 1e6:.1f}M tokens in {s.wall_time_s / 60:.1f} min | "
+        f"val loss {s.final_val_loss:.4f} | val ppl {s.final_val_ppl:.2f}\n"
+        f"run: {s.out_dir} (summary.json, metrics.jsonl, loss.png, checkpoints/)\n"
+        f"generate: structlm generate {s.out_dir} --prompt \"ROMEO:\""
+    )
+
+
+def cmd_eval(argv: list[str]) -> None:
+    """Loss and perplexity of a trained run on its validation split, another prepared dir, or a text file."""
+    from structlm.data import eval_batches, load_meta, load_tokens, resolve_data_dir
+    from structlm.evaluate import evaluate
+    from structlm.utils import autocast_dtype, autodetect_device
+
+    p = argparse.ArgumentParser(prog="structlm eval", description=cmd_eval.__doc__)
+    p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--data", default=None, help="a prepared data directory (its val split is used)")
+    g.add_argument("--text", default=None, help="a text file, tokenized with the run's tokenizer")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split of --data / the run's data")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--max_tokens", type=float, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    device = autodetect_device(a.device)
+    model, cfg = _load(a.run_dir, device)
+    tok_path = _run_tokenizer(a.run_dir)
+    if a.text:
+        from structlm.data import encode_text_file, load_tokenizer
+
+        tokens = encode_text_file(a.text, load_tokenizer(tok_path))
+        source = a.text
+    else:
+        data_dir = Path(a.data) if a.data else resolve_data_dir(cfg.data)
+        meta = load_meta(data_dir)
+        if meta["tokenizer_sha256"] != _sha256(tok_path):
+            raise ValueError(
+                f"{data_dir} was tokenized with a different tokenizer than the run {a.run_dir}; "
+                "evaluate on data prepared with the run's tokenizer (--data.tokenizer RUN/tokenizer.json)"
+            )
+        tokens = load_tokens(data_dir, a.split)
+        source = f"{data_dir} ({a.split})"
+    seq = cfg.seq_len
+    max_tokens = int(a.max_tokens) if a.max_tokens else None
+    n_batches = -(-min(len(tokens) - 1, max_tokens or len(tokens)) // (seq * a.batch_size))
+    res = evaluate(
+        model, eval_batches(tokens, seq, a.batch_size, max_tokens), device,
+        autocast_dtype(device, a.dtype), progress=sys.stderr.isatty(), total=n_batches,
+    )
+    if a.json:
+        print(json.dumps({"source": source, **res}))
+    else:
+        print(f"{source}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens")
+
+
+def cmd_generate(argv: list[str]) -> None:
+    """Sample text from a trained run with the KV cache, streaming tokens to the terminal."""
+    import torch
+
+    from structlm.data import load_tokenizer
+    from structlm.utils import autocast, autocast_dtype, autodetect_device
+
+    p = argparse.ArgumentParser(prog="structlm generate", description=cmd_generate.__doc__)
+    p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start of a document)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
+    a = p.parse_args(argv)
+    device = autodetect_device(a.device)
+    model, cfg = _load(a.run_dir, device)
+    tok = load_tokenizer(_run_tokenizer(a.run_dir))
+    eot = tok.token_to_id("<|endoftext|>")
+    ids = tok.encode(a.prompt).ids if a.prompt else []
+    if not ids:
+        ids = [eot if eot is not None else 0]
+    if max(ids) >= cfg.model.vocab_size:
+        raise ValueError("the prompt tokenizes to ids outside the model's vocabulary: wrong tokenizer")
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    amp = autocast_dtype(device, a.dtype)
+    for i in range(a.num_samples):
+        idx = torch.tensor([ids], device=device)
+        out: list[int] = []
+        printed = ""
+        sys.stdout.write(a.prompt)
+        with autocast(device, amp):
+            for nxt in model.stream(
+                idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                generator=gen, use_cache=not a.no_cache,
+            ):
+                out.append(int(nxt[0, 0]))
+                text = tok.decode(out)
+                if not text.endswith("\ufffd"):  # wait for complete UTF-8 sequences
+                    sys.stdout.write(text[len(printed):])
+                    sys.stdout.flush()
+                    printed = text
+        sys.stdout.write(tok.decode(out)[len(printed):] + "\n")
+        if i + 1 < a.num_samples:
+            print("-" * 40)
+
+
+def _load(run_dir: str, device):
+    from structlm.checkpoint import load_model
+
+    return load_model(run_dir, device)
+
+
+def _run_tokenizer(run_dir: str) -> Path:
+    """The run's tokenizer.json (copied into the run directory at training)."""
+    for d in (Path(run_dir), Path(run_dir).parent.parent):
+        if (d / "tokenizer.json").exists():
+            return d / "tokenizer.json"
+    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; was it trained by structlm train?")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
     "info": cmd_info,
 }
 
@@ -137,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         COMMANDS[cmd](rest)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"structlm {cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

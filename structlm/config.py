@@ -175,7 +175,7 @@ class TrainConfig:
     ckpt_interval: int = 0  # checkpoint every this many steps; 0 = at each evaluation
     keep_last: int = 2  # checkpoints kept on disk
     seed: int = 1005  # seed of init, data order and dropout
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute precision; auto = bf16 autocast where supported
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the hardware is fast at it
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps ...
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tb

@@ -1,15 +1,16 @@
 """Exact parameter and FLOP accounting as pure functions of a ModelConfig (no model is built).
 
 Conventions (SPEC §3.6, which reproduces the paper's Tables 1 and 2 exactly):
-* FLOPs count 2 per multiply-add of a matrix product; biases, norms, activations and softmax are ignored.
+* FLOPs count 2 per multiply-add of a matrix product; biases, norms, activations and softmax are
+  ignored.
 * Forward FLOPs per token at sequence length T:
-      2*L*(attn_dim*d [Q] + attn_dim*d [O] + 2*hd*n_kv*d [K, V])      attention projections
-    + 2*L*(2*T*attn_dim)                                              QK^T and AV with the full T^2 (no causal halving)
-    + 2*(FFN matrix params)                                           every structured kind: 2 x weight params
-    + 2*vocab*d                                                       the LM head (the embedding lookup is free)
+      2*L*(attn_dim*d [Q] + attn_dim*d [O] + 2*hd*n_kv*d [K, V])   attention projections
+    + 2*L*(2*T*attn_dim)                             QK^T and AV, full T^2 (no causal halving)
+    + 2*(FFN matrix params)                          every structured kind: 2 x weight params
+    + 2*vocab*d                                      the LM head (the embedding lookup is free)
 * Training FLOPs = 3 x forward (backward = 2 x forward) x tokens.
-The paper's "model size" counts matrices only (`matrix_params`); `param_groups` counts every parameter
-and equals `sum(p.numel() for p in GPT(cfg).parameters())`.
+The paper's "model size" counts matrices only (`matrix_params`); `param_groups` counts every
+parameter and equals `sum(p.numel() for p in GPT(cfg).parameters())`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def attention_params(cfg: ModelConfig, *, bias: bool | None = None) -> int:
 
 
 def param_groups(cfg: ModelConfig) -> dict[str, int]:
-    """Every parameter of GPT(cfg), by component. `total` == the model's numel; `matrix` is the paper's
-    "model size" (matrices + one tied embedding); `non_embedding` leaves out wte/wpe/untied lm_head."""
+    """Every parameter of GPT(cfg), by component. `total` == the model's numel; `matrix` is the
+    paper's "model size" (matrices + one tied embedding); `non_embedding` leaves out wte/wpe/untied
+    lm_head."""
     d = cfg.d_model
     norm = 2 * d if cfg.norm == "layernorm" else d
     g = {
@@ -62,7 +64,8 @@ def param_groups(cfg: ModelConfig) -> dict[str, int]:
 
 
 def matrix_params(cfg: ModelConfig) -> int:
-    """The paper's model size (SPEC §3.6): attention and FFN matrices plus the (tied) embedding once."""
+    """The paper's model size (SPEC §3.6): attention and FFN matrices plus the (tied) embedding
+    once."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return attention_params(cfg, bias=False) + ffn_params(cfg, bias=False) + emb
 

@@ -2,12 +2,13 @@
 
     idx -> wte (+ wpe) -> [ Block x n_layer ] -> ln_f -> lm_head (tied to wte) -> logits
 
-    Block:  h = h + o_proj(attn(rope(q), rope(k), v))      attn = causal SDPA, GQA by repeating K/V heads
-            h = h + fc2(act(fc1(ln_2(h))))                  fc1, fc2 = build_linear(cfg.ffn_spec(layer), ...)
+    Block:  h = h + o_proj(attn(rope(q), rope(k), v))   attn: causal SDPA, GQA repeats K/V heads
+            h = h + fc2(act(fc1(ln_2(h))))               fc1, fc2: build_linear(cfg.ffn_spec(i))
 
-The model is built structured from its config: `dense_ffn_layers` blocks get dense FFNs, the others the
-`cfg.ffn` kind. It knows nothing of training, data or distribution; `KVCache` gives incremental decoding whose
-logits equal those of full recomputation (the cache attends to keys 0..offset inclusive, fixing SPEC §3.4's bug).
+The model is built structured from its config: `dense_ffn_layers` blocks get dense FFNs, the others
+the `cfg.ffn` kind. It knows nothing of training, data or distribution; `KVCache` gives incremental
+decoding whose logits equal those of full recomputation (the cache attends to keys 0..offset
+inclusive, fixing SPEC §3.4's bug).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from torch import Tensor, nn
 from structlm.config import ModelConfig
 from structlm.linear import build_linear
 
-# --- positions -------------------------------------------------------------------------------------
+# --- positions ------------------------------------------------------------------------------------
 
 
 def rope_angles(cfg: ModelConfig, start: int, T: int, device) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, head_dim) for positions start..start+T-1 (SPEC §3.3, Megatron layout)."""
+    """cos, sin of shape (T, head_dim) for positions start..start+T-1 (SPEC §3.3, Megatron
+    layout)."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    exponents = torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd
+    inv_freq = 1.0 / cfg.rope_base**exponents
     pos = torch.arange(start, start + T, device=device, dtype=torch.float32) / cfg.rope_scale
     freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
     if cfg.rope_interleaved:
@@ -37,9 +40,15 @@ def rope_angles(cfg: ModelConfig, start: int, T: int, device) -> tuple[Tensor, T
     return emb.cos(), emb.sin()
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """x in fp32 if it is narrower (bf16, fp16), else unchanged (fp32, fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate x: (B, nh, T, hs) by the angles (T, hs); computed in fp32, returned in x's dtype."""
-    xf = x.float()
+    """Rotate x: (B, nh, T, hs) by the angles (T, hs); computed in at least fp32, returned in x's
+    dtype."""
+    xf = at_least_fp32(x)
     if interleaved:
         pairs = xf.unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
         rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
@@ -49,13 +58,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor
     return (xf * cos + rot * sin).to(x.dtype)
 
 
-# --- KV cache --------------------------------------------------------------------------------------
+# --- KV cache -------------------------------------------------------------------------------------
 
 
 class KVCache:
     """Per-layer key/value buffers (B, n_kv_head, max_len, head_dim), allocated on first write.
 
-    Keys are stored already rotated (RoPE of absolute positions), which equals rotating cached raw keys.
+    Keys are stored already rotated (RoPE of absolute positions), which equals rotating cached raw
+    keys.
     `length` counts the positions written; `GPT.forward` advances it after each call.
     """
 
@@ -66,7 +76,7 @@ class KVCache:
         self.v: list[Tensor | None] = [None] * n_layer
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v: (B, n_kv, T, hs) at [length, length+T) and return keys/values 0..length+T-1."""
+        """Write k, v: (B, n_kv, T, hs) at [length, length+T); return keys/values 0..length+T-1."""
         B, nkv, T, hs = k.shape
         end = self.length + T
         if end > self.max_len:
@@ -80,7 +90,7 @@ class KVCache:
         return kc[:, :, :end], vc[:, :, :end]
 
 
-# --- layers ----------------------------------------------------------------------------------------
+# --- layers ---------------------------------------------------------------------------------------
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,7 +104,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (nq + 2 * nkv) * hd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.attention_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+    ) -> Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -119,7 +131,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v)
         else:  # query i sits at position start+i and sees keys 0..start+i
             keys = torch.arange(start + T, device=x.device)
-            mask = keys[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # (T, start+T)
+            queries = start + torch.arange(T, device=x.device)
+            mask = keys[None, :] <= queries[:, None]  # (T, start+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, nq * hd)  # (B, T, attn_dim)
         return self.o_proj(y)
@@ -141,8 +154,8 @@ class MLP(nn.Module):
         if self.act == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        else:  # the paper computes the tanh-GELU in fp32
-            h = F.gelu(h.float(), approximate="tanh").to(h.dtype)
+        else:  # the paper computes the tanh-GELU in fp32 (fp64 stays fp64)
+            h = F.gelu(at_least_fp32(h), approximate="tanh").to(h.dtype)
         return self.fc2(h)
 
 
@@ -161,12 +174,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: KVCache | None
+    ) -> Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), rope, cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-# --- the model -------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 
 
 class GPT(nn.Module):
@@ -222,7 +237,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, kv_cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten())
         return logits, loss
 
     def make_cache(self, max_len: int | None = None) -> KVCache:
@@ -230,13 +245,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(
-        self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-        top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+        self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+        top_k: int | None = None, top_p: float | None = None,
+        generator: torch.Generator | None = None, use_cache: bool = True,
     ) -> Iterator[Tensor]:
         """Yield (B, 1) sampled tokens one at a time after the prompt idx: (B, T).
 
-        temperature 0 is greedy. With the cache, a context that fills block_size is re-prefilled from its
-        last block_size/2 tokens; without it, every step recomputes the last block_size tokens.
+        temperature 0 is greedy. With the cache, a context that fills block_size is re-prefilled
+        from its last block_size/2 tokens; without it, every step recomputes the last block_size
+        tokens.
         """
         cache = self.make_cache() if use_cache else None
         ctx = idx
@@ -268,7 +285,8 @@ def sample(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw one token per row of logits (B, vocab): greedy at temperature 0, else top-k then top-p."""
+    """Draw one token per row of logits (B, vocab): greedy at temperature 0, else top-k then
+    top-p."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -278,7 +296,8 @@ def sample(
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        # keep the smallest prefix reaching top_p
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

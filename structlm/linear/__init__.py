@@ -1,9 +1,11 @@
-"""Structured linear maps for FFN layers: the registry, the factory and budget-driven hyper-parameters.
+"""Structured linear maps for FFN layers: the registry, the factory and budget-driven
+hyper-parameters.
 
     LINEARS = {"dense": DenseLinear, "lowrank": LowRankLinear,
                "blockshuffle": BlockShuffleLinear, "blockdense": BlockDenseLinear}
 
-`build_linear(spec, d_in, d_out, bias=...)` is the only place a `LinearSpec` becomes constructor kwargs.
+`build_linear(spec, d_in, d_out, bias=...)` is the only place a `LinearSpec` becomes constructor
+kwargs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import math
 
 from structlm.config import LinearSpec
 from structlm.linear.base import LINEARS, StructuredLinear, register
-from structlm.linear.blockdense import BlockDenseLinear, blockdense_matmul, blockdense_matmul_reference
+from structlm.linear.blockdense import (
+    BlockDenseLinear,
+    blockdense_matmul,
+    blockdense_matmul_reference,
+)
 from structlm.linear.blockshuffle import (
     BlockShuffleLinear,
     blockshuffle_matmul,
@@ -24,14 +30,17 @@ from structlm.linear.lowrank import LowRankLinear, lowrank_matmul, lowrank_matmu
 __all__ = [
     "LINEARS", "StructuredLinear", "register", "build_linear", "check_spec", "choose_hparams",
     "DenseLinear", "LowRankLinear", "BlockShuffleLinear", "BlockDenseLinear",
-    "lowrank_matmul", "lowrank_matmul_reference", "blockdense_matmul", "blockdense_matmul_reference",
+    "lowrank_matmul", "lowrank_matmul_reference",
+    "blockdense_matmul", "blockdense_matmul_reference",
     "blockshuffle_matmul", "blockshuffle_matmul_reference",
 ]
 
 
 def linear_class(kind: str) -> type[StructuredLinear]:
     if kind not in LINEARS:
-        raise ValueError(f"unknown structured linear kind {kind!r}; choose one of {sorted(LINEARS)}")
+        raise ValueError(
+            f"unknown structured linear kind {kind!r}; choose one of {sorted(LINEARS)}"
+        )
     return LINEARS[kind]
 
 
@@ -56,19 +65,22 @@ def build_linear(
 
 
 def _granularity(dims: list[int]) -> int:
-    """Rank rounding step: the power of two nearest below min(dim)/16 (32 at 768, 64 at 1024, 128 at 2048)."""
+    """Rank rounding step: the power of two nearest below min(dim)/16 (32 at 768, 64 at 1024,
+    128 at 2048)."""
     return 2 ** max(0, int(math.floor(math.log2(max(1, min(dims) // 16)))))
 
 
 def choose_hparams(
     kind: str, shapes: list[tuple[int, int]], fraction: float, nblocks: int | None = None
 ) -> LinearSpec:
-    """The LinearSpec the paper would use for layers `shapes` [(d_in, d_out), ...] at `fraction` of their
-    dense parameters (SPEC §1.5, §2.1). The budget counts all shapes together, as the paper counts a whole FFN.
+    """The LinearSpec the paper would use for layers `shapes` [(d_in, d_out), ...] at `fraction` of
+    their dense parameters (SPEC §1.5, §2.1). The budget counts all shapes together, as the paper
+    counts a whole FFN.
 
-    LowRank: R = f * sum(N*M) / sum(N+M), rounded down to the rank granularity (d/2 and d/4 for 63%/32% FFNs).
-    BlockDense: B given, else 4 for power-of-two widths and 2 otherwise (the paper's choice per size);
-    R = f * sum(N*M) / sum(M + N/B), rounded down (2d/3, d/3 at B=2; 0.75d, 0.375d at B=4).
+    LowRank: R = f * sum(N*M) / sum(N+M), rounded down to the rank granularity (d/2 and d/4 for
+    63%/32% FFNs).
+    BlockDense: B given, else 4 for power-of-two widths and 2 otherwise (the paper's choice per
+    size); R = f * sum(N*M) / sum(M + N/B), rounded down (2d/3, d/3 at B=2; 0.75d, 0.375d at B=4).
     BlockShuffle: B = sum(min(N,M)(N+M)) / (f * sum(N*M)), the nearest valid block count (2 and 4).
 
     >>> choose_hparams("lowrank", [(768, 3072), (3072, 768)], 0.63)
@@ -99,7 +111,9 @@ def choose_hparams(
         spec = LinearSpec("blockshuffle", nblocks=nb)
     else:
         linear_class(kind)
-        raise ValueError(f"choose_hparams has no budget rule for kind {kind!r}; set its hyper-parameters")
+        raise ValueError(
+            f"choose_hparams has no budget rule for kind {kind!r}; set its hyper-parameters"
+        )
     for n, m in shapes:
         check_spec(spec, n, m)
     return spec

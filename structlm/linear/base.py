@@ -1,8 +1,10 @@
-"""The one extension seam: `StructuredLinear`, the interface every FFN linear map shares, and its registry.
+"""The one extension seam: `StructuredLinear`, the interface every FFN linear map shares, and its
+registry.
 
-A structured linear layer computes `y = x @ W.T + b` with `W: (d_out, d_in)` stored in factored form and never
-materialised in training. Subclasses implement `matmul` (no bias), `weight_params` (a pure parameter formula)
-and `_post_init` (the paper's factor-specific init); everything else is shared here.
+A structured linear layer computes `y = x @ W.T + b` with `W: (d_out, d_in)` stored in factored form
+and never materialised in training. Subclasses implement `matmul` (no bias), `weight_params` (a pure
+parameter formula) and `_post_init` (the paper's factor-specific init); everything else is shared
+here.
 
 Adding a structure is one new file with a `@register("name")` class. Modelled on HazyResearch/fly
 `src/models/layers/structured_linear.py` (forward = matmul + bias, dense weight via the identity).
@@ -20,11 +22,14 @@ LINEARS: dict[str, type[StructuredLinear]] = {}
 
 
 def register(name: str):
-    """Class decorator: add a StructuredLinear subclass to LINEARS under `name` (one name per structure)."""
+    """Class decorator: add a StructuredLinear subclass to LINEARS under `name` (one name per
+    structure)."""
 
     def deco(cls: type[StructuredLinear]) -> type[StructuredLinear]:
         if name in LINEARS:
-            raise ValueError(f"structured linear kind {name!r} is already registered by {LINEARS[name]}")
+            raise ValueError(
+                f"structured linear kind {name!r} is already registered by {LINEARS[name]}"
+            )
         cls.kind = name
         LINEARS[name] = cls
         return cls
@@ -35,16 +40,19 @@ def register(name: str):
 class StructuredLinear(nn.Module):
     """y = x @ W.T + b with W of shape (d_out, d_in) in factored form.
 
-    Constructors take plain typed keyword arguments (rank, nblocks), `init`/`init_std` for the initial draw, and
-    `device`/`dtype` factory kwargs; they validate the hyper-parameters before allocating any tensor.
+    Constructors take plain typed keyword arguments (rank, nblocks), `init`/`init_std` for the
+    initial draw, and `device`/`dtype` factory kwargs; they validate the hyper-parameters before
+    allocating any tensor.
     """
 
     kind: ClassVar[str] = ""
     hparams: ClassVar[tuple[str, ...]] = ()  # names of the hyper-parameters this kind takes
     post_inits: ClassVar[tuple[str, ...]] = ()  # kind-specific inits beyond fixed/xavier
-    default_init: ClassVar[str] = "fixed"  # what init="default" means for this kind (the paper's choice)
+    default_init: ClassVar[str] = "fixed"  # what init="default" means (the paper's choice)
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, *, bias: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         if bias:
@@ -52,7 +60,7 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    # --- subclass API -------------------------------------------------------------------------------
+    # --- subclass API ---------------------------------------------------------------------------
     def matmul(self, x: Tensor) -> Tensor:
         """(..., d_in) -> (..., d_out), without the bias."""
         raise NotImplementedError  # abstract: every registered subclass overrides it
@@ -69,14 +77,17 @@ class StructuredLinear(nn.Module):
     def _post_init(self, init: str, std: float) -> None:
         """Kind-specific re-initialisation after the plain draw (svd, ortho)."""
 
-    # --- shared -------------------------------------------------------------------------------------
+    # --- shared ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         y = self.matmul(x)
-        return y if self.bias is None else y + self.bias
+        # the bias in y's dtype, as nn.Linear does: under autocast y is bf16, and adding the fp32
+        # bias as is would promote the output to fp32
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
-        """The equivalent dense matrix (d_out, d_in): the layer applied to the identity, transposed."""
+        """The equivalent dense matrix (d_out, d_in): the layer applied to the identity,
+        transposed."""
         w = self.weights()[0]
         eye = torch.eye(self.d_in, device=w.device, dtype=w.dtype)
         return self.matmul(eye).T.contiguous()
@@ -87,7 +98,8 @@ class StructuredLinear(nn.Module):
 
     @classmethod
     def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
-        """Raise ValueError, naming the field and the fix, if the shape or hyper-parameters are invalid."""
+        """Raise ValueError, naming the field and the fix, if the shape or hyper-parameters are
+        invalid."""
         for name, v in (("d_in", d_in), ("d_out", d_out)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v} must be a positive integer")
@@ -99,7 +111,9 @@ class StructuredLinear(nn.Module):
         for name in cls.hparams:
             v = hp.get(name)
             if v is None:
-                raise ValueError(f"kind {cls.kind!r} needs {name}; set it (e.g. --model.ffn.{name})")
+                raise ValueError(
+                    f"kind {cls.kind!r} needs {name}; set it (e.g. --model.ffn.{name})"
+                )
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v} must be a positive integer")
 
@@ -107,7 +121,9 @@ class StructuredLinear(nn.Module):
     def check_init(cls, init: str) -> None:
         valid = ("default", "fixed", "xavier", *cls.post_inits)
         if init not in valid:
-            raise ValueError(f"init={init!r} is not available for kind {cls.kind!r}; choose one of {valid}")
+            raise ValueError(
+                f"init={init!r} is not available for kind {cls.kind!r}; choose one of {valid}"
+            )
 
     @classmethod
     def count_params(cls, d_in: int, d_out: int, *, bias: bool = True, **hp: int) -> int:
@@ -116,13 +132,15 @@ class StructuredLinear(nn.Module):
         return cls.weight_params(d_in, d_out, **hp) + (d_out if bias else 0)
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token (multiply-adds x 2, bias ignored): 2 x weight params for every kind."""
+        """Forward FLOPs per token (multiply-adds x 2, bias ignored): 2 x weight params for every
+        kind."""
         return 2 * self.weight_params(self.d_in, self.d_out, **self.hp)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "default", std: float = 0.02) -> None:
         """Re-initialise (SPEC §1.6): bias 0; every weight N(0, std^2) ('fixed') or N(0, 1/fan_in)
-        ('xavier'); then the kind's post-init ('svd', 'ortho'), which 'default' selects for each kind."""
+        ('xavier'); then the kind's post-init ('svd', 'ortho'), which 'default' selects for each
+        kind."""
         self.check_init(init)
         init = self.default_init if init == "default" else init
         if self.bias is not None:
@@ -139,6 +157,8 @@ class StructuredLinear(nn.Module):
 
 
 def polar_(w: Tensor) -> None:
-    """Replace each matrix in `w` (..., m, n) by its polar factor U V^T (all singular values 1), in place."""
-    u, _, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    """Replace each matrix in `w` (..., m, n) by its polar factor U V^T (all singular values 1), in
+    place."""
+    wide = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
+    u, _, vh = torch.linalg.svd(wide, full_matrices=False)
     w.copy_(u @ vh)

@@ -44,7 +44,8 @@ def blockdense_matmul(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
 
 @register("blockdense")
 class BlockDenseLinear(StructuredLinear):
-    """y = up(blockdiag(x)) + b, blkdiag: (nblocks, rank/nblocks, d_in/nblocks), up: (d_out, rank)."""
+    """y = up(blockdiag(x)) + b; blkdiag: (nblocks, rank/nblocks, d_in/nblocks), up: (d_out, rank).
+    """
 
     hparams = ("rank", "nblocks")
     post_inits = ("ortho",)
@@ -80,12 +81,13 @@ class BlockDenseLinear(StructuredLinear):
             )
         if rank % nb:
             raise ValueError(
-                f"rank={rank} is not divisible by nblocks={nb}; choose a rank that is a multiple of {nb}"
+                f"rank={rank} is not divisible by nblocks={nb}; "
+                f"choose a rank that is a multiple of {nb}"
             )
         if rank > min(d_in, d_out):
             raise ValueError(
-                f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for a {d_in}->{d_out} "
-                f"layer; choose rank <= {min(d_in, d_out)}"
+                f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)} "
+                f"for a {d_in}->{d_out} layer; choose rank <= {min(d_in, d_out)}"
             )
 
     @classmethod

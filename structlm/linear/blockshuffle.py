@@ -1,5 +1,5 @@
-"""BlockShuffle = Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride permutation
-(SPEC §1.4; the channel ordering is bit-exact with the paper's reference code).
+"""BlockShuffle = Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride
+permutation (SPEC §1.4; the channel ordering is bit-exact with the paper's reference code).
 
     W x = P_out  blockdiag(blkdiag2)  P_mid  blockdiag(blkdiag1)  x
 
@@ -9,7 +9,8 @@
     un-shuffle P_out: y[i*B + j] = u_j[i]        stack u as (B, s), transpose to (s, B), flatten
 
     p = N/B, o = M/B, s = o, q = min(p, o): the block on the smaller side is square
-    (expanding fc1: blkdiag1 (B, p, p), blkdiag2 (B, o, p); contracting fc2: (B, o, p) and (B, o, o)).
+    (expanding fc1: blkdiag1 (B, p, p), blkdiag2 (B, o, p);
+     contracting fc2: blkdiag1 (B, o, p), blkdiag2 (B, o, o)).
 
     params = MACs per token = min(N, M) * (N + M) / B;  N % B == 0, M % B == 0
 
@@ -68,7 +69,8 @@ def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor
 class BlockShuffleLinear(StructuredLinear):
     """= Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride permutation.
 
-    blkdiag1: (nblocks, q, d_in/nblocks), blkdiag2: (nblocks, d_out/nblocks, q), q = min(d_in, d_out)/nblocks.
+    blkdiag1: (nblocks, q, d_in/nblocks), blkdiag2: (nblocks, d_out/nblocks, q),
+    q = min(d_in, d_out)/nblocks.
     """
 
     hparams = ("nblocks",)

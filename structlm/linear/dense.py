@@ -1,4 +1,5 @@
-"""Dense baseline: the plain `W: (d_out, d_in)` matrix behind the same interface as the structured kinds.
+"""Dense baseline: the plain `W: (d_out, d_in)` matrix behind the same interface as the structured
+kinds.
 
     params = MACs per token = d_in * d_out                                         (SPEC §1.1)
 """

@@ -9,8 +9,8 @@
 
     params = MACs per token = R * (N + M);  R <= min(N, M)
 
-Init 'svd' (the paper's spectral init, default): the best rank-R approximation of a dense N(0, std^2) draw,
-split as sqrt(S) into both factors: down = sqrt(S_R) Vh_R, up = U_R sqrt(S_R).
+Init 'svd' (the paper's spectral init, default): the best rank-R approximation of a dense
+N(0, std^2) draw, split as sqrt(S) into both factors: down = sqrt(S_R) Vh_R, up = U_R sqrt(S_R).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ class LowRankLinear(StructuredLinear):
         rank = hp["rank"]
         if rank > min(d_in, d_out):
             raise ValueError(
-                f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for a {d_in}->{d_out} "
-                f"layer; choose rank <= {min(d_in, d_out)} (structlm.linear.choose_hparams finds the "
-                "paper's rank for a parameter budget)"
+                f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)} "
+                f"for a {d_in}->{d_out} layer; choose rank <= {min(d_in, d_out)} "
+                "(structlm.linear.choose_hparams finds the paper's rank for a parameter budget)"
             )
 
     @classmethod

@@ -1,0 +1,200 @@
+"""Checkpoints: atomic, verified, self-describing (DESIGN §4.12).
+
+    run_dir/checkpoints/step_000200/model.safetensors   weights of the unwrapped, uncompiled model
+                                    state.pt            optimizer, step, RNG states, best val loss, data identity
+                                    config.json         the run's RunConfig
+                                    manifest.json       sha256 + size of the three files above (written last)
+    run_dir/checkpoints/latest                          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then does `latest`
+move (also by rename). A reader never sees a half-written checkpoint: a directory without a manifest, or whose
+files do not match it, is refused with a message and the previous complete one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from structlm.config import RunConfig, load_run_config, save_json, to_dict
+
+FORMAT_VERSION = 1
+FILES = ("model.safetensors", "state.pt", "config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (incomplete, corrupt, or from a different run)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def save(
+    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: RunConfig,
+    step: int, state: dict, keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its directory."""
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final, tmp = root / name, root / f".tmp_{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # leftover of a save that was killed; never a complete checkpoint
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    full_state = {
+        "version": FORMAT_VERSION,
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": {"torch": torch.get_rng_state()},
+        **state,
+    }
+    if torch.cuda.is_available():
+        full_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(full_state, tmp / "state.pt")
+    save_json(cfg, str(tmp / "config.json"))
+    manifest = {"version": FORMAT_VERSION, "step": step, "files": {}}
+    for f in FILES:
+        _fsync(tmp / f)
+        manifest["files"][f] = {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / "manifest.json")
+    _fsync(tmp)
+    if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    _atomic_write_text(root / "latest", name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file of `ckpt` matches its manifest."""
+    man_path = ckpt / "manifest.json"
+    if not man_path.exists():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no manifest.json): it was not fully written")
+    try:
+        manifest = json.loads(man_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {ckpt} has an unreadable manifest.json ({e})") from None
+    for f, meta in manifest["files"].items():
+        p = ckpt / f
+        if not p.exists() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {p} is missing, truncated or modified (does not match manifest.json); "
+                "delete this checkpoint directory to fall back to an earlier one"
+            )
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete, verified checkpoint of a run, or None if it has none.
+
+    Follows `latest`; if that is missing or broken (a save killed mid-way), falls back to the newest
+    checkpoint directory that verifies. A corrupt checkpoint is reported, never loaded.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for ckpt in candidates:
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            print(f"warning: skipping {e}")
+    return None
+
+
+def load_state(ckpt: Path) -> dict:
+    verify(ckpt)
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    """Load weights strictly; shape or name mismatches are refused with the checkpoint named."""
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: {e}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def config_diff(a: RunConfig, b: RunConfig, sections=("model", "data", "optim")) -> list[str]:
+    """Dotted paths (with both values) where the given sections of two configs differ."""
+    out: list[str] = []
+
+    def walk(x, y, path):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+        elif x != y:
+            out.append(f"{path}: {x!r} vs {y!r}")
+
+    da, db = to_dict(a), to_dict(b)
+    for s in sections:
+        walk(da[s], db[s], s)
+    return out
+
+
+def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
+    """Rebuild GPT from a run directory's newest checkpoint (or a checkpoint directory) for eval/serving."""
+    from structlm.model import GPT
+
+    path = Path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    ckpt = path if (path / "manifest.json").exists() else find_latest(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no complete checkpoint; train it first (structlm train)")
+    verify(ckpt)
+    cfg = load_run_config(str(ckpt / "config.json"))
+    model = GPT(cfg.model)
+    load_weights(model, ckpt)
+    if device is not None:
+        model.to(device)
+    return model.eval(), cfg

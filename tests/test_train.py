@@ -1,0 +1,221 @@
+"""End-to-end training: loss falls, one batch overfits, resume is exact, bad input fails early, DDP matches."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from structlm import checkpoint
+from structlm.config import PRESETS, LinearSpec, ModelConfig, from_dict, to_dict
+from structlm.model import GPT
+from structlm.train import lr_at, train
+
+CORPUS = "\n\n".join(
+    f"Act {i}. {name}: {line}"
+    for i in range(60)
+    for name, line in [
+        ("ROMEO", "But soft, what light through yonder window breaks?"),
+        ("JULIET", "O Romeo, Romeo, wherefore art thou Romeo?"),
+        ("MERCUTIO", "A plague on both your houses, they have made worms' meat of me."),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(6):  # six documents so both splits get some
+        (d / f"doc{i}.txt").write_text(CORPUS.replace("Act", f"Scene{i}"))
+    return d
+
+
+def tiny_cfg(corpus: Path, out: Path, **train_kw):
+    cfg = PRESETS["tiny"]()
+    cfg.data.source = str(corpus)
+    cfg.data.data_dir = str(corpus.parent / "prepared")
+    cfg.data.vocab_size = 300
+    cfg.data.val_fraction = 0.2
+    cfg.model.vocab_size = 300
+    cfg.model.block_size = 32
+    cfg.train.out_dir = str(out)
+    cfg.train.dtype = "fp32"
+    cfg.train.max_steps = 20
+    cfg.train.eval_interval = 10
+    cfg.train.eval_tokens = 1024
+    cfg.train.log_interval = 1
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return from_dict(type(cfg), to_dict(cfg))
+
+
+def train_rows(out: Path, split="train") -> list[dict]:
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = PRESETS["tiny"]().optim
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(cfg.lr / 10)  # warm-up of 10 steps: (0+1)/10
+    assert lrs[9] == pytest.approx(cfg.lr)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1 * cfg.lr)
+
+
+def test_loss_decreases_and_artifacts_written(corpus, tmp_path):
+    s = train(tiny_cfg(corpus, tmp_path / "run", max_steps=30))
+    rows = train_rows(tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    for f in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "tokenizer.json"):
+        assert (tmp_path / "run" / f).exists(), f
+    assert checkpoint.find_latest(tmp_path / "run").name == "step_0000030"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["final_val_loss"] == pytest.approx(s.final_val_loss)
+    assert summary["tokens"] == 30 * 8 * 32
+
+
+def test_overfit_one_batch():
+    """A tiny structured model memorises one batch (llm.c's --overfit_single_batch)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=128,
+                      ffn=LinearSpec("blockshuffle", nblocks=2))
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    x = torch.randint(0, 64, (4, 17))
+    for _ in range(150):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same losses."""
+    train(tiny_cfg(corpus, tmp_path / "a"))
+    import structlm.train as T
+
+    real = T.lr_at
+
+    def crash(step, *a):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(T, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(corpus, tmp_path / "b"))
+    monkeypatch.setattr(T, "lr_at", real)
+    assert checkpoint.find_latest(tmp_path / "b").name == "step_0000010"
+    train(tiny_cfg(corpus, tmp_path / "b"))  # auto-resume: same config in the same out_dir
+    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 21))  # rows of the lost steps 11-13 were not kept twice
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact, fp32 on CPU
+    wa = checkpoint.find_latest(tmp_path / "a")
+    ma, _ = checkpoint.load_model(wa)
+    mb, _ = checkpoint.load_model(tmp_path / "b")
+    for (n, p), q in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_sigkill_then_resume_loses_nothing(corpus, tmp_path):
+    """SIGKILL a training process mid-run; the rerun resumes from the last complete checkpoint and ends
+    with exactly the weights of an uninterrupted run."""
+    ref = tiny_cfg(corpus, tmp_path / "ref", max_steps=40, eval_interval=0, ckpt_interval=4)
+    train(ref)
+    cfg = tiny_cfg(corpus, tmp_path / "killed", max_steps=40, eval_interval=0, ckpt_interval=4)
+    cfg_path = tmp_path / "killed.json"
+    cfg_path.write_text(json.dumps(to_dict(cfg)))
+    cmd = [sys.executable, "-m", "structlm", "train", "--config", str(cfg_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 13:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.find_latest(tmp_path / "killed") is not None
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    a, b = train_rows(tmp_path / "ref"), train_rows(tmp_path / "killed")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    ma, _ = checkpoint.load_model(tmp_path / "ref")
+    mb, _ = checkpoint.load_model(tmp_path / "killed")
+    for p, q in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    import structlm.model as M
+
+    real = M.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 14 else out
+
+    monkeypatch.setattr(M.F, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match="step_0000010"):
+        train(tiny_cfg(corpus, tmp_path / "nan", eval_interval=0, ckpt_interval=5))
+    assert checkpoint.find_latest(tmp_path / "nan").name == "step_0000010"
+
+
+def test_out_dir_with_a_different_run_is_refused(corpus, tmp_path):
+    train(tiny_cfg(corpus, tmp_path / "r", max_steps=2, eval_interval=0))
+    other = tiny_cfg(corpus, tmp_path / "r", max_steps=2, eval_interval=0)
+    other.model.ffn = LinearSpec("lowrank", rank=8)
+    with pytest.raises(FileExistsError, match=r"model\.ffn\.rank: 16 vs 8"):
+        train(other)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a structlm run"):
+        train(tiny_cfg(corpus, tmp_path / "junk"))
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_data_vocab_larger_than_model_is_refused(corpus, tmp_path):
+    cfg = tiny_cfg(corpus, tmp_path / "v")
+    cfg.model.vocab_size = 280
+    with pytest.raises(ValueError, match="set --model.vocab_size 300"):
+        train(from_dict(type(cfg), to_dict(cfg)))
+    assert not (tmp_path / "v").exists()
+
+
+def test_missing_corpus_fails_before_anything_is_written(tmp_path):
+    cfg = tiny_cfg(tmp_path / "nope", tmp_path / "run")
+    with pytest.raises((FileNotFoundError, ValueError), match="nope"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ddp_two_processes_match_one(corpus, tmp_path):
+    """torchrun with 2 gloo processes, each reading half of every global batch, follows the 1-process run."""
+    one = tiny_cfg(corpus, tmp_path / "one", max_steps=6, eval_interval=0)
+    one.train.micro_batch_size = 4  # 2 micro-steps of 4 in one process; 1 of 4 per rank in two
+    two = tiny_cfg(corpus, tmp_path / "two", max_steps=6, eval_interval=0)
+    two.train.micro_batch_size = 4
+    train(one)
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(to_dict(two)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "structlm", "train", "--config", str(path)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b, strict=True):
+        assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-4), (ra, rb)
