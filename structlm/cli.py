@@ -13,6 +13,7 @@ its type, default and comment; unknown flags and bad types are refused before an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -54,7 +55,10 @@ def parse_run_config(
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         base = PRESETS[name]()
     _switch_ffn_kind(base, rest)
-    cfg = tyro.cli(RunConfig, default=base, args=rest, prog=prog, use_underscores=True)
+    cfg = tyro.cli(
+        RunConfig, default=base, args=rest, prog=prog, use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),  # booleans take a value: --train.compile True
+    )
     return cfg, ns
 
 
@@ -86,7 +90,7 @@ def format_count(n: float) -> str:
 
 def cmd_info(argv: list[str]) -> None:
     """Parameter and FLOP table of a preset plus overrides (the paper's accounting, SPEC §3.6)."""
-    from structlm.flops import flops_per_token, param_groups, train_flops
+    from structlm.flops import flops_per_token, guide_params, param_groups, train_flops
 
     p = argparse.ArgumentParser(prog="structlm info", add_help=False)
     p.add_argument("--tokens", type=float, default=None, help="training tokens, for total training FLOPs")
@@ -109,6 +113,15 @@ def cmd_info(argv: list[str]) -> None:
     if ns.tokens is not None:
         out["tokens"] = ns.tokens
         out["train_flops"] = train_flops(m, ns.tokens, cfg.seq_len)
+    if cfg.train.sgt.mode != "off":
+        from structlm.sgt import make_plan
+        from structlm.train import total_steps
+
+        per_step = cfg.train.batch_size * cfg.seq_len
+        base = int(ns.tokens // per_step) if ns.tokens is not None else total_steps(cfg)
+        plan = make_plan(cfg.train.sgt, m, base, per_step, cfg.seq_len)
+        out["sgt"] = {**dataclasses.asdict(plan), "guide_params": guide_params(m)}
+        out["train_flops"] = plan.train_flops
     if ns.json:
         print(json.dumps(out))
         return
@@ -127,7 +140,13 @@ def cmd_info(argv: list[str]) -> None:
     print(f"\n{'forward FLOPs/token':<22}{'count':>16}")
     for k, v in fpt.items():
         print(f"{k:<22}{v:>16,}{format_count(v):>10}")
-    if ns.tokens is not None:
+    if "sgt" in out:
+        p = out["sgt"]
+        print(f"\nself-guided training ({p['mode']}): S={p['base_steps']} steps, G={p['guided_steps']} guided "
+              f"(ratio {p['ratio']:.3f}), {p['total_steps']} steps in all, guides {p['guide_params']:,} params")
+        print(f"training FLOPs: {p['train_flops']:.3e} with SGT vs {p['dense_train_flops']:.3e} for the dense "
+              f"model at S steps ({p['train_flops'] / p['dense_train_flops']:.4f}x)")
+    elif ns.tokens is not None:
         print(f"\ntraining FLOPs for {format_count(ns.tokens)} tokens: {out['train_flops']:.3e} (3 x forward)")
 
 
@@ -156,8 +175,10 @@ def cmd_train(argv: list[str]) -> None:
 
 def cmd_eval(argv: list[str]) -> None:
     """Loss and perplexity of a trained run on its validation split, another prepared dir, or a text file."""
+    from structlm.checkpoint import load_model
     from structlm.data import eval_batches, load_meta, load_tokens, resolve_data_dir
     from structlm.evaluate import evaluate
+    from structlm.generate import run_tokenizer_path
     from structlm.utils import autocast_dtype, autodetect_device
 
     p = argparse.ArgumentParser(prog="structlm eval", description=cmd_eval.__doc__)
@@ -173,8 +194,8 @@ def cmd_eval(argv: list[str]) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     device = autodetect_device(a.device)
-    model, cfg = _load(a.run_dir, device)
-    tok_path = _run_tokenizer(a.run_dir)
+    model, cfg = load_model(a.run_dir, device)
+    tok_path = run_tokenizer_path(a.run_dir)
     if a.text:
         from structlm.data import encode_text_file, load_tokenizer
 
@@ -205,10 +226,7 @@ def cmd_eval(argv: list[str]) -> None:
 
 def cmd_generate(argv: list[str]) -> None:
     """Sample text from a trained run with the KV cache, streaming tokens to the terminal."""
-    import torch
-
-    from structlm.data import load_tokenizer
-    from structlm.utils import autocast, autocast_dtype, autodetect_device
+    from structlm.generate import Generator
 
     p = argparse.ArgumentParser(prog="structlm generate", description=cmd_generate.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
@@ -220,53 +238,69 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--no_premerge", action="store_true", help="decode with the structured factors")
+    p.add_argument("--calibrate", action="store_true", help="measure pre-merge thresholds first")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
     a = p.parse_args(argv)
-    device = autodetect_device(a.device)
-    model, cfg = _load(a.run_dir, device)
-    tok = load_tokenizer(_run_tokenizer(a.run_dir))
-    eot = tok.token_to_id("<|endoftext|>")
-    ids = tok.encode(a.prompt).ids if a.prompt else []
-    if not ids:
-        ids = [eot if eot is not None else 0]
-    if max(ids) >= cfg.model.vocab_size:
-        raise ValueError("the prompt tokenizes to ids outside the model's vocabulary: wrong tokenizer")
-    gen = torch.Generator(device=device).manual_seed(a.seed)
-    amp = autocast_dtype(device, a.dtype)
+    gen = Generator.load(a.run_dir, a.device, a.dtype, premerge=not a.no_premerge, calibrate=a.calibrate)
     for i in range(a.num_samples):
-        idx = torch.tensor([ids], device=device)
-        out: list[int] = []
-        printed = ""
         sys.stdout.write(a.prompt)
-        with autocast(device, amp):
-            for nxt in model.stream(
-                idx, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                generator=gen, use_cache=not a.no_cache,
-            ):
-                out.append(int(nxt[0, 0]))
-                text = tok.decode(out)
-                if not text.endswith("\ufffd"):  # wait for complete UTF-8 sequences
-                    sys.stdout.write(text[len(printed):])
-                    sys.stdout.flush()
-                    printed = text
-        sys.stdout.write(tok.decode(out)[len(printed):] + "\n")
+        for piece in gen.stream(a.prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed + i, use_cache=not a.no_cache):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         if i + 1 < a.num_samples:
             print("-" * 40)
 
 
-def _load(run_dir: str, device):
-    from structlm.checkpoint import load_model
+def cmd_bench(argv: list[str]) -> None:
+    """Benchmarks: `crossover` (pre-merge thresholds per layer shape) and `decode` (per-token latency)."""
+    from structlm import bench
+    from structlm.utils import autocast_dtype, autodetect_device
 
-    return load_model(run_dir, device)
+    subs = ("crossover", "decode")
+    if not argv or argv[0] not in subs:
+        raise ValueError(f"structlm bench needs one of {subs}, e.g. `structlm bench crossover --preset small`")
+    sub, argv = argv[0], argv[1:]
+    p = argparse.ArgumentParser(prog=f"structlm bench {sub}", add_help=False)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
+    p.add_argument("--batch", type=int, default=1, help="decode: sequences decoded together")
+    p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
+    p.add_argument("--gen", type=int, default=32, help="decode: generated tokens timed")
+    p.add_argument("--reps", type=int, default=5, help="decode: repetitions (interleaved)")
+    p.add_argument("--calibrate", action="store_true", help="decode: calibrate pre-merge thresholds first")
+    cfg, ns = parse_run_config(f"structlm bench {sub}", argv, p)
+    device = autodetect_device(ns.device)
+    dtype = autocast_dtype(device, ns.dtype)
+    if sub == "crossover":
+        from structlm.model import GPT
 
-
-def _run_tokenizer(run_dir: str) -> Path:
-    """The run's tokenizer.json (copied into the run directory at training)."""
-    for d in (Path(run_dir), Path(run_dir).parent.parent):
-        if (d / "tokenizer.json").exists():
-            return d / "tokenizer.json"
-    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; was it trained by structlm train?")
+        model = GPT(cfg.model)
+        thresholds, rows = bench.thresholds_for(model, device, dtype, calibrate=True, progress=True)
+        print(f"\n{'kind':<13}{'d_in->d_out':<14}{'tokens':>7}{'structured ms':>15}{'merged ms':>11}"
+              f"{'merged/struct':>15}")
+        for r in rows:
+            shape = f"{r['d_in']}->{r['d_out']}"
+            print(f"{r['kind']:<13}{shape:<14}{r['tokens']:>7}"
+                  f"{r['structured_ms']:>15.4f}{r['merged_ms']:>11.4f}{r['speedup']:>15.2f}")
+        for key, t in thresholds.items():
+            print(f"pre-merge {key}: merged dense below {t} tokens per call")
+        print(f"cached in {bench.cache_path()}")
+    else:
+        rows = bench.bench_decode(cfg.model, device, dtype, ns.batch, ns.prompt, ns.gen, ns.reps,
+                                  ns.calibrate)
+        print(f"{'variant':<12}{'ms/token':>10}{'min':>9}{'max':>9}{'tok/s':>10}{'vs dense':>10}")
+        for r in rows:
+            print(f"{r['variant']:<12}{r['ms_per_token']:>10.3f}{r['ms_min']:>9.3f}{r['ms_max']:>9.3f}"
+                  f"{r['tokens_per_s']:>10.1f}{r['vs_dense']:>10.3f}")
+    if ns.json:
+        with open(ns.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
 
 
 def _sha256(path: Path) -> str:
@@ -280,6 +314,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "train": cmd_train,
     "eval": cmd_eval,
     "generate": cmd_generate,
+    "bench": cmd_bench,
     "info": cmd_info,
 }
 

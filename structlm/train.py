@@ -30,7 +30,9 @@ from structlm.config import OptimConfig, RunConfig, load_run_config, save_json, 
 from structlm.data import Batches, eval_batches, load_meta, load_tokens, prepare, resolve_data_dir
 from structlm.evaluate import evaluate_sums
 from structlm.flops import flops_per_token, param_groups, tokens_for_budget
+from structlm.linear.guided import guided_layers, set_guide, unwrap_guided, wrap_guided
 from structlm.model import GPT
+from structlm.sgt import guide_alpha, guide_draws, make_plan
 from structlm.utils import autocast, autocast_dtype, autodetect_device, dist_info, is_tty, seed_all
 
 
@@ -49,6 +51,7 @@ class Summary:
     best_val_loss: float
     final_train_loss: float
     wall_time_s: float
+    sgt: dict
     tokens_per_s: float
     device: str
     dtype: str
@@ -78,6 +81,15 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def drop_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Remove `params` and their state (AdamW moments) from `optimizer`, freeing that memory."""
+    ids = {id(p) for p in params}
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    for p in params:
+        optimizer.state.pop(p, None)
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -143,7 +155,9 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     progress = (is_tty() if progress is None else progress) and master
     t = cfg.train
     seq = cfg.seq_len
-    steps = total_steps(cfg)
+    tokens_per_step = t.batch_size * seq
+    plan = make_plan(t.sgt, cfg.model, total_steps(cfg), tokens_per_step, seq)
+    steps = plan.total_steps  # S, or S + G for fixedflop self-guided training
     if t.batch_size % (world * t.micro_batch_size):
         raise ValueError(
             f"train.batch_size={t.batch_size} must be a multiple of world_size*micro_batch_size="
@@ -172,11 +186,14 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     # --- model, optimizer, resume ---
     seed_all(t.seed)
     model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg.optim)
     start, best_val = 0, float("inf")
     ckpt = checkpoint.find_latest(out) if resuming else None
+    state = checkpoint.load_state(ckpt) if ckpt is not None else {"step": 0}
+    guided = plan.guided(state["step"])  # the guides exist only during the guided phase
+    if guided:
+        wrap_guided(model, t.sgt.guide_init)
+    optimizer = make_optimizer(model, cfg.optim)
     if ckpt is not None:
-        state = checkpoint.load_state(ckpt)
         if state.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
             raise checkpoint.CheckpointError(
                 f"checkpoint {ckpt} was trained with a different tokenizer than the data in {data_dir}; "
@@ -200,21 +217,29 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
         save_json(cfg, str(out / "config.json"))
         shutil.copyfile(Path(data_dir) / "tokenizer.json", out / "tokenizer.json")
     raw_model = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if t.compile:
-        model = torch.compile(model)
+    def wrap(m: nn.Module) -> nn.Module:
+        """DDP (and compile) around the raw model; redone when the guides are removed."""
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
 
+            ids = [local_rank] if device.type == "cuda" else None
+            # under reduce_flop a skipped guide gets no gradient in that step
+            m = DistributedDataParallel(m, device_ids=ids, find_unused_parameters=guided)
+        return torch.compile(m) if t.compile else m
+
+    model = wrap(raw_model)
     groups = param_groups(cfg.model)
     fpt = flops_per_token(cfg.model, seq)["total"]
-    tokens_per_step = t.batch_size * seq
     if master and start == 0:
+        sgt_note = ""
+        if plan.guided_steps:
+            sgt_note = (f" | SGT {plan.mode}: {plan.guided_steps} guided steps (ratio {plan.ratio:.3f}), "
+                        f"dense model: {plan.dense_train_flops:.2e} FLOPs")
         print(
             f"model: {groups['total']:,} params ({groups['ffn']:,} FFN, {cfg.model.ffn.kind}) | "
             f"{steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens | "
-            f"{3 * fpt * steps * tokens_per_step:.2e} FLOPs | {device}, {amp or 'fp32'}, world {world}",
+            f"{plan.train_flops:.2e} FLOPs{sgt_note} | {device}, {amp or 'fp32'}, world {world}",
             flush=True,
         )
 
@@ -253,12 +278,22 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     step = start
     val_loss = float("nan")
     for step in range(start, steps):
+        if guided and not plan.guided(step):  # alpha reached 0: remove the guides and their optimizer state
+            drop_params(optimizer, unwrap_guided(raw_model))
+            guided = False
+            model = wrap(raw_model)
+        alpha = guide_alpha(step, plan.guided_steps, t.sgt.schedule)
         lr = lr_at(step, cfg.optim, steps)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = train_data.rows(step, rank * per_rank + micro * t.micro_batch_size, t.micro_batch_size)
+            if guided:
+                n = len(guided_layers(raw_model))
+                draws = guide_draws(t.seed, step, micro, n, alpha) if t.sgt.reduce_flop else None
+                set_guide(raw_model, alpha, draws)
+            row = rank * per_rank + micro * t.micro_batch_size
+            x, y = train_data.rows(plan.data_step(step), row, t.micro_batch_size)
             x, y = x.to(device), y.to(device)
             sync = not ddp or micro == accum - 1  # all-reduce gradients only on the last micro-step
             ctx = model.no_sync() if not sync else _null()
@@ -323,9 +358,9 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     save(steps)
     summary = Summary(
         out_dir=str(out), steps=steps, tokens=steps * tokens_per_step,
-        train_flops=3.0 * fpt * steps * tokens_per_step, flops_per_token=fpt, param_groups=groups,
+        train_flops=plan.train_flops, flops_per_token=fpt, param_groups=groups,
         final_val_loss=final_val, final_val_ppl=math.exp(final_val), best_val_loss=best_val,
-        final_train_loss=train_loss, wall_time_s=wall,
+        final_train_loss=train_loss, wall_time_s=wall, sgt=asdict(plan),
         tokens_per_s=(steps - start) * tokens_per_step / max(wall, 1e-9), device=str(device),
         dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__, world_size=world,
         config=to_dict(cfg),
@@ -377,7 +412,7 @@ def plot_losses(metrics_path: Path, png: Path, train_flops_per_token: float) -> 
         "top", functions=(lambda x: x * train_flops_per_token, lambda f: f / train_flops_per_token)
     )
     top.set_xlabel("training FLOPs")
-    ax.set_title(str(png.parent.name), fontsize=10)
+    ax.set_title(str(png.parent.name), fontsize=10, loc="left")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

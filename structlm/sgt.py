@@ -1,0 +1,91 @@
+"""Self-guided training bookkeeping (SPEC §4): the alpha schedule, the step plan, the reduce_flop draws.
+
+Pure functions of the config and the step, so a resumed or distributed run makes exactly the same choices.
+
+    fixedstep:  steps [0, G) guided, [G, S) plain                                 total S
+    fixedflop:  steps [0, G) guided, [G, S) plain, [S, S+G) replay batches 0..G-1  total S + G
+
+G = int(ratio * S), or, with match_flops="dense", the largest G whose training FLOPs do not exceed the dense
+model's at S steps (instead of the paper's hand-tuned max_step_ratio table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from structlm.config import LinearSpec, ModelConfig, SGTConfig
+from structlm.flops import flops_per_token, sgt_train_flops
+
+
+def guide_alpha(step: int, guided_steps: int, schedule: str = "cosine") -> float:
+    """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (SPEC §4.2); 0 afterwards."""
+    if step >= guided_steps:
+        return 0.0
+    t = step / guided_steps
+    if schedule == "linear":
+        return 1.0 - t
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def guide_forwards(guided_steps: int, schedule: str, reduce_flop: bool) -> float:
+    """Expected number of step-equivalents the guides run: G, or sum(alpha) under reduce_flop."""
+    if not reduce_flop:
+        return float(guided_steps)
+    return sum(guide_alpha(t, guided_steps, schedule) for t in range(guided_steps))
+
+
+@dataclass(frozen=True)
+class SGTPlan:
+    mode: str
+    base_steps: int  # S: the budget's steps
+    guided_steps: int  # G
+    total_steps: int  # S (fixedstep) or S + G (fixedflop)
+    ratio: float  # G / S
+    train_flops: float  # expected training FLOPs of the whole run
+    dense_train_flops: float  # the dense model's at S steps (the budget match_flops aims at)
+
+    def data_step(self, step: int) -> int:
+        """Which step's batch optimizer step `step` reads: fixedflop replays batches 0..G-1 at the end."""
+        return step - self.base_steps if step >= self.base_steps else step
+
+    def guided(self, step: int) -> bool:
+        return step < self.guided_steps
+
+
+def make_plan(
+    sgt: SGTConfig, model: ModelConfig, base_steps: int, tokens_per_step: int, seq_len: int
+) -> SGTPlan:
+    """The step plan and FLOP accounting of a run (mode "off" gives G = 0)."""
+    dense = dataclasses.replace(model, ffn=LinearSpec())
+    dense_flops = 3.0 * flops_per_token(dense, seq_len)["total"] * tokens_per_step * base_steps
+
+    def flops(g: int) -> float:
+        total = base_steps + (g if sgt.mode == "fixedflop" else 0)
+        fwd = guide_forwards(g, sgt.schedule, sgt.reduce_flop)
+        return sgt_train_flops(model, total, fwd, tokens_per_step, seq_len)
+
+    if sgt.mode == "off":
+        g = 0
+    elif sgt.match_flops == "dense":
+        lo, hi = 0, base_steps  # largest G in [0, S] with flops(G) <= dense budget (flops grows with G)
+        if flops(0) > dense_flops:
+            raise ValueError("the structured model alone already costs more than the dense one; no SGT budget")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if flops(mid) <= dense_flops else (lo, mid - 1)
+        g = lo
+    else:
+        g = int(sgt.ratio * base_steps)
+    total = base_steps + (g if sgt.mode == "fixedflop" else 0)
+    return SGTPlan(sgt.mode, base_steps, g, total, g / base_steps, flops(g), dense_flops)
+
+
+def guide_draws(seed: int, step: int, micro: int, n_layers: int, alpha: float) -> list[bool]:
+    """reduce_flop: which guides run in this forward, each with probability alpha (SPEC §4.4). Seeded by
+    (seed, step, micro) so every DDP rank and every resumed run draws the same."""
+    u = np.random.default_rng([seed, step, micro, 7]).random(n_layers)
+    return [bool(x < alpha) for x in u]

@@ -1,0 +1,105 @@
+"""Pre-merge: merged models equal structured ones, dispatch equivalence on both sides of the threshold,
+refresh after weight changes, no second copy in checkpoints, cache keys."""
+
+import pytest
+import torch
+
+from structlm import bench
+from structlm.config import LinearSpec, ModelConfig
+from structlm.linear import LINEARS, build_linear
+from structlm.linear.guided import PreMergedLinear, merge_linears, premerge, unmerge
+from structlm.model import GPT
+
+SPECS = {
+    "dense": LinearSpec("dense"),
+    "lowrank": LinearSpec("lowrank", rank=8),
+    "blockdense": LinearSpec("blockdense", rank=16, nblocks=4),
+    "blockshuffle": LinearSpec("blockshuffle", nblocks=4),
+}
+
+
+def tiny(kind: str, **kw) -> ModelConfig:
+    return ModelConfig(vocab_size=97, block_size=32, n_layer=3, n_head=4, d_model=32, d_ff=128,
+                       ffn=SPECS[kind], **kw)
+
+
+@pytest.mark.parametrize("kind", sorted(LINEARS))
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+def test_merge_linears_equals_the_structured_model(kind, act):
+    model = GPT(tiny(kind, act=act)).double()
+    merged = merge_linears(model)
+    idx = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(merged(idx)[0], model(idx)[0])
+    n_struct = sum(isinstance(m, LINEARS[kind]) for m in merged.modules())
+    assert n_struct == (6 if kind == "dense" else 0)  # every structured layer became an nn.Linear
+    assert merged is not model and any(isinstance(m, LINEARS[kind]) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in LINEARS if k != "dense"))
+@pytest.mark.parametrize("tokens", [1, 7, 8, 40])  # threshold 8: merged below, structured from 8 on
+def test_premerged_dispatch_equals_the_structured_layer(kind, tokens):
+    layer = build_linear(SPECS[kind], 32, 64, dtype=torch.float64)
+    torch.nn.init.normal_(layer.bias)
+    pm = PreMergedLinear(layer, max_dense_tokens=8)
+    x = torch.randn(tokens, 32, dtype=torch.float64)
+    torch.testing.assert_close(pm(x), layer(x))
+    assert (pm.merged.numel() > 0) == (tokens < 8)  # the merged matrix is built only when used
+
+
+def test_merged_matrix_is_refreshed_when_weights_change():
+    layer = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
+    pm = PreMergedLinear(layer, max_dense_tokens=1000)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    pm(x)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    opt.step()  # in-place update of the factors
+    torch.testing.assert_close(pm(x), layer(x))
+    other = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
+    layer.load_state_dict(other.state_dict())  # loading new weights
+    torch.testing.assert_close(pm(x), other(x))
+
+
+def test_premerge_model_round_trip_and_no_second_copy_in_state_dict():
+    model = GPT(tiny("blockdense")).double()
+    keys = set(model.state_dict())
+    idx = torch.randint(0, 97, (1, 5))
+    ref = model(idx)[0]
+    premerge(model, 16)
+    assert sum(isinstance(m, PreMergedLinear) for m in model.modules()) == 4
+    torch.testing.assert_close(model(idx)[0], ref)  # 5 tokens: merged path
+    assert not any("merged" in k for k in model.state_dict())
+    unmerge(model)
+    assert set(model.state_dict()) == keys
+
+
+def test_greedy_generation_with_premerge_matches_without():
+    torch.manual_seed(0)
+    model = GPT(tiny("lowrank")).double()
+    prompt = torch.randint(0, 97, (1, 4))
+    plain = model.generate(prompt, 12, temperature=0)
+    premerge(model, 16)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), plain)
+
+
+def test_calibration_picks_a_threshold_and_the_cache_key_tracks_its_context(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path))
+    layer = build_linear(SPECS["lowrank"], 64, 256)
+    cpu = torch.device("cpu")
+    t, rows = bench.calibrate_layer(layer, cpu, None, tokens=(1, 64), reps=1)
+    assert t in (1, 64, 128) and len(rows) == 2 and {"structured_ms", "merged_ms"} <= set(rows[0])
+    key32 = bench.crossover_key(layer, cpu, None)
+    assert key32 != bench.crossover_key(layer, cpu, torch.bfloat16)  # dtype is part of the key
+    other = build_linear(LinearSpec("lowrank", rank=16), 64, 256)
+    assert key32 != bench.crossover_key(other, cpu, None)  # so are the hyper-parameters
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert key32 != bench.crossover_key(layer, cpu, None)  # and the torch version
+    monkeypatch.undo()
+    monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path))
+    model = GPT(tiny("lowrank"))
+    th, _ = bench.thresholds_for(model, cpu, None)
+    assert set(th.values()) == {bench.DEFAULT_MAX_DENSE_TOKENS}  # nothing cached yet: the default
+    bench.save_cache({bench.crossover_key(m, cpu, None): 5 for m in model.modules()
+                      if isinstance(m, LINEARS["lowrank"])})
+    th, _ = bench.thresholds_for(model, cpu, None)
+    assert set(th.values()) == {5}
