@@ -7,6 +7,7 @@ with their full context: device, dtype, torch version, shapes, kind, ms, tokens/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -239,10 +240,253 @@ def bench_decode(
     return rows
 
 
-def ffn_layers(cfg: ModelConfig) -> list[StructuredLinear]:
-    """One freshly built layer per distinct structured FFN shape of `cfg` (for calibration tables)."""
-    layers = []
-    for _, d_in, d_out in cfg.ffn_shapes():
-        if cfg.ffn.kind != "dense":
-            layers.append(build_linear(cfg.ffn, d_in, d_out, bias=cfg.bias))
-    return layers
+# --- the suite: peak, kernel, ffn, train, prefill, maxbatch ------------------------------------------
+
+
+def _median_ms(ts: list[float]) -> tuple[float, float, float]:
+    return 1e3 * statistics.median(ts), 1e3 * min(ts), 1e3 * max(ts)
+
+
+@torch.no_grad()
+def bench_peak(device: torch.device, dtype: torch.dtype | None, quick: bool = False) -> list[dict]:
+    """Measured square-matmul throughput: the roofline every other figure is compared with."""
+    rows = []
+    for n in (512, 1024) if quick else (1024, 2048, 4096):
+        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        o = torch.empty(n, n, device=device, dtype=a.dtype)
+        ts = time_interleaved({"mm": lambda: torch.mm(a, b, out=o)}, device, reps=3 if quick else 5)["mm"]  # noqa: B023
+        ms, lo, hi = _median_ms(ts)
+        rows.append({"bench": "peak", **context(device, dtype), "n": n, "ms": ms, "ms_min": lo, "ms_max": hi,
+                     "gflops": 2 * n**3 / (ms * 1e-3) / 1e9})
+    return rows
+
+
+def peak_gflops(rows: list[dict]) -> float:
+    return max(r["gflops"] for r in rows if r["bench"] == "peak")
+
+
+KERNEL_SHAPES = [  # (kind, d_in, d_out, hp): the FFN shapes of the paper's widths at 32% / 63%
+    ("lowrank", 1024, 4096, {"rank": 256}), ("lowrank", 4096, 1024, {"rank": 256}),
+    ("blockdense", 1024, 4096, {"rank": 384, "nblocks": 4}), ("blockdense", 4096, 1024, {"rank": 384, "nblocks": 4}),
+    ("blockshuffle", 1024, 4096, {"nblocks": 4}), ("blockshuffle", 4096, 1024, {"nblocks": 4}),
+    ("blockshuffle", 1024, 4096, {"nblocks": 2}), ("blockshuffle", 4096, 1024, {"nblocks": 2}),
+]
+
+
+def bench_kernel(
+    device: torch.device, dtype: torch.dtype | None, tokens: int = 4096, quick: bool = False,
+    backward: bool = False,
+) -> list[dict]:
+    """Each structured op against its dense equivalent and against a dense matmul of the same FLOPs.
+
+    `efficiency` = same-FLOP dense time / op time: the share of dense-matmul throughput the op reaches."""
+    shapes = [(k, n // 4, m // 4, {h: v // 4 if h == "rank" else v for h, v in hp.items()})
+              for k, n, m, hp in KERNEL_SHAPES] if quick else KERNEL_SHAPES
+    tokens = 256 if quick else tokens
+    rows = []
+    for kind, d_in, d_out, hp in shapes:
+        layer = build_linear(LinearSpec(kind, **hp), d_in, d_out, bias=False, device=device)
+        w_dense = layer.to_dense()
+        flops = 2 * tokens * layer.weight_params(d_in, d_out, **hp)
+        k_same = max(1, round(flops / (2 * tokens * d_in)))  # (T, d_in) @ (d_in, k_same): same FLOPs
+        w_same = torch.randn(k_same, d_in, device=device)
+        x = torch.randn(tokens, d_in, device=device, requires_grad=backward)
+
+        def run(f):
+            def go():
+                with autocast(device, dtype):
+                    y = f(x)  # noqa: B023
+                if backward:
+                    y.sum().backward()
+            return go
+
+        fns = {"structured": run(layer.matmul),
+               "dense": run(lambda x: torch.nn.functional.linear(x, w_dense)),  # noqa: B023
+               "same_flops": run(lambda x: torch.nn.functional.linear(x, w_same))}  # noqa: B023
+        t = time_interleaved(fns, device, reps=3 if quick else 7)
+        s, d, same = (statistics.median(t[k]) for k in ("structured", "dense", "same_flops"))
+        mult = 3 if backward else 1
+        rows.append({"bench": "kernel", **context(device, dtype), "kind": kind, "d_in": d_in, "d_out": d_out,
+                     **hp, "tokens": tokens, "pass": "fwd+bwd" if backward else "fwd",
+                     "ms": 1e3 * s, "dense_ms": 1e3 * d, "same_flops_ms": 1e3 * same,
+                     "gflops": mult * flops / s / 1e9, "speedup": d / s,
+                     "ideal": d_in * d_out / layer.weight_params(d_in, d_out, **hp), "efficiency": same / s})
+    return rows
+
+
+def _mlp(cfg: ModelConfig, device):
+    from structlm.model import MLP
+
+    return MLP(cfg, layer=1).to(device)
+
+
+def bench_ffn(
+    device: torch.device, dtype: torch.dtype | None, widths: tuple[int, ...] = (768, 1024, 1536, 2048),
+    tokens: tuple[int, ...] = (1, 16, 256, 4096), backward: bool = False, quick: bool = False,
+    fractions: tuple[float, ...] = (0.63, 0.32),
+) -> list[dict]:
+    """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%, against dense.
+
+    Variants are interleaved per (width, tokens); `ideal` is the parameter (= FLOP) ratio."""
+    from structlm.linear import choose_hparams
+
+    if quick:
+        widths, tokens = (256,), (16, 256)
+    rows = []
+    for d in widths:
+        specs = {"dense": LinearSpec()}
+        for f in fractions:
+            for kind in ("lowrank", "blockdense", "blockshuffle"):
+                specs[f"{kind}-{round(f * 100)}"] = choose_hparams(kind, [(d, 4 * d), (4 * d, d)], f)
+        mlps = {name: _mlp(ModelConfig(d_model=d, d_ff=4 * d, n_head=1, ffn=spec), device)
+                for name, spec in specs.items()}
+        params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1) for name, m in mlps.items()}
+        for T in tokens:
+            x = torch.randn(T, d, device=device, requires_grad=backward)
+
+            def run(m):
+                def go():
+                    with autocast(device, dtype):
+                        y = m(x)  # noqa: B023
+                    if backward:
+                        y.float().sum().backward()
+                return go
+
+            grad = contextlib.nullcontext() if backward else torch.no_grad()
+            with grad:
+                t = time_interleaved({n: run(m) for n, m in mlps.items()}, device, reps=3 if quick else 5)
+            base = statistics.median(t["dense"])
+            for name, ts in t.items():
+                ms, lo, hi = _median_ms(ts)
+                rows.append({"bench": "ffn", **context(device, dtype), "variant": name,
+                             "kind": specs[name].kind, **specs[name].hparams(), "width": d, "tokens": T,
+                             "pass": "fwd+bwd" if backward else "fwd", "ms": ms, "ms_min": lo, "ms_max": hi,
+                             "tokens_per_s": T / (ms * 1e-3), "speedup": base / (ms * 1e-3),
+                             "ideal": params["dense"] / params[name]})
+    return rows
+
+
+def bench_train(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 8, seq: int = 256,
+    steps: int = 5, peak: float | None = None, kinds: tuple[str, ...] = ("dense", "structured"),
+) -> list[dict]:
+    """Training-step throughput (forward + backward + AdamW) of the dense and the structured model,
+    interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py)."""
+    from structlm.flops import flops_per_token
+    from structlm.model import GPT
+
+    cfgs = {"dense": dataclasses.replace(cfg, ffn=LinearSpec()), "structured": cfg}
+    models = {k: GPT(cfgs[k]).to(device) for k in kinds}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+
+    def step(k):
+        def go():
+            with autocast(device, dtype):
+                _, loss = models[k](x[:, :-1], x[:, 1:])
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        return go
+
+    t = time_interleaved({k: step(k) for k in kinds}, device, reps=steps, min_time=0.0, warmup=1)
+    base = statistics.median(t[kinds[0]])
+    rows = []
+    for k, ts in t.items():
+        ms, lo, hi = _median_ms(ts)
+        fpt = 3 * flops_per_token(cfgs[k], seq)["total"]
+        achieved = fpt * batch * seq / (ms * 1e-3) / 1e9
+        rows.append({"bench": "train", **context(device, dtype), "variant": k, "kind": cfgs[k].ffn.kind,
+                     "d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": batch, "seq": seq, "ms": ms,
+                     "ms_min": lo, "ms_max": hi, "tokens_per_s": batch * seq / (ms * 1e-3),
+                     "gflops": achieved, "mfu": achieved / peak if peak else None,
+                     "speedup": base / (ms * 1e-3)})
+    return rows
+
+
+@torch.no_grad()
+def bench_prefill(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 4, seq: int = 256,
+    reps: int = 5,
+) -> list[dict]:
+    """Whole-model forward throughput on (batch, seq) inputs, dense vs structured, interleaved."""
+    from structlm.model import GPT
+
+    models = {"dense": GPT(dataclasses.replace(cfg, ffn=LinearSpec())).to(device).eval(),
+              "structured": GPT(cfg).to(device).eval()}
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+
+    def fwd(m):
+        def go():
+            with autocast(device, dtype):
+                m(x)
+        return go
+
+    t = time_interleaved({k: fwd(m) for k, m in models.items()}, device, reps=reps, min_time=0.0, warmup=1)
+    base = statistics.median(t["dense"])
+    return [{"bench": "prefill", **context(device, dtype), "variant": k, "kind": models[k].cfg.ffn.kind,
+             "d_model": cfg.d_model, "batch": batch, "seq": seq, "ms": _median_ms(ts)[0],
+             "tokens_per_s": batch * seq / statistics.median(ts), "speedup": base / statistics.median(ts)}
+            for k, ts in t.items()]
+
+
+@torch.no_grad()
+def bench_maxbatch(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, gen: int = 256, start: int = 256,
+    step: int = 256, max_batch: int = 4096,
+) -> list[dict]:
+    """The largest decode batch that fits (linear search from `start` in `step`s until out of memory or
+    `max_batch`, as the paper's cac_batch.py), and the decode throughput at that batch (SPEC §7.5)."""
+    from structlm.model import GPT
+
+    rows = []
+    for variant, c in (("dense", dataclasses.replace(cfg, ffn=LinearSpec())), ("structured", cfg)):
+        model = GPT(c).to(device).eval()
+        best = None
+        for b in range(start, max_batch + 1, step):
+            try:
+                cache = model.make_cache(gen)
+                cache.length = gen - 1  # one decode step at the last position, as the paper does
+                for layer in range(c.n_layer):
+                    shape = (b, c.kv_heads, gen, c.head_dim)
+                    cache.k[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+                    cache.v[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+                idx = torch.zeros(b, 1, dtype=torch.long, device=device)
+                with autocast(device, dtype):
+                    t0 = time.perf_counter()
+                    model.lm_head(model.hidden(idx, cache)[:, -1])
+                    synchronize(device)
+                best = (b, time.perf_counter() - t0)
+            except (RuntimeError, MemoryError):  # out of memory
+                break
+            finally:
+                cache = None
+        if best:
+            rows.append({"bench": "maxbatch", **context(device, dtype), "variant": variant, "kind": c.ffn.kind,
+                         "gen": gen, "max_batch": best[0], "step_ms": 1e3 * best[1],
+                         "tokens_per_s": best[0] / best[1], "hit_limit": best[0] + step > max_batch})
+    return rows
+
+
+def plot_rows(rows: list[dict], png: str, x: str, y: str, group: str, title: str, logx: bool = True) -> None:
+    """One line per `group` value of y against x (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for g in dict.fromkeys(r[group] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[group] == g)
+        ax.plot(*zip(*pts, strict=True), "o-", label=str(g), ms=4)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

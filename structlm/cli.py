@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
+from structlm.config import DEFAULT_PRESET, PRESETS, LinearSpec, RunConfig, load_run_config
 
 
 def parse_run_config(
@@ -255,52 +255,98 @@ def cmd_generate(argv: list[str]) -> None:
             print("-" * 40)
 
 
+BENCH_COLUMNS = {  # what each benchmark's table shows
+    "peak": ["n", "ms", "gflops"],
+    "kernel": ["kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms", "speedup",
+               "ideal", "efficiency"],
+    "ffn": ["variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal"],
+    "train": ["variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu", "speedup"],
+    "prefill": ["variant", "batch", "seq", "ms", "tokens_per_s", "speedup"],
+    "decode": ["variant", "batch", "ms_per_token", "ms_min", "ms_max", "tokens_per_s", "vs_dense"],
+    "maxbatch": ["variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit"],
+    "crossover": ["kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"],
+}
+
+
+def print_rows(rows: list[dict], cols: list[str]) -> None:
+    cols = [c for c in cols if any(c in r for r in rows)]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(cell(r.get(c)).rjust(w) for c, w in zip(cols, widths, strict=True)))
+
+
 def cmd_bench(argv: list[str]) -> None:
-    """Benchmarks: `crossover` (pre-merge thresholds per layer shape) and `decode` (per-token latency)."""
+    """Benchmarks (tables, JSON rows, plots); model benchmarks take a preset plus --model.* overrides."""
     from structlm import bench
     from structlm.utils import autocast_dtype, autodetect_device
 
-    subs = ("crossover", "decode")
-    if not argv or argv[0] not in subs:
-        raise ValueError(f"structlm bench needs one of {subs}, e.g. `structlm bench crossover --preset small`")
+    if not argv or argv[0] not in BENCH_COLUMNS:
+        raise ValueError(f"structlm bench needs one of {list(BENCH_COLUMNS)}, e.g. `structlm bench ffn --quick`")
     sub, argv = argv[0], argv[1:]
     p = argparse.ArgumentParser(prog=f"structlm bench {sub}", add_help=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
-    p.add_argument("--batch", type=int, default=1, help="decode: sequences decoded together")
+    p.add_argument("--plot", default=None, help="draw the result to this PNG")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (under a minute)")
+    p.add_argument("--backward", action="store_true", help="kernel/ffn: time forward+backward")
+    p.add_argument("--widths", default="768,1024,1536,2048", help="ffn: comma-separated widths")
+    p.add_argument("--tokens", default="1,16,256,4096", help="ffn: token counts; kernel: the first one")
+    p.add_argument("--batch", type=int, default=None, help="decode/train/prefill: batch size")
+    p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
     p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
-    p.add_argument("--gen", type=int, default=32, help="decode: generated tokens timed")
-    p.add_argument("--reps", type=int, default=5, help="decode: repetitions (interleaved)")
+    p.add_argument("--gen", type=int, default=32, help="decode/maxbatch: generated tokens")
+    p.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
+    p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true", help="decode: calibrate pre-merge thresholds first")
     cfg, ns = parse_run_config(f"structlm bench {sub}", argv, p)
     device = autodetect_device(ns.device)
     dtype = autocast_dtype(device, ns.dtype)
-    if sub == "crossover":
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    m = cfg.model
+    if ns.quick and sub in ("train", "prefill", "decode", "maxbatch"):
+        m = dataclasses.replace(m, n_layer=2, d_model=128, d_ff=512, n_head=4, vocab_size=1024,
+                                ffn=LinearSpec("lowrank", rank=32))
+    if sub == "peak":
+        rows = bench.bench_peak(device, dtype, ns.quick)
+    elif sub == "kernel":
+        rows = bench.bench_kernel(device, dtype, ints(ns.tokens)[-1], ns.quick, ns.backward)
+    elif sub == "ffn":
+        rows = bench.bench_ffn(device, dtype, ints(ns.widths), ints(ns.tokens), ns.backward, ns.quick)
+    elif sub == "train":
+        peak = bench.peak_gflops(bench.bench_peak(device, dtype, quick=True))
+        rows = bench.bench_train(m, device, dtype, ns.batch or 8, 32 if ns.quick else ns.seq,
+                                 2 if ns.quick else ns.reps, peak)
+    elif sub == "prefill":
+        rows = bench.bench_prefill(m, device, dtype, ns.batch or 4, 32 if ns.quick else ns.seq, ns.reps)
+    elif sub == "decode":
+        rows = bench.bench_decode(m, device, dtype, ns.batch or 1, ns.prompt, 8 if ns.quick else ns.gen,
+                                  2 if ns.quick else ns.reps, ns.calibrate)
+    elif sub == "maxbatch":
+        limit = 64 if ns.quick else ns.max_batch
+        rows = bench.bench_maxbatch(m, device, dtype, ns.gen, 32 if ns.quick else 256,
+                                    32 if ns.quick else 256, limit)
+    else:  # crossover
         from structlm.model import GPT
 
-        model = GPT(cfg.model)
-        thresholds, rows = bench.thresholds_for(model, device, dtype, calibrate=True, progress=True)
-        print(f"\n{'kind':<13}{'d_in->d_out':<14}{'tokens':>7}{'structured ms':>15}{'merged ms':>11}"
-              f"{'merged/struct':>15}")
-        for r in rows:
-            shape = f"{r['d_in']}->{r['d_out']}"
-            print(f"{r['kind']:<13}{shape:<14}{r['tokens']:>7}"
-                  f"{r['structured_ms']:>15.4f}{r['merged_ms']:>11.4f}{r['speedup']:>15.2f}")
+        thresholds, rows = bench.thresholds_for(GPT(m), device, dtype, calibrate=True, progress=True)
+    print_rows(rows, BENCH_COLUMNS[sub])
+    if sub == "crossover":
         for key, t in thresholds.items():
             print(f"pre-merge {key}: merged dense below {t} tokens per call")
         print(f"cached in {bench.cache_path()}")
-    else:
-        rows = bench.bench_decode(cfg.model, device, dtype, ns.batch, ns.prompt, ns.gen, ns.reps,
-                                  ns.calibrate)
-        print(f"{'variant':<12}{'ms/token':>10}{'min':>9}{'max':>9}{'tok/s':>10}{'vs dense':>10}")
-        for r in rows:
-            print(f"{r['variant']:<12}{r['ms_per_token']:>10.3f}{r['ms_min']:>9.3f}{r['ms_max']:>9.3f}"
-                  f"{r['tokens_per_s']:>10.1f}{r['vs_dense']:>10.3f}")
     if ns.json:
         with open(ns.json, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    if ns.plot:
+        how = {"ffn": ("tokens", "speedup", "variant"), "kernel": ("tokens", "efficiency", "kind"),
+               "crossover": ("tokens", "speedup", "d_out"), "peak": ("n", "gflops", "dtype")}
+        x, y, g = how.get(sub, ("batch", "tokens_per_s", "variant"))
+        bench.plot_rows(rows, ns.plot, x, y, g, f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})")
+        print(f"plot: {ns.plot}")
 
 
 def _sha256(path: Path) -> str:

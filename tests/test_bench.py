@@ -1,0 +1,63 @@
+"""The benchmark suite's code paths in quick mode: rows with the documented schema, no crash (no timings
+are asserted: speed is measured by running `structlm bench`, never in tests)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from structlm import bench
+from structlm.config import LinearSpec, ModelConfig
+
+CPU = torch.device("cpu")
+TINY = ModelConfig(vocab_size=128, block_size=64, n_layer=2, n_head=2, d_model=32, d_ff=128,
+                   ffn=LinearSpec("lowrank", rank=8))
+CONTEXT = {"bench", "device", "dtype", "torch"}
+
+
+def check(rows, keys):
+    assert rows
+    for r in rows:
+        assert CONTEXT | set(keys) <= set(r), set(keys) - set(r)
+        json.dumps(r)  # JSON-serialisable
+
+
+def test_peak_rows():
+    check(bench.bench_peak(CPU, None, quick=True), ["n", "ms", "gflops"])
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_kernel_rows(backward):
+    rows = bench.bench_kernel(CPU, None, quick=True, backward=backward)
+    check(rows, ["kind", "ms", "dense_ms", "same_flops_ms", "speedup", "ideal", "efficiency"])
+    assert {r["kind"] for r in rows} == {"lowrank", "blockdense", "blockshuffle"}
+
+
+def test_ffn_rows_cover_every_kind_at_both_fractions():
+    rows = bench.bench_ffn(CPU, None, widths=(64,), tokens=(4,), fractions=(0.63, 0.32))
+    check(rows, ["variant", "width", "tokens", "ms", "speedup", "ideal"])
+    assert len(rows) == 7 and {r["variant"] for r in rows} >= {"dense", "lowrank-32", "blockshuffle-63"}
+    assert next(r for r in rows if r["variant"] == "lowrank-32")["ideal"] == pytest.approx(3.2)
+
+
+def test_model_benchmarks_rows():
+    check(bench.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, peak=50.0),
+          ["variant", "tokens_per_s", "mfu", "speedup"])
+    check(bench.bench_prefill(TINY, CPU, None, batch=2, seq=16, reps=1), ["variant", "tokens_per_s"])
+    check(bench.bench_decode(TINY, CPU, None, prompt=4, gen=3, reps=1),
+          ["variant", "ms_per_token", "vs_dense"])
+    rows = bench.bench_maxbatch(TINY, CPU, None, gen=8, start=4, step=4, max_batch=8)
+    check(rows, ["variant", "max_batch", "tokens_per_s"])
+    assert all(r["max_batch"] == 8 and r["hit_limit"] for r in rows)
+
+
+def test_cli_quick_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "rows.jsonl", tmp_path / "ffn.png"
+    r = subprocess.run([sys.executable, "-m", "structlm", "bench", "ffn", "--quick", "--json", str(out),
+                        "--plot", str(png)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    check(rows, ["variant", "speedup"])
+    assert png.stat().st_size > 1000
