@@ -1,5 +1,6 @@
-"""structlm: GPT language models with structured feed-forward layers (LowRank, BlockShuffle, BlockDense),
-self-guided training and pre-merge; a re-implementation of "Building on Efficient Foundations" (arXiv 2406.16450).
+"""structlm: GPT language models with structured feed-forward layers (LowRank, BlockShuffle,
+BlockDense), self-guided training and pre-merge; a re-implementation of "Building on Efficient
+Foundations" (arXiv 2406.16450).
 
 The Python API (every CLI subcommand calls one of these):
 

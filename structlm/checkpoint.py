@@ -1,14 +1,16 @@
 """Checkpoints: atomic, verified, self-describing (DESIGN §4.12).
 
-    run_dir/checkpoints/step_000200/model.safetensors   weights of the unwrapped, uncompiled model
-                                    state.pt            optimizer, step, RNG states, best val loss, data identity
-                                    config.json         the run's RunConfig
-                                    manifest.json       sha256 + size of the three files above (written last)
-    run_dir/checkpoints/latest                          the name of the newest complete checkpoint
+    run_dir/checkpoints/step_000200/
+        model.safetensors   weights of the unwrapped, uncompiled model
+        state.pt            optimizer, step, RNG states, best val loss, data identity
+        config.json         the run's RunConfig
+        manifest.json       sha256 + size of the three files above (written last)
+    run_dir/checkpoints/latest  the name of the newest complete checkpoint
 
-A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then does `latest`
-move (also by rename). A reader never sees a half-written checkpoint: a directory without a manifest, or whose
-files do not match it, is refused with a message and the previous complete one is used.
+A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then does
+`latest` move (also by rename). A reader never sees a half-written checkpoint: a directory without a
+manifest, or whose files do not match it, is refused with a message and the previous complete one
+is used.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def verify(ckpt: Path) -> None:
     """Raise CheckpointError unless every file of `ckpt` matches its manifest."""
     man_path = ckpt / "manifest.json"
     if not man_path.exists():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no manifest.json): it was not fully written")
+        raise CheckpointError(
+            f"checkpoint {ckpt} is incomplete (no manifest.json): it was not fully written"
+        )
     try:
         manifest = json.loads(man_path.read_text())
     except json.JSONDecodeError as e:
@@ -114,7 +118,8 @@ def verify(ckpt: Path) -> None:
         p = ckpt / f
         if not p.exists() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
             raise CheckpointError(
-                f"checkpoint file {p} is missing, truncated or modified (does not match manifest.json); "
+                f"checkpoint file {p} is missing, truncated or modified "
+                "(does not match manifest.json); "
                 "delete this checkpoint directory to fall back to an earlier one"
             )
 
@@ -182,7 +187,8 @@ def config_diff(a: RunConfig, b: RunConfig, sections=("model", "data", "optim"))
 
 
 def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
-    """Rebuild GPT from a run directory's newest checkpoint (or a checkpoint directory) for eval/serving."""
+    """Rebuild GPT from a run directory's newest checkpoint (or a checkpoint directory) for
+    eval/serving."""
     from structlm.model import GPT
 
     path = Path(run_dir)
@@ -190,7 +196,9 @@ def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
         raise FileNotFoundError(f"run directory {path} does not exist")
     ckpt = path if (path / "manifest.json").exists() else find_latest(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{path} holds no complete checkpoint; train it first (structlm train)")
+        raise FileNotFoundError(
+            f"{path} holds no complete checkpoint; train it first (structlm train)"
+        )
     verify(ckpt)
     cfg = load_run_config(str(ckpt / "config.json"))
     model = GPT(cfg.model)

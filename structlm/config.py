@@ -1,12 +1,12 @@
 """Typed configuration: one dataclass per concern, presets as Python functions, JSON round trip.
 
-Every field carries a trailing comment; the CLI (tyro) turns the fields into `--a.b.c` flags with these
-comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field path and the fix.
-Derived values are properties, so a serialised config holds no redundant state.
+Every field carries a trailing comment; the CLI (tyro) turns the fields into `--a.b.c` flags with
+these comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field
+path and the fix. Derived values are properties, so a serialised config holds no redundant state.
 
 This module imports nothing from structlm at import time. `ModelConfig.__post_init__` asks the
-structured-linear registry to check the FFN hyper-parameters (a call-time import), so that a bad rank or block
-count fails when the config is built, not after minutes of work.
+structured-linear registry to check the FFN hyper-parameters (a call-time import), so that a bad
+rank or block count fails when the config is built, not after minutes of work.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class LinearSpec:
     kind: str = "dense"  # dense | lowrank | blockshuffle | blockdense (structlm.linear.LINEARS)
     rank: int | None = None  # lowrank, blockdense: inner dimension R
     nblocks: int | None = None  # blockshuffle, blockdense: number of diagonal blocks B
-    init: str = "default"  # default (the paper's per kind) | fixed | xavier | svd (lowrank) | ortho (block kinds)
+    # default (the paper's per kind) | fixed | xavier | svd (lowrank) | ortho (block kinds)
+    init: str = "default"
 
     def hparams(self) -> dict[str, int]:
         """The set hyper-parameters as constructor kwargs (None ones left out)."""
@@ -57,7 +58,8 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on embeddings and residual branches
     init_std: float = 0.02  # std of the N(0, std^2) init of every matrix and embedding
     ffn: LinearSpec = field(default_factory=LinearSpec)  # the FFN linear map (fc1 and fc2)
-    dense_ffn_layers: tuple[int, ...] = (0,)  # blocks whose FFN stays dense (the paper keeps block 0)
+    # blocks whose FFN stays dense (the paper keeps block 0)
+    dense_ffn_layers: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if isinstance(self.ffn, dict):
@@ -73,11 +75,14 @@ class ModelConfig:
             )
         if self.attention_dim % self.n_head:
             raise ValueError(
-                f"model.attn_dim={self.attention_dim} is not divisible by model.n_head={self.n_head}; "
+                f"model.attn_dim={self.attention_dim} is not divisible by "
+                f"model.n_head={self.n_head}; "
                 "choose attn_dim = n_head * head_dim"
             )
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}; change attn_dim or n_head")
+            raise ValueError(
+                f"RoPE needs an even head_dim, got {self.head_dim}; change attn_dim or n_head"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         bad = [i for i in self.dense_ffn_layers if not 0 <= i < self.n_layer]
@@ -120,8 +125,10 @@ class ModelConfig:
 class DataConfig:
     """Where the training text comes from and where its prepared tokens live."""
 
-    source: str = "shakespeare"  # 'shakespeare' (built in), a text file, a directory, a glob or a .jsonl file
-    data_dir: str | None = None  # prepared data directory; None = data/<source name>-bpe<vocab_size>
+    # 'shakespeare' (built in), a text file, a directory, a glob or a .jsonl file
+    source: str = "shakespeare"
+    # prepared data directory; None = data/<source name>-bpe<vocab_size>
+    data_dir: str | None = None
     tokenizer: str | None = None  # an existing tokenizer.json to use instead of training a BPE
     vocab_size: int = 8192  # vocabulary of the BPE trained by prepare
     val_fraction: float = 0.05  # share of documents held out for validation
@@ -160,14 +167,20 @@ class OptimConfig:
 
 @dataclass
 class SGTConfig:
-    """Self-guided training (SPEC §4): a dense guide mixed into every structured FFN layer, alpha 1 -> 0."""
+    """Self-guided training (SPEC §4): a dense guide mixed into every structured FFN layer,
+    alpha 1 -> 0."""
 
-    mode: Literal["off", "fixedstep", "fixedflop"] = "off"  # fixedstep: guide in the first G of S steps;
+    # fixedstep: guide in the first G of S steps;
+    mode: Literal["off", "fixedstep", "fixedflop"] = "off"
     # fixedflop: S + G steps, the first G batches replayed without the guide at the end
-    ratio: float = 0.5  # guided steps G = int(ratio * S), S = the budget's steps (unless match_flops)
-    match_flops: Literal["none", "dense"] = "none"  # dense: solve ratio so training FLOPs = the dense model's
+
+    # guided steps G = int(ratio * S), S = the budget's steps (unless match_flops)
+    ratio: float = 0.5
+    # dense: solve ratio so training FLOPs = the dense model's
+    match_flops: Literal["none", "dense"] = "none"
     schedule: Literal["cosine", "linear"] = "cosine"  # how alpha decays from 1 to 0 over G steps
-    reduce_flop: bool = False  # run the guide only with probability alpha per layer and forward (paper runs: on)
+    # run the guide only with probability alpha per layer and forward (paper runs: on)
+    reduce_flop: bool = False
     guide_init: Literal["exact", "paper"] = "exact"  # exact: guide = the structured map; paper: the
     # reference's BlockShuffle init that ignores the shuffle
 
@@ -175,7 +188,9 @@ class SGTConfig:
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"train.sgt.ratio={self.ratio} must be in (0, 1]")
         if self.mode == "off" and self.match_flops != "none":
-            raise ValueError("train.sgt.match_flops needs --train.sgt.mode fixedflop (or fixedstep)")
+            raise ValueError(
+                "train.sgt.match_flops needs --train.sgt.mode fixedflop (or fixedstep)"
+            )
 
 
 @dataclass
@@ -184,18 +199,24 @@ class TrainConfig:
 
     out_dir: str = "runs/default"  # run directory (config.json, checkpoints, metrics, summary)
     batch_size: int = 16  # global batch in sequences per optimizer step
-    micro_batch_size: int = 16  # sequences per forward on one process (gradient accumulation fills the rest)
+    # sequences per forward on one process (gradient accumulation fills the rest)
+    micro_batch_size: int = 16
     seq_len: int | None = None  # training sequence length; None = model.block_size
-    max_steps: int | None = None  # budget in optimizer steps (exactly one of max_steps/max_tokens/max_flops)
-    max_tokens: float | None = None  # budget in training tokens; steps = int(tokens / tokens_per_step)
+    # budget in optimizer steps (exactly one of max_steps/max_tokens/max_flops)
+    max_steps: int | None = None
+    # budget in training tokens; steps = int(tokens / tokens_per_step)
+    max_tokens: float | None = None
     max_flops: float | None = None  # budget in training FLOPs (paper convention, flops.py)
-    eval_interval: int = 100  # evaluate on the validation split every this many steps (0: only at the end)
-    eval_tokens: int = 65536  # validation tokens per periodic evaluation (the final one uses all of them)
+    # evaluate on the validation split every this many steps (0: only at the end)
+    eval_interval: int = 100
+    # validation tokens per periodic evaluation (the final one uses all of them)
+    eval_tokens: int = 65536
     log_interval: int = 10  # one log line every this many steps
     ckpt_interval: int = 0  # checkpoint every this many steps; 0 = at each evaluation
     keep_last: int = 2  # checkpoints kept on disk
     seed: int = 1005  # seed of init, data order and dropout
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the hardware is fast at it
+    # auto = bf16 autocast where the hardware is fast at it
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps ...
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
@@ -218,7 +239,9 @@ class TrainConfig:
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
         if any(b is not None and b <= 0 for b in budgets):
-            raise ValueError("the training budget (max_steps/max_tokens/max_flops) must be positive")
+            raise ValueError(
+                "the training budget (max_steps/max_tokens/max_flops) must be positive"
+            )
 
 
 @dataclass
@@ -233,7 +256,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.train.sgt.mode != "off" and self.model.ffn.kind == "dense":
             raise ValueError(
-                "train.sgt.mode needs a structured FFN (model.ffn.kind lowrank/blockshuffle/blockdense)"
+                "train.sgt.mode needs a structured FFN "
+                "(model.ffn.kind lowrank/blockshuffle/blockdense)"
             )
         seq = self.train.seq_len
         if seq is not None and not 0 < seq <= self.model.block_size:
@@ -246,7 +270,7 @@ class RunConfig:
         return self.train.seq_len or self.model.block_size
 
 
-# --- serialisation ---------------------------------------------------------------------------------
+# --- serialisation --------------------------------------------------------------------------------
 
 
 def to_dict(cfg: Any) -> dict:
@@ -255,7 +279,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type, d: dict, path: str = "") -> Any:
-    """Rebuild a dataclass config from `to_dict` output; unknown keys raise with their field path."""
+    """Rebuild a dataclass config from `to_dict` output; unknown keys raise with their field
+    path."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -268,7 +293,8 @@ def from_dict(cls: type, d: dict, path: str = "") -> Any:
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{path}{k}.")
         elif typing.get_origin(t) is tuple or (
-            isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in t.__args__)
+            isinstance(t, types.UnionType)
+            and any(typing.get_origin(a) is tuple for a in t.__args__)
         ):
             v = tuple(v) if v is not None else None
         kwargs[k] = v
@@ -285,9 +311,10 @@ def load_run_config(path: str) -> RunConfig:
         return from_dict(RunConfig, json.load(f))
 
 
-# --- presets ---------------------------------------------------------------------------------------
+# --- presets --------------------------------------------------------------------------------------
 # The paper's sizes (SPEC §3.2, §6.3): vocab 32000, sequence 1024, global batch 512 x 1024 tokens.
-# Variants derive by mutation: `cfg = PRESETS["paper-m"](); cfg.model.ffn = LinearSpec("lowrank", rank=256)`.
+# Variants derive by mutation:
+# `cfg = PRESETS["paper-m"](); cfg.model.ffn = LinearSpec("lowrank", rank=256)`.
 
 _PAPER = {  # name: (d_model, n_layer, n_head, lr, tokens, micro_batch)
     "s": (768, 12, 12, 6e-4, 2.2e9, 64),
@@ -326,15 +353,19 @@ def _wide(size: str) -> RunConfig:
 
 
 def _gqa(size: str) -> RunConfig:
-    """The GQA baselines of Table 2: fewer KV heads, FFN enlarged to keep the dense parameter count."""
+    """The GQA baselines of Table 2: fewer KV heads, FFN enlarged to keep the dense parameter
+    count."""
     cfg = _paper(size)
     cfg.model.n_kv_head, cfg.model.d_ff = (4, 4864) if size == "m" else (2, 7424)
     cfg.train.out_dir = f"runs/gqa-{size}"
     return _revalidate(cfg)
 
 
-def _cpu(n_layer: int, d: int, n_head: int, seq: int, batch: int, steps: int, out: str) -> RunConfig:
-    """Small models that train for real on a 2-core CPU on the built-in corpus (8k BPE), LowRank-32% FFNs."""
+def _cpu(
+    n_layer: int, d: int, n_head: int, seq: int, batch: int, steps: int, out: str
+) -> RunConfig:
+    """Small models that train for real on a 2-core CPU on the built-in corpus (8k BPE),
+    LowRank-32% FFNs."""
     return RunConfig(
         model=ModelConfig(
             vocab_size=8192, block_size=seq, n_layer=n_layer, n_head=n_head, d_model=d, d_ff=4 * d,

@@ -16,7 +16,8 @@ def evaluate_sums(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
     dtype: torch.dtype | None = None, progress: bool = False, total: int | None = None,
 ) -> tuple[float, int]:
-    """(sum of token losses, number of tokens) over `batches`; the model is put in eval mode and back."""
+    """(sum of token losses, number of tokens) over `batches`; the model is put in eval mode and
+    back."""
     was_training = model.training
     model.eval()
     loss_sum, n = 0.0, 0

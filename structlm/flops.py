@@ -95,7 +95,8 @@ def tokens_for_budget(cfg: ModelConfig, flops: float, seq_len: int | None = None
 
 
 def guide_params(cfg: ModelConfig) -> int:
-    """Parameters of the dense guides self-guided training adds: d_in*d_out per structured FFN linear."""
+    """Parameters of the dense guides self-guided training adds: d_in*d_out per structured FFN
+    linear."""
     structured = sum(cfg.ffn_spec(i).kind != "dense" for i in range(cfg.n_layer))
     return structured * sum(n * m for _, n, m in cfg.ffn_shapes())
 
@@ -104,9 +105,9 @@ def sgt_train_flops(
     cfg: ModelConfig, total_steps: int, guide_forwards: float, tokens_per_step: int,
     seq_len: int | None = None,
 ) -> float:
-    """Training FLOPs of a self-guided run (SPEC §4.5): the structured model for `total_steps`, plus the
-    guides for `guide_forwards` step-equivalents (G without reduce_flop; the expected sum of alpha over the
-    guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
+    """Training FLOPs of a self-guided run (SPEC §4.5): the structured model for `total_steps`, plus
+    the guides for `guide_forwards` step-equivalents (G without reduce_flop; the expected sum of
+    alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
     f_struct = flops_per_token(cfg, seq_len)["total"]
     f_guide = 2 * guide_params(cfg)
     return 3.0 * tokens_per_step * (f_struct * total_steps + f_guide * guide_forwards)

@@ -1,4 +1,5 @@
-"""Text generation from a trained run: its tokenizer, its model, pre-merged for small-batch decoding.
+"""Text generation from a trained run: its tokenizer, its model, pre-merged for small-batch
+decoding.
 
     gen = Generator.load("runs/small")              # pre-merge on by default for structured models
     print(gen.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_k=200))
@@ -20,7 +21,8 @@ EOT_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
 def run_tokenizer_path(run_dir: str | Path) -> Path:
-    """The run's tokenizer.json (copied into the run directory at training; also found from a checkpoint)."""
+    """The run's tokenizer.json (copied into the run directory at training; also found from a
+    checkpoint)."""
     for d in (Path(run_dir), Path(run_dir).parent.parent):
         if (d / "tokenizer.json").exists():
             return d / "tokenizer.json"
@@ -30,8 +32,12 @@ def run_tokenizer_path(run_dir: str | Path) -> Path:
 class Generator:
     """A loaded model with its tokenizer, ready to sample text."""
 
-    def __init__(self, model, cfg, tokenizer, device: torch.device, dtype: torch.dtype | None) -> None:
-        self.model, self.cfg, self.tokenizer, self.device, self.dtype = model, cfg, tokenizer, device, dtype
+    def __init__(
+        self, model, cfg, tokenizer, device: torch.device, dtype: torch.dtype | None
+    ) -> None:
+        self.model, self.cfg, self.tokenizer, self.device, self.dtype = (
+            model, cfg, tokenizer, device, dtype
+        )
         self.eot = next((i for n in EOT_NAMES if (i := tokenizer.token_to_id(n)) is not None), 0)
 
     @classmethod
@@ -39,8 +45,9 @@ class Generator:
         cls, run_dir: str | Path, device: str = "auto", dtype: str = "fp32", premerge: bool = True,
         calibrate: bool = False,
     ) -> Generator:
-        """Load a run. `premerge` folds each structured FFN layer into a dense matrix for calls with few
-        tokens (thresholds from `structlm bench crossover`'s cache, measured now if `calibrate`)."""
+        """Load a run. `premerge` folds each structured FFN layer into a dense matrix for calls with
+        few tokens (thresholds from `structlm bench crossover`'s cache, measured now if
+        `calibrate`)."""
         dev = autodetect_device(device)
         amp = autocast_dtype(dev, dtype)
         model, cfg = load_model(run_dir, dev)
@@ -56,12 +63,15 @@ class Generator:
         ids = self.tokenizer.encode(prompt).ids if prompt else []
         ids = ids or [self.eot]
         if max(ids) >= self.cfg.model.vocab_size:
-            raise ValueError("the prompt tokenizes to ids outside the model's vocabulary: wrong tokenizer")
+            raise ValueError(
+                "the prompt tokenizes to ids outside the model's vocabulary: wrong tokenizer"
+            )
         return ids
 
     def stream(
-        self, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8, top_k: int | None = 200,
-        top_p: float | None = None, seed: int | None = None, use_cache: bool = True,
+        self, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
+        top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
+        use_cache: bool = True,
     ) -> Iterator[str]:
         """Yield the generated text piece by piece (whole UTF-8 characters only)."""
         gen = torch.Generator(device=self.device)

@@ -1,12 +1,14 @@
-"""Self-guided training bookkeeping (SPEC §4): the alpha schedule, the step plan, the reduce_flop draws.
+"""Self-guided training bookkeeping (SPEC §4): the alpha schedule, the step plan, the reduce_flop
+draws.
 
-Pure functions of the config and the step, so a resumed or distributed run makes exactly the same choices.
+Pure functions of the config and the step, so a resumed or distributed run makes exactly the same
+choices.
 
     fixedstep:  steps [0, G) guided, [G, S) plain                                 total S
     fixedflop:  steps [0, G) guided, [G, S) plain, [S, S+G) replay batches 0..G-1  total S + G
 
-G = int(ratio * S), or, with match_flops="dense", the largest G whose training FLOPs do not exceed the dense
-model's at S steps (instead of the paper's hand-tuned max_step_ratio table).
+G = int(ratio * S), or, with match_flops="dense", the largest G whose training FLOPs do not exceed
+the dense model's at S steps (instead of the paper's hand-tuned max_step_ratio table).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from structlm.flops import flops_per_token, sgt_train_flops
 
 
 def guide_alpha(step: int, guided_steps: int, schedule: str = "cosine") -> float:
-    """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (SPEC §4.2); 0 afterwards."""
+    """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (SPEC §4.2); 0
+    afterwards."""
     if step >= guided_steps:
         return 0.0
     t = step / guided_steps
@@ -49,7 +52,8 @@ class SGTPlan:
     dense_train_flops: float  # the dense model's at S steps (the budget match_flops aims at)
 
     def data_step(self, step: int) -> int:
-        """Which step's batch optimizer step `step` reads: fixedflop replays batches 0..G-1 at the end."""
+        """Which step's batch optimizer step `step` reads: fixedflop replays batches 0..G-1 at the
+        end."""
         return step - self.base_steps if step >= self.base_steps else step
 
     def guided(self, step: int) -> bool:
@@ -71,9 +75,12 @@ def make_plan(
     if sgt.mode == "off":
         g = 0
     elif sgt.match_flops == "dense":
-        lo, hi = 0, base_steps  # largest G in [0, S] with flops(G) <= dense budget (flops grows with G)
+        # largest G in [0, S] with flops(G) <= dense budget (flops grows with G)
+        lo, hi = 0, base_steps
         if flops(0) > dense_flops:
-            raise ValueError("the structured model alone already costs more than the dense one; no SGT budget")
+            raise ValueError(
+                "the structured model alone already costs more than the dense one; no SGT budget"
+            )
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if flops(mid) <= dense_flops else (lo, mid - 1)
@@ -85,7 +92,7 @@ def make_plan(
 
 
 def guide_draws(seed: int, step: int, micro: int, n_layers: int, alpha: float) -> list[bool]:
-    """reduce_flop: which guides run in this forward, each with probability alpha (SPEC §4.4). Seeded by
-    (seed, step, micro) so every DDP rank and every resumed run draws the same."""
+    """reduce_flop: which guides run in this forward, each with probability alpha (SPEC §4.4).
+    Seeded by (seed, step, micro) so every DDP rank and every resumed run draws the same."""
     u = np.random.default_rng([seed, step, micro, 7]).random(n_layers)
     return [bool(x < alpha) for x in u]

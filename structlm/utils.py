@@ -1,4 +1,5 @@
-"""Small helpers with nothing model-specific: devices, precision, seeding, rank-0 printing, distributed setup."""
+"""Small helpers with nothing model-specific: devices, precision, seeding, rank-0 printing,
+distributed setup."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def autodetect_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True if this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~4x faster than
-    fp32; without them (e.g. AVX2-only CPUs) oneDNN emulates bf16 and it is orders of magnitude slower."""
+    """True if this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 is ~4x
+    faster than fp32; without them (e.g. AVX2-only CPUs) oneDNN emulates bf16 and it is orders of
+    magnitude slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -36,8 +38,9 @@ def cpu_has_fast_bf16() -> bool:
 def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
     """The autocast dtype for `dtype` on `device` (None = plain fp32).
 
-    `auto` = bf16 where the hardware computes it fast (CUDA with bf16 support, CPUs with AVX512-BF16/AMX),
-    fp32 elsewhere. `bf16` forces bf16 autocast wherever PyTorch supports it, fast or not.
+    `auto` = bf16 where the hardware computes it fast (CUDA with bf16 support, CPUs with
+    AVX512-BF16/AMX), fp32 elsewhere. `bf16` forces bf16 autocast wherever PyTorch supports it, fast
+    or not.
     """
     if dtype == "fp32":
         return None

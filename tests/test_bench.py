@@ -1,5 +1,5 @@
-"""The benchmark suite's code paths in quick mode: rows with the documented schema, no crash (no timings
-are asserted: speed is measured by running `structlm bench`, never in tests)."""
+"""The benchmark suite's code paths in quick mode: rows with the documented schema, no crash (no
+timings are asserted: speed is measured by running `structlm bench`, never in tests)."""
 
 import json
 import subprocess
@@ -38,14 +38,16 @@ def test_kernel_rows(backward):
 def test_ffn_rows_cover_every_kind_at_both_fractions():
     rows = bench.bench_ffn(CPU, None, widths=(64,), tokens=(4,), fractions=(0.63, 0.32))
     check(rows, ["variant", "width", "tokens", "ms", "speedup", "ideal"])
-    assert len(rows) == 7 and {r["variant"] for r in rows} >= {"dense", "lowrank-32", "blockshuffle-63"}
+    assert len(rows) == 7 and {r["variant"] for r in rows} >= {"dense", "lowrank-32",
+                                                               "blockshuffle-63"}
     assert next(r for r in rows if r["variant"] == "lowrank-32")["ideal"] == pytest.approx(3.2)
 
 
 def test_model_benchmarks_rows():
     check(bench.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, peak=50.0),
           ["variant", "tokens_per_s", "mfu", "speedup"])
-    check(bench.bench_prefill(TINY, CPU, None, batch=2, seq=16, reps=1), ["variant", "tokens_per_s"])
+    check(bench.bench_prefill(TINY, CPU, None, batch=2, seq=16, reps=1),
+          ["variant", "tokens_per_s"])
     check(bench.bench_decode(TINY, CPU, None, prompt=4, gen=3, reps=1),
           ["variant", "ms_per_token", "vs_dense"])
     rows = bench.bench_maxbatch(TINY, CPU, None, gen=8, start=4, step=4, max_batch=8)
@@ -55,8 +57,8 @@ def test_model_benchmarks_rows():
 
 def test_cli_quick_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "rows.jsonl", tmp_path / "ffn.png"
-    r = subprocess.run([sys.executable, "-m", "structlm", "bench", "ffn", "--quick", "--json", str(out),
-                        "--plot", str(png)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "structlm", "bench", "ffn", "--quick",
+                        "--json", str(out), "--plot", str(png)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
     check(rows, ["variant", "speedup"])

@@ -47,7 +47,8 @@ def test_keeps_last_k_and_latest_pointer(setup, tmp_path):
 
 
 def test_half_written_checkpoint_is_never_latest(setup, tmp_path, capsys):
-    """A save killed before its manifest (or mid-rename) leaves the previous checkpoint as the latest."""
+    """A save killed before its manifest (or mid-rename) leaves the previous checkpoint as the
+    latest."""
     cfg, model, opt = setup
     checkpoint.save(tmp_path, model, opt, cfg, 1, {})
     good = checkpoint.save(tmp_path, model, opt, cfg, 2, {})
@@ -57,7 +58,8 @@ def test_half_written_checkpoint_is_never_latest(setup, tmp_path, capsys):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 10)
     assert checkpoint.find_latest(tmp_path) == good
-    # the pointer names the partial one (killed between rename and pointer write is impossible, but be robust)
+    # the pointer names the partial one (killed between rename and pointer write is impossible,
+    # but be robust)
     (tmp_path / "checkpoints" / "latest").write_text("step_0000003")
     assert checkpoint.find_latest(tmp_path) == good
     assert "incomplete" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import pytest
 
 
 def run(*args, cwd=None, check=True):
-    r = subprocess.run([sys.executable, "-m", "structlm", *args], capture_output=True, text=True, cwd=cwd)
+    r = subprocess.run([sys.executable, "-m", "structlm", *args], capture_output=True, text=True,
+                       cwd=cwd)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -19,9 +20,10 @@ def run(*args, cwd=None, check=True):
 def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     text = tmp / "corpus.txt"
-    text.write_text("\n\n".join(f"KING {i}: Now is the winter of our discontent made glorious summer."
-                                for i in range(400)))
-    r = run("train", "--preset", "tiny", "--data.source", str(text), "--data.data_dir", str(tmp / "data"),
+    text.write_text("\n\n".join(f"KING {i}: Now is the winter of our discontent made glorious "
+                                "summer." for i in range(400)))
+    r = run("train", "--preset", "tiny", "--data.source", str(text),
+            "--data.data_dir", str(tmp / "data"),
             "--data.vocab_size", "300", "--model.vocab_size", "300", "--train.max_steps", "6",
             "--train.out_dir", str(tmp / "run"), "--train.eval_interval", "3")
     assert "val ppl" in r.stdout and "structlm generate" in r.stdout
@@ -47,9 +49,11 @@ def test_eval_on_val_split_and_on_text(trained):
 
 
 def test_generate_streams_text(trained):
-    r = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12", "--seed", "1")
+    r = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12",
+            "--seed", "1")
     assert r.stdout.startswith("KING") and len(r.stdout) > len("KING")
-    again = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12", "--seed", "1")
+    again = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12",
+                "--seed", "1")
     assert again.stdout == r.stdout  # seeded sampling is reproducible
 
 

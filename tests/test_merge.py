@@ -1,5 +1,5 @@
-"""Pre-merge: merged models equal structured ones, dispatch equivalence on both sides of the threshold,
-refresh after weight changes, no second copy in checkpoints, cache keys."""
+"""Pre-merge: merged models equal structured ones, dispatch equivalence on both sides of the
+threshold, refresh after weight changes, no second copy in checkpoints, cache keys."""
 
 import pytest
 import torch

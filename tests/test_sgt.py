@@ -1,4 +1,5 @@
-"""Self-guided training: the wrapper's math, the schedule, the step plan and its FLOPs, guide removal, resume."""
+"""Self-guided training: the wrapper's math, the schedule, the step plan and its FLOPs, guide
+removal, resume."""
 
 import dataclasses
 import json
@@ -9,11 +10,19 @@ import torch
 from structlm import checkpoint
 from structlm.config import PRESETS, LinearSpec, SGTConfig, from_dict, to_dict
 from structlm.linear import LINEARS, build_linear
-from structlm.linear.guided import GuidedLinear, guided_layers, set_guide, unwrap_guided, wrap_guided
+from structlm.linear.guided import (
+    GuidedLinear,
+    guided_layers,
+    set_guide,
+    unwrap_guided,
+    wrap_guided,
+)
 from structlm.model import GPT
 from structlm.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
 from structlm.train import lr_at, train
-from test_train import CORPUS, tiny_cfg  # noqa: I001 (the tests directory is on sys.path under pytest)
+
+# isort: split
+from test_train import CORPUS, tiny_cfg  # the tests directory is on sys.path under pytest
 
 SPECS = {
     "lowrank": LinearSpec("lowrank", rank=4),
@@ -109,7 +118,8 @@ def _plan(size, spec, **sgt):
 )
 def test_sgt_accounting_reproduces_the_paper(size, ratio, steps, total, flops, dense):
     d = PRESETS[f"paper-{size}"]().model.d_model
-    p = _plan(size, LinearSpec("lowrank", rank=d // 4), mode="fixedflop", ratio=ratio, reduce_flop=True)
+    p = _plan(size, LinearSpec("lowrank", rank=d // 4), mode="fixedflop", ratio=ratio,
+              reduce_flop=True)
     assert (p.base_steps, p.total_steps) == (steps, total)
     assert float(f"{p.train_flops:.3e}") == flops
     assert float(f"{p.dense_train_flops:.3e}") == dense
@@ -122,8 +132,8 @@ def test_match_flops_solves_the_papers_hand_tuned_ratio(size, paper_ratio):
               reduce_flop=True)
     assert p.train_flops <= p.dense_train_flops
     assert abs(p.ratio - paper_ratio) < 0.005
-    more = _plan(size, LinearSpec("lowrank", rank=d // 4), mode="fixedflop", ratio=p.ratio + 2 / p.base_steps,
-                 reduce_flop=True)
+    more = _plan(size, LinearSpec("lowrank", rank=d // 4), mode="fixedflop",
+                 ratio=p.ratio + 2 / p.base_steps, reduce_flop=True)
     assert more.train_flops > p.dense_train_flops  # the largest G within the budget
 
 
@@ -131,11 +141,13 @@ def test_fixedflop_plan_replays_the_first_guided_batches():
     p = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedflop", ratio=0.5)
     S, G = p.base_steps, p.guided_steps
     assert p.total_steps == S + G
-    assert [p.data_step(s) for s in (0, G - 1, G, S - 1, S, S + G - 1)] == [0, G - 1, G, S - 1, 0, G - 1]
+    assert ([p.data_step(s) for s in (0, G - 1, G, S - 1, S, S + G - 1)]
+            == [0, G - 1, G, S - 1, 0, G - 1])
     assert p.guided(G - 1) and not p.guided(G)
     fixed = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5)
     assert fixed.total_steps == S and fixed.guided_steps == G
-    # +25% of the dense-FFN FLOPs for half the steps at mean alpha 0.5 (SPEC §4.5), here without reduce_flop:
+    # +25% of the dense-FFN FLOPs for half the steps at mean alpha 0.5 (SPEC §4.5),
+    # here without reduce_flop:
     off = _plan("s", LinearSpec("lowrank", rank=192))
     assert fixed.train_flops > off.train_flops and off.guided_steps == 0
 
@@ -174,18 +186,19 @@ def test_training_removes_guides_and_their_optimizer_state(corpus, tmp_path):
     assert s.sgt["guided_steps"] == 6 and s.steps == 18  # S=12, G=6, fixedflop
     ckpt = checkpoint.find_latest(tmp_path / "run")
     state = checkpoint.load_state(ckpt)
-    model, _ = checkpoint.load_model(tmp_path / "run")  # strict: a plain structured model, no guide keys
+    # strict: a plain structured model, no guide keys
+    model, _ = checkpoint.load_model(tmp_path / "run")
     n_params = len(list(model.parameters()))
     assert len(state["optimizer"]["state"]) == n_params
     assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == n_params
     from safetensors import safe_open
 
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        assert not any("guide" in k for k in f.keys())
+        assert not any("guide" in k for k in f.keys())  # noqa: SIM118 (safe_open: no __iter__)
     # a checkpoint inside the guided phase does carry the guides (and resumes with them)
     train(_sgt_cfg(corpus, tmp_path / "early", keep_last=20))
     with safe_open(str(tmp_path / "early/checkpoints/step_0000002/model.safetensors"), "pt") as f:
-        assert any("guide" in k for k in f.keys())
+        assert any("guide" in k for k in f.keys())  # noqa: SIM118 (safe_open: no __iter__)
 
 
 @pytest.mark.parametrize("crash_at", [5, 15])  # inside the guided phase; inside the replay phase
@@ -211,9 +224,10 @@ def test_info_shows_sgt_flops_next_to_the_dense_baseline():
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "structlm", "info", "--preset", "paper-xl", "--model.ffn.kind", "lowrank",
-         "--model.ffn.rank", "512", "--tokens", "25.5e9", "--train.sgt.mode", "fixedflop",
-         "--train.sgt.ratio", "0.43", "--train.sgt.reduce_flop", "True", "--json"],
+        [sys.executable, "-m", "structlm", "info", "--preset", "paper-xl",
+         "--model.ffn.kind", "lowrank", "--model.ffn.rank", "512", "--tokens", "25.5e9",
+         "--train.sgt.mode", "fixedflop", "--train.sgt.ratio", "0.43",
+         "--train.sgt.reduce_flop", "True", "--json"],
         capture_output=True, text=True, check=True,
     )
     out = json.loads(r.stdout)

@@ -1,4 +1,5 @@
-"""End-to-end training: loss falls, one batch overfits, resume is exact, bad input fails early, DDP matches."""
+"""End-to-end training: loss falls, one batch overfits, resume is exact, bad input fails early, DDP
+matches."""
 
 import json
 import math
@@ -98,7 +99,8 @@ def test_overfit_one_batch():
 
 
 def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
-    """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same losses."""
+    """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same
+    losses."""
     train(tiny_cfg(corpus, tmp_path / "a"))
     import structlm.train as T
 
@@ -116,7 +118,8 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
     assert checkpoint.find_latest(tmp_path / "b").name == "step_0000010"
     train(tiny_cfg(corpus, tmp_path / "b"))  # auto-resume: same config in the same out_dir
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
-    assert [r["step"] for r in b] == list(range(1, 21))  # rows of the lost steps 11-13 were not kept twice
+    # rows of the lost steps 11-13 were not kept twice
+    assert [r["step"] for r in b] == list(range(1, 21))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact, fp32 on CPU
     wa = checkpoint.find_latest(tmp_path / "a")
     ma, _ = checkpoint.load_model(wa)
@@ -126,8 +129,8 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
 
 
 def test_sigkill_then_resume_loses_nothing(corpus, tmp_path):
-    """SIGKILL a training process mid-run; the rerun resumes from the last complete checkpoint and ends
-    with exactly the weights of an uninterrupted run."""
+    """SIGKILL a training process mid-run; the rerun resumes from the last complete checkpoint and
+    ends with exactly the weights of an uninterrupted run."""
     ref = tiny_cfg(corpus, tmp_path / "ref", max_steps=40, eval_interval=0, ckpt_interval=4)
     train(ref)
     cfg = tiny_cfg(corpus, tmp_path / "killed", max_steps=40, eval_interval=0, ckpt_interval=4)
@@ -200,7 +203,8 @@ def test_missing_corpus_fails_before_anything_is_written(tmp_path):
 
 
 def test_ddp_two_processes_match_one(corpus, tmp_path):
-    """torchrun with 2 gloo processes, each reading half of every global batch, follows the 1-process run."""
+    """torchrun with 2 gloo processes, each reading half of every global batch, follows the
+    1-process run."""
     one = tiny_cfg(corpus, tmp_path / "one", max_steps=6, eval_interval=0)
     one.train.micro_batch_size = 4  # 2 micro-steps of 4 in one process; 1 of 4 per rank in two
     two = tiny_cfg(corpus, tmp_path / "two", max_steps=6, eval_interval=0)

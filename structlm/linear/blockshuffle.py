@@ -52,8 +52,8 @@ def blockshuffle_matmul_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor)
 
 
 def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor:
-    """Two bmm's with the shuffles done as one copy each (PERF_NOTES: the transposes around bmm are the
-    cost to cut). Shapes as in the reference."""
+    """Two bmm's with the shuffles done as one copy each (PERF_NOTES: the transposes around bmm are
+    the cost to cut). Shapes as in the reference."""
     nb, q, p = blkdiag1.shape
     s = blkdiag2.shape[1]
     lead = x.shape[:-1]
@@ -61,7 +61,8 @@ def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor
     h = torch.bmm(xb, blkdiag1.transpose(1, 2))  # (B, T, q): h[k, t, i] = flat h[k*q + i]
     T = h.shape[1]
     if q % nb == 0:
-        # flat index k*q + m*B + j -> z[j, t, k*(q/B) + m]: one permute-copy, straight into bmm layout
+        # flat index k*q + m*B + j -> z[j, t, k*(q/B) + m]: one permute-copy,
+        # straight into bmm layout
         z = h.view(nb, T, q // nb, nb).permute(3, 1, 0, 2).reshape(nb, T, q)  # (B, T, q)
     else:  # general q: view flat h as (q, B) row-major and read it transposed
         z = h.transpose(0, 1).reshape(T, q, nb).permute(2, 0, 1)  # (B, T, q)

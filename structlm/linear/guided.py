@@ -1,21 +1,25 @@
-"""Wrappers around a structured layer: self-guided training (`GuidedLinear`) and pre-merge (`PreMergedLinear`).
+"""Wrappers around a structured layer: self-guided training (`GuidedLinear`) and pre-merge
+(`PreMergedLinear`).
 
-Self-guided training (SPEC §4): during the first G steps a dense guide `Wg: (d_out, d_in)` is mixed in,
+Self-guided training (SPEC §4): during the first G steps a dense guide `Wg: (d_out, d_in)` is mixed
+in,
 
-    y = alpha * (x Wg^T) + (1 - alpha) * f(x) + b          alpha: 1 -> 0 over G steps (set by the trainer)
+    y = alpha * (x Wg^T) + (1 - alpha) * f(x) + b   alpha: 1 -> 0 over G steps (set by the trainer)
 
-so gradients reach Wg scaled by alpha and the factors by (1 - alpha). With `reduce_flop` the trainer switches
-the guide off per forward with probability 1 - alpha, and the output is then the pure structured f(x).
-When alpha reaches 0 the trainer unwraps the layers (`unwrap_guided`): no dense FLOPs or parameters remain.
+so gradients reach Wg scaled by alpha and the factors by (1 - alpha). With `reduce_flop` the trainer
+switches the guide off per forward with probability 1 - alpha, and the output is then the pure
+structured f(x). When alpha reaches 0 the trainer unwraps the layers (`unwrap_guided`): no dense
+FLOPs or parameters remain.
 
-Pre-merge (SPEC §5): a structured map with no nonlinearity between its factors equals one dense matrix
-W = f(I)^T. `PreMergedLinear` keeps both and dispatches on the number of tokens in the call:
+Pre-merge (SPEC §5): a structured map with no nonlinearity between its factors equals one dense
+matrix W = f(I)^T. `PreMergedLinear` keeps both and dispatches on the number of tokens in the call:
 
-    tokens <  max_dense_tokens  ->  x W^T + b        (one GEMM: best when latency/memory bound, e.g. decoding)
-    tokens >= max_dense_tokens  ->  f(x) + b         (fewer FLOPs: best for large batches)
+    tokens <  max_dense_tokens  ->  x W^T + b   (one GEMM: best when latency/memory bound,
+                                                 e.g. decoding)
+    tokens >= max_dense_tokens  ->  f(x) + b    (fewer FLOPs: best for large batches)
 
-The merged W is a non-persistent buffer (never saved in checkpoints), rebuilt whenever the factors change
-(in-place updates by an optimizer or `load_state_dict` bump the tensors' version counters).
+The merged W is a non-persistent buffer (never saved in checkpoints), rebuilt whenever the factors
+change (in-place updates by an optimizer or `load_state_dict` bump the tensors' version counters).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from structlm.linear.base import StructuredLinear
 
 
 def paper_guide_init(layer: StructuredLinear) -> Tensor:
-    """The reference code's guide init: exact for LowRank/BlockDense, but for BlockShuffle the product of the
-    two block-diagonals WITHOUT the shuffle permutations (SPEC §4.3), which is not the layer's map."""
+    """The reference code's guide init: exact for LowRank/BlockDense, but for BlockShuffle the
+    product of the two block-diagonals WITHOUT the shuffle permutations (SPEC §4.3), which is not
+    the layer's map."""
     if layer.kind == "blockshuffle":
         return torch.block_diag(*layer.blkdiag2) @ torch.block_diag(*layer.blkdiag1)  # (M, N)
     return layer.to_dense()
@@ -41,7 +46,9 @@ def paper_guide_init(layer: StructuredLinear) -> Tensor:
 class GuidedLinear(nn.Module):
     """alpha * dense guide + (1 - alpha) * structured, bias added once (self-guided training)."""
 
-    def __init__(self, structured: StructuredLinear, init: Literal["exact", "paper"] = "exact") -> None:
+    def __init__(
+        self, structured: StructuredLinear, init: Literal["exact", "paper"] = "exact"
+    ) -> None:
         super().__init__()
         self.structured = structured
         with torch.no_grad():
@@ -68,26 +75,30 @@ def guided_layers(model: nn.Module) -> list[GuidedLinear]:
 
 
 def wrap_guided(model: nn.Module, init: Literal["exact", "paper"] = "exact") -> list[GuidedLinear]:
-    """Wrap every non-dense StructuredLinear of `model` in a GuidedLinear, in place; returns the wrappers."""
+    """Wrap every non-dense StructuredLinear of `model` in a GuidedLinear, in place; returns the
+    wrappers."""
     return _replace(model, lambda m: GuidedLinear(m, init) if _is_structured(m) else None)
 
 
 def unwrap_guided(model: nn.Module) -> list[nn.Parameter]:
-    """Replace every GuidedLinear by its structured layer, in place; returns the removed guide parameters."""
+    """Replace every GuidedLinear by its structured layer, in place; returns the removed guide
+    parameters."""
     guides = [g.guide for g in guided_layers(model)]
     _replace(model, lambda m: m.structured if isinstance(m, GuidedLinear) else None)
     return guides
 
 
 def set_guide(model: nn.Module, alpha: float, active: list[bool] | None = None) -> None:
-    """Set alpha (and, under reduce_flop, which guides run in the next forward) on every GuidedLinear."""
+    """Set alpha (and, under reduce_flop, which guides run in the next forward) on every
+    GuidedLinear."""
     for i, g in enumerate(guided_layers(model)):
         g.alpha.fill_(alpha)
         g.use_guide = True if active is None else active[i]
 
 
 class PreMergedLinear(nn.Module):
-    """A structured layer plus its merged dense matrix; dispatches on the token count of each call."""
+    """A structured layer plus its merged dense matrix; dispatches on the token count of each
+    call."""
 
     def __init__(self, structured: StructuredLinear, max_dense_tokens: int) -> None:
         super().__init__()
@@ -118,13 +129,17 @@ class PreMergedLinear(nn.Module):
 
 
 def premerge(model: nn.Module, max_dense_tokens: int | dict[tuple, int]) -> nn.Module:
-    """Wrap every non-dense StructuredLinear in a PreMergedLinear, in place. `max_dense_tokens` is one
-    threshold, or a dict keyed by `layer_key(layer)` (from calibration); returns the model."""
+    """Wrap every non-dense StructuredLinear in a PreMergedLinear, in place. `max_dense_tokens` is
+    one threshold, or a dict keyed by `layer_key(layer)` (from calibration); returns the model."""
 
     def wrap(m: nn.Module):
         if not _is_structured(m):
             return None
-        t = max_dense_tokens if isinstance(max_dense_tokens, int) else max_dense_tokens[layer_key(m)]
+        t = (
+            max_dense_tokens
+            if isinstance(max_dense_tokens, int)
+            else max_dense_tokens[layer_key(m)]
+        )
         return PreMergedLinear(m, t)
 
     _replace(model, wrap)
@@ -138,7 +153,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_linears(model: nn.Module) -> nn.Module:
-    """A copy of `model` in which every non-dense StructuredLinear is an nn.Linear holding `to_dense()`."""
+    """A copy of `model` in which every non-dense StructuredLinear is an nn.Linear holding
+    `to_dense()`."""
     model = copy.deepcopy(model)
 
     def to_linear(m: nn.Module):
@@ -157,7 +173,8 @@ def merge_linears(model: nn.Module) -> nn.Module:
 
 
 def layer_key(m: StructuredLinear) -> tuple:
-    """What a pre-merge threshold depends on besides the device: the kind, the shape, the hyper-parameters."""
+    """What a pre-merge threshold depends on besides the device: the kind, the shape, the
+    hyper-parameters."""
     return (m.kind, m.d_in, m.d_out, tuple(sorted(m.hp.items())))
 
 
