@@ -15,7 +15,6 @@ is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from structlm.config import RunConfig, load_run_config, save_json, to_dict
+from structlm.utils import file_sha256
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "state.pt", "config.json")
@@ -32,14 +32,6 @@ FILES = ("model.safetensors", "state.pt", "config.json")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (incomplete, corrupt, or from a different run)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -89,14 +81,17 @@ def save(
     manifest = {"version": FORMAT_VERSION, "step": step, "files": {}}
     for f in FILES:
         _fsync(tmp / f)
-        manifest["files"][f] = {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+        manifest["files"][f] = {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / "manifest.json")
     _fsync(tmp)
-    if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
+    old = root / f".old_{name}"
+    if final.exists():  # the same step saved again: move the old copy aside, delete it once replaced
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync(root)
+    if old.exists():
+        shutil.rmtree(old)
     _atomic_write_text(root / "latest", name)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old)
@@ -116,7 +111,7 @@ def verify(ckpt: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt} has an unreadable manifest.json ({e})") from None
     for f, meta in manifest["files"].items():
         p = ckpt / f
-        if not p.exists() or p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+        if not p.exists() or p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {p} is missing, truncated or modified "
                 "(does not match manifest.json); "
@@ -149,8 +144,10 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_state(ckpt: Path) -> dict:
-    verify(ckpt)
+def load_state(ckpt: Path, verify: bool = True) -> dict:
+    """The training state of a checkpoint (verified against its manifest unless the caller just did)."""
+    if verify:
+        globals()["verify"](ckpt)
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
 
 
@@ -169,8 +166,9 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         )
 
 
-def config_diff(a: RunConfig, b: RunConfig, sections=("model", "data", "optim")) -> list[str]:
-    """Dotted paths (with both values) where the given sections of two configs differ."""
+def config_diff(a: RunConfig, b: RunConfig, paths=("model", "data", "optim")) -> list[str]:
+    """Dotted paths (with both values) where the given parts of two configs differ; `paths` name
+    sections ("model") or fields ("train.seed")."""
     out: list[str] = []
 
     def walk(x, y, path):
@@ -180,9 +178,14 @@ def config_diff(a: RunConfig, b: RunConfig, sections=("model", "data", "optim"))
         elif x != y:
             out.append(f"{path}: {x!r} vs {y!r}")
 
+    def get(d, path):
+        for k in path.split("."):
+            d = d[k]
+        return d
+
     da, db = to_dict(a), to_dict(b)
-    for s in sections:
-        walk(da[s], db[s], s)
+    for p in paths:
+        walk(get(da, p), get(db, p), p)
     return out
 
 
@@ -194,13 +197,24 @@ def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
     path = Path(run_dir)
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
-    ckpt = path if (path / "manifest.json").exists() else find_latest(path)
+    if (path / "manifest.json").exists():  # one checkpoint directory
+        ckpt = path
+        verify(ckpt)
+    else:
+        ckpt = find_latest(path)  # verified
     if ckpt is None:
         raise FileNotFoundError(
             f"{path} holds no complete checkpoint; train it first (structlm train)"
         )
-    verify(ckpt)
     cfg = load_run_config(str(ckpt / "config.json"))
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        if any(k.endswith(".guide") for k in f.keys()):  # noqa: SIM118 (safe_open has no __iter__)
+            raise CheckpointError(
+                f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed in); "
+                "evaluate or serve a checkpoint from after the guided steps, or finish training first"
+            )
     model = GPT(cfg.model)
     load_weights(model, ckpt)
     if device is not None:

@@ -179,7 +179,7 @@ def cmd_eval(argv: list[str]) -> None:
     from structlm.data import eval_batches, load_meta, load_tokens, resolve_data_dir
     from structlm.evaluate import evaluate
     from structlm.generate import run_tokenizer_path
-    from structlm.utils import autocast_dtype, autodetect_device
+    from structlm.utils import autocast_dtype, autodetect_device, file_sha256
 
     p = argparse.ArgumentParser(prog="structlm eval", description=cmd_eval.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
@@ -204,7 +204,7 @@ def cmd_eval(argv: list[str]) -> None:
     else:
         data_dir = Path(a.data) if a.data else resolve_data_dir(cfg.data)
         meta = load_meta(data_dir)
-        if meta["tokenizer_sha256"] != _sha256(tok_path):
+        if meta["tokenizer_sha256"] != file_sha256(tok_path):
             raise ValueError(
                 f"{data_dir} was tokenized with a different tokenizer than the run {a.run_dir}; "
                 "evaluate on data prepared with the run's tokenizer (--data.tokenizer RUN/tokenizer.json)"
@@ -347,12 +347,6 @@ def cmd_bench(argv: list[str]) -> None:
         x, y, g = how.get(sub, ("batch", "tokens_per_s", "variant"))
         bench.plot_rows(rows, ns.plot, x, y, g, f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})")
         print(f"plot: {ns.plot}")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per concern, presets as Python functions, JSON round trip.
 
-Every field carries a trailing comment; the CLI (tyro) turns the fields into `--a.b.c` flags with
-these comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field
+Every field carries a comment (trailing, or on the lines above it); the CLI (tyro) turns the fields
+into `--a.b.c` flags with these comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field
 path and the fix. Derived values are properties, so a serialised config holds no redundant state.
 
 This module imports nothing from structlm at import time. `ModelConfig.__post_init__` asks the
@@ -170,10 +170,9 @@ class SGTConfig:
     """Self-guided training (SPEC §4): a dense guide mixed into every structured FFN layer,
     alpha 1 -> 0."""
 
-    # fixedstep: guide in the first G of S steps;
+    # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches replayed
+    # without the guide at the end
     mode: Literal["off", "fixedstep", "fixedflop"] = "off"
-    # fixedflop: S + G steps, the first G batches replayed without the guide at the end
-
     # guided steps G = int(ratio * S), S = the budget's steps (unless match_flops)
     ratio: float = 0.5
     # dense: solve ratio so training FLOPs = the dense model's
@@ -181,8 +180,8 @@ class SGTConfig:
     schedule: Literal["cosine", "linear"] = "cosine"  # how alpha decays from 1 to 0 over G steps
     # run the guide only with probability alpha per layer and forward (paper runs: on)
     reduce_flop: bool = False
-    guide_init: Literal["exact", "paper"] = "exact"  # exact: guide = the structured map; paper: the
-    # reference's BlockShuffle init that ignores the shuffle
+    # exact: guide = the structured map; paper: the reference's BlockShuffle init (ignores the shuffle)
+    guide_init: Literal["exact", "paper"] = "exact"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -237,6 +236,13 @@ class TrainConfig:
             raise ValueError(
                 f"train.batch_size={self.batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.log_interval < 1 or self.keep_last < 1:
+            raise ValueError("train.log_interval and train.keep_last must be at least 1")
+        if self.eval_interval < 0 or self.ckpt_interval < 0 or self.eval_tokens < 1:
+            raise ValueError(
+                "train.eval_interval and train.ckpt_interval must be >= 0 (0 = only at the end), "
+                "train.eval_tokens >= 1"
             )
         if any(b is not None and b <= 0 for b in budgets):
             raise ValueError(

@@ -41,6 +41,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from structlm.config import DataConfig
+from structlm.utils import file_sha256
 
 EOT = "<|endoftext|>"
 EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # for --data.tokenizer
@@ -62,7 +63,7 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     """cfg.data_dir, else data/<source>-bpe<vocab> (-<tokenizer hash[:8]> with --data.tokenizer)."""
     if cfg.data_dir:
         return Path(cfg.data_dir).expanduser()
-    tag = _sha256(_tokenizer_path(cfg.tokenizer))[:8] if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    tag = file_sha256(_tokenizer_path(cfg.tokenizer))[:8] if cfg.tokenizer else f"bpe{cfg.vocab_size}"
     return Path("data") / f"{_source_name(cfg.source)}-{tag}"
 
 
@@ -94,14 +95,6 @@ def _tokenizer_path(path: str | Path) -> Path:
             "(a prepared data dir or a run dir)"
         )
     return p
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -268,7 +261,7 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     val = set(np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val].tolist())
     split_of = {i: "val" if k in val else "train" for k, i in enumerate(idx)}
     tok = load_tokenizer(tok_path) if tok_path else None
-    if tok is not None and _eot_id(tok) is None:
+    if tok is not None and eot_id(tok) is None:
         raise ValueError(
             f"the tokenizer {tok_path} defines none of the end-of-text tokens "
             f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
@@ -288,7 +281,7 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
         else:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
         vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
-        eot = _eot_id(tok)
+        eot = eot_id(tok)
         dtype = token_dtype(vocab)
         counts = _write_splits(docs(), split_of, tok, eot, dtype, tmp, sum(chars), progress)
         meta = {
@@ -296,7 +289,7 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
             "train_tokens": counts["train"], "val_tokens": counts["val"],
             "source": f"{cfg.source} ({len(files)} {'plays' if builtin else 'file(s)'})",
             "n_docs": {"train": len(idx) - n_val, "val": n_val},
-            "tokenizer_sha256": _sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
             "val_fraction": cfg.val_fraction, "eot_id": eot, "fingerprint": fingerprint,
         }
         with open(tmp / "meta.json", "w") as f:
@@ -323,13 +316,13 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
 def _fingerprint(cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Path | None) -> str:
     """A hash of everything the prepared data depends on; equal fingerprints allow reuse."""
     if builtin:  # package data: names and contents, so reinstalling the same plays still matches
-        entries = [[f"{f.parent.name}/{f.name}", f.stat().st_size, _sha256(f)] for f in files]
+        entries = [[f"{f.parent.name}/{f.name}", f.stat().st_size, file_sha256(f)] for f in files]
     else:
         entries = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = {
         "version": META_VERSION, "files": entries,
         "vocab_size": None if tok_path else cfg.vocab_size,  # a given tokenizer fixes the vocab
-        "tokenizer_sha256": _sha256(tok_path) if tok_path else None,
+        "tokenizer_sha256": file_sha256(tok_path) if tok_path else None,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "text_field": cfg.text_field,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -385,7 +378,7 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, progress: bool) -> Tokeniz
     return tok
 
 
-def _eot_id(tok: Tokenizer) -> int | None:
+def eot_id(tok: Tokenizer) -> int | None:
     return next((i for t in EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
 
 

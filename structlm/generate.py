@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 
 from structlm.checkpoint import load_model
-from structlm.data import load_tokenizer
+from structlm.data import eot_id, load_tokenizer
 from structlm.utils import autocast, autocast_dtype, autodetect_device
-
-EOT_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
 
 def run_tokenizer_path(run_dir: str | Path) -> Path:
@@ -38,7 +36,7 @@ class Generator:
         self.model, self.cfg, self.tokenizer, self.device, self.dtype = (
             model, cfg, tokenizer, device, dtype
         )
-        self.eot = next((i for n in EOT_NAMES if (i := tokenizer.token_to_id(n)) is not None), 0)
+        self.eot = eot_id(tokenizer) or 0
 
     @classmethod
     def load(

@@ -14,6 +14,7 @@ of it. Only rank 0 logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -110,6 +111,12 @@ def total_steps(cfg: RunConfig) -> int:
     return steps
 
 
+# fields that define a run's trajectory: a run directory is resumed only under the same values (the budget,
+# logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
+RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len", "train.dtype",
+                "train.sgt")
+
+
 def check_run_dir(out: Path, cfg: RunConfig) -> bool:
     """True if `out` holds this same run (to resume); refuse a directory that holds something else."""
     if not out.exists() or not any(out.iterdir()):
@@ -118,11 +125,11 @@ def check_run_dir(out: Path, cfg: RunConfig) -> bool:
         raise FileExistsError(
             f"{out} exists and is not a structlm run directory; choose another --train.out_dir"
         )
-    diff = checkpoint.config_diff(load_run_config(str(out / "config.json")), cfg)
+    diff = checkpoint.config_diff(load_run_config(str(out / "config.json")), cfg, RUN_IDENTITY)
     if diff:
         raise FileExistsError(
-            f"{out} holds a different run (differs in {'; '.join(diff[:4])}). Use another --train.out_dir, "
-            f"or continue that run with `structlm train --resume {out}`"
+            f"{out} holds a different run (differs in {'; '.join(diff[:4])}). Use another "
+            f"--train.out_dir, or continue that run with `structlm train --resume {out}`"
         )
     return True
 
@@ -166,19 +173,48 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     accum = t.batch_size // (world * t.micro_batch_size)
     per_rank = t.batch_size // world
 
-    # --- data: prepared once (rank 0 first), then checked against the model before any work ---
+    # --- the run directory and its checkpoint, then the data; all checked before any work ---
     out = Path(t.out_dir)
     resuming = check_run_dir(out, cfg)
-    if master:
+    ckpt = checkpoint.find_latest(out) if resuming else None
+    if resuming and ckpt is None and any((out / "checkpoints").glob("step_*")):
+        raise checkpoint.CheckpointError(
+            f"{out} has checkpoints but none is complete and intact (see the warnings above); "
+            "restore one or delete the checkpoints directory to start over"
+        )
+    state = checkpoint.load_state(ckpt, verify=False) if ckpt is not None else {"step": 0}
+    start = state["step"]
+    if ckpt is not None:
+        if start > steps:
+            raise ValueError(f"{out} is at step {start}, beyond the budget of {steps} steps; raise it")
+        saved = state.get("sgt_plan")
+        if plan.mode != "off" and saved and (saved["base_steps"], saved["guided_steps"]) != (
+            plan.base_steps, plan.guided_steps
+        ):
+            raise ValueError(
+                f"{out} was planned with S={saved['base_steps']}, G={saved['guided_steps']} self-guided "
+                f"steps; this budget gives S={plan.base_steps}, G={plan.guided_steps}. Keep the budget"
+            )
+    if cfg.data.tokenizer is None and cfg.data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"data.vocab_size={cfg.data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; "
+            f"set --model.vocab_size {cfg.data.vocab_size}"
+        )
+    data_dir = resolve_data_dir(cfg.data)
+    if master and ckpt is None:  # a resumed run uses its prepared data as it is (checked by hash below)
         prepare(cfg.data, progress=progress)
     if ddp:
         dist.barrier()
-    data_dir = resolve_data_dir(cfg.data)
     meta = load_meta(data_dir)
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(
             f"the data in {data_dir} has a vocabulary of {meta['vocab_size']} tokens, more than "
             f"model.vocab_size={cfg.model.vocab_size}; set --model.vocab_size {meta['vocab_size']}"
+        )
+    if ckpt is not None and state.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt} was trained with a different tokenizer than the data in {data_dir}; "
+            "point --data.data_dir at the run's own data"
         )
     train_data = Batches(load_tokens(data_dir, "train"), seq, t.batch_size, t.seed)
     val_tokens = load_tokens(data_dir, "val")
@@ -186,27 +222,23 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     # --- model, optimizer, resume ---
     seed_all(t.seed)
     model = GPT(cfg.model).to(device)
-    start, best_val = 0, float("inf")
-    ckpt = checkpoint.find_latest(out) if resuming else None
-    state = checkpoint.load_state(ckpt) if ckpt is not None else {"step": 0}
-    guided = plan.guided(state["step"])  # the guides exist only during the guided phase
+    guided = plan.guided(start)  # the guides exist only during the guided phase
     if guided:
         wrap_guided(model, t.sgt.guide_init)
     optimizer = make_optimizer(model, cfg.optim)
+    best_val, loss_acc, n_acc = float("inf"), 0.0, 0
     if ckpt is not None:
-        if state.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {ckpt} was trained with a different tokenizer than the data in {data_dir}; "
-                "point --data.data_dir at the run's own data"
-            )
-        checkpoint.load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, best_val = state["step"], state["best_val"]
         if start >= steps and (out / "summary.json").exists():
             if master:
                 print(f"{out} already finished ({start} steps); use another --train.out_dir for a new run")
             return Summary(**json.loads((out / "summary.json").read_text()))
+        checkpoint.load_weights(model, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        best_val = state["best_val"]
+        loss_acc, n_acc = state.get("log_acc", (0.0, 0))  # train loss of steps not yet logged
         if master:
             print(f"resuming {out} from {ckpt.name} (step {start}/{steps})", flush=True)
             _truncate_metrics(out / "metrics.jsonl", start)
@@ -243,9 +275,12 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             flush=True,
         )
 
-    def run_eval(max_tokens: int | None) -> float:
+    def run_eval(max_tokens: int | None, step: int) -> float:
+        if guided:  # mid-guided phase: every guide on, at the alpha of the next step
+            set_guide(raw_model, guide_alpha(step, plan.guided_steps, t.sgt.schedule))
         batches = eval_batches(val_tokens, seq, t.micro_batch_size, max_tokens)
-        s, n = evaluate_sums(model, islice(batches, rank, None, world), device, amp)
+        # the raw model: no DDP collectives in eval, so ranks with fewer batches cannot hang
+        s, n = evaluate_sums(raw_model, islice(batches, rank, None, world), device, amp)
         if ddp:
             buf = torch.tensor([s, n], dtype=torch.float64, device=device)
             dist.all_reduce(buf)
@@ -254,7 +289,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
 
     def save(step: int) -> None:
         if master:
-            state = {"best_val": best_val, "tokenizer_sha256": meta["tokenizer_sha256"], "total_steps": steps}
+            state = {"best_val": best_val, "tokenizer_sha256": meta["tokenizer_sha256"],
+                     "sgt_plan": asdict(plan), "log_acc": (loss_acc, n_acc)}
             checkpoint.save(out, raw_model, optimizer, cfg, step, state, t.keep_last)
 
     metrics = open(out / "metrics.jsonl", "a") if master else None
@@ -274,14 +310,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
                     writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
 
     model.train()
-    t0, t_log, loss_acc, n_acc, train_loss = time.time(), time.time(), 0.0, 0, float("nan")
-    step = start
-    val_loss = float("nan")
+    t0, t_log, train_loss = time.time(), time.time(), float("nan")
     for step in range(start, steps):
-        if guided and not plan.guided(step):  # alpha reached 0: remove the guides and their optimizer state
-            drop_params(optimizer, unwrap_guided(raw_model))
-            guided = False
-            model = wrap(raw_model)
         alpha = guide_alpha(step, plan.guided_steps, t.sgt.schedule)
         lr = lr_at(step, cfg.optim, steps)
         for g in optimizer.param_groups:
@@ -296,7 +326,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             x, y = train_data.rows(plan.data_step(step), row, t.micro_batch_size)
             x, y = x.to(device), y.to(device)
             sync = not ddp or micro == accum - 1  # all-reduce gradients only on the last micro-step
-            ctx = model.no_sync() if not sync else _null()
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast(device, amp):
                 _, loss = model(x, y)
             # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
@@ -306,6 +336,13 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        if guided and not plan.guided(done):  # alpha is 0 from here: drop the guides and their AdamW state
+            drop_params(optimizer, unwrap_guided(raw_model))
+            guided = False
+            model = wrap(raw_model)
+        if ddp:  # the mean over ranks, so every rank logs and NaN-checks the same number
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
         loss_acc += loss_sum.item() / accum  # .item() syncs with the device once per step
         n_acc += 1
         if not math.isfinite(loss_acc):
@@ -315,10 +352,6 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
                 f"{last or 'none'}; lower --optim.lr or use --train.dtype fp32 and resume"
             )
         if done % t.log_interval == 0 or done == steps:
-            if ddp:
-                buf = torch.tensor([loss_acc, n_acc], dtype=torch.float64, device=device)
-                dist.all_reduce(buf)
-                loss_acc, n_acc = buf[0].item() / world, buf[1].item() / world
             train_loss = loss_acc / n_acc
             dt = time.time() - t_log
             tok_s = n_acc * tokens_per_step / dt
@@ -335,7 +368,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             bar.update(1)
         is_eval = t.eval_interval > 0 and done % t.eval_interval == 0 and done < steps
         if is_eval:
-            val_loss = run_eval(t.eval_tokens)
+            val_loss = run_eval(t.eval_tokens, done)
             best_val = min(best_val, val_loss)
             if master:
                 log({"step": done, "split": "val", "loss": val_loss, "ppl": math.exp(val_loss),
@@ -349,7 +382,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     wall = time.time() - t0
 
     # --- the end: full validation, final checkpoint, summary, plot ---
-    final_val = run_eval(None)
+    final_val = run_eval(None, steps)
     best_val = min(best_val, final_val)
     if master:
         log({"step": steps, "split": "val", "loss": final_val, "ppl": math.exp(final_val),
@@ -373,14 +406,6 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     if ddp:
         dist.barrier()
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _tensorboard(out: Path):

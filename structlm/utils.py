@@ -4,6 +4,7 @@ distributed setup."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import sys
@@ -83,11 +84,14 @@ def dist_info() -> tuple[int, int, int]:
     )
 
 
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if dist_info()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

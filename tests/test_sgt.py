@@ -2,6 +2,7 @@
 removal, resume."""
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -146,10 +147,20 @@ def test_fixedflop_plan_replays_the_first_guided_batches():
     assert p.guided(G - 1) and not p.guided(G)
     fixed = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5)
     assert fixed.total_steps == S and fixed.guided_steps == G
-    # +25% of the dense-FFN FLOPs for half the steps at mean alpha 0.5 (SPEC §4.5),
-    # here without reduce_flop:
     off = _plan("s", LinearSpec("lowrank", rank=192))
-    assert fixed.train_flops > off.train_flops and off.guided_steps == 0
+    assert off.guided_steps == 0 and off.total_steps == S
+    # the guides add the dense FFN's FLOPs for G steps (all of them without reduce_flop) ...
+    guide = 3 * 524288 * 2 * 11 * 2 * 768 * 3072  # 11 structured blocks x fc1+fc2 guides
+    assert fixed.train_flops - off.train_flops == pytest.approx(guide * G, rel=1e-12)
+    # ... and SPEC §4.5's "+25% of dense-FFN FLOPs" with ratio 0.5 and reduce_flop (mean alpha 1/2)
+    halved = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5, reduce_flop=True)
+    assert (halved.train_flops - off.train_flops) / (guide * S) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_fixedstep_always_ends_with_plain_steps():
+    for sgt in ({"ratio": 1.0}, {"match_flops": "dense", "reduce_flop": True}):
+        p = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", **sgt)
+        assert p.guided_steps == p.base_steps - 1 == p.total_steps - 1
 
 
 def test_sgt_needs_a_structured_ffn():
@@ -201,10 +212,12 @@ def test_training_removes_guides_and_their_optimizer_state(corpus, tmp_path):
         assert any("guide" in k for k in f.keys())  # noqa: SIM118 (safe_open: no __iter__)
 
 
-@pytest.mark.parametrize("crash_at", [5, 15])  # inside the guided phase; inside the replay phase
+# inside the guided phase; right after it (resuming from the checkpoint written as the guides left);
+# inside the replay phase
+@pytest.mark.parametrize("crash_at", [5, 7, 15])
 def test_resume_reproduces_the_uninterrupted_sgt_run(corpus, tmp_path, monkeypatch, crash_at):
     train(_sgt_cfg(corpus, tmp_path / "a"))
-    import structlm.train as T
+    T = importlib.import_module("structlm.train")  # the module (structlm.train is the function)
 
     def crash(step, *a):
         if step == crash_at:
@@ -234,3 +247,41 @@ def test_info_shows_sgt_flops_next_to_the_dense_baseline():
     assert out["sgt"]["total_steps"] == 69550
     assert float(f"{out['train_flops']:.3e}") == 2.099e20
     assert float(f"{out['sgt']['dense_train_flops']:.3e}") == 2.102e20
+
+
+def test_checkpoints_inside_the_guided_phase_are_refused_for_serving(corpus, tmp_path):
+    train(_sgt_cfg(corpus, tmp_path / "run", keep_last=20))
+    early = tmp_path / "run" / "checkpoints" / "step_0000004"
+    with pytest.raises(checkpoint.CheckpointError, match="self-guided phase"):
+        checkpoint.load_model(early)
+    boundary = tmp_path / "run" / "checkpoints" / "step_0000006"  # G = 6: written after the guides left
+    model, _ = checkpoint.load_model(boundary)
+    assert not guided_layers(model)
+
+
+def test_changing_the_sgt_budget_of_a_run_is_refused(corpus, tmp_path):
+    train(_sgt_cfg(corpus, tmp_path / "run", max_steps=8))
+    with pytest.raises(ValueError, match="Keep the budget"):
+        train(_sgt_cfg(corpus, tmp_path / "run", max_steps=16))
+
+
+def test_ddp_with_sgt_and_reduce_flop_runs_and_removes_the_guides(corpus, tmp_path):
+    """2 gloo processes: skipped guides (unused parameters), guide removal and DDP re-wrapping."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _sgt_cfg(corpus, tmp_path / "ddp", max_steps=6)
+    cfg.train.micro_batch_size = 4
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(to_dict(cfg)))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "structlm", "train", "--config", str(path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sgt"]["guided_steps"] == 3
+    model, _ = checkpoint.load_model(tmp_path / "ddp")
+    assert not guided_layers(model)

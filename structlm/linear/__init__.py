@@ -25,11 +25,21 @@ from structlm.linear.blockshuffle import (
     blockshuffle_matmul_reference,
 )
 from structlm.linear.dense import DenseLinear
+from structlm.linear.guided import (
+    GuidedLinear,
+    PreMergedLinear,
+    merge_linears,
+    premerge,
+    unmerge,
+    unwrap_guided,
+    wrap_guided,
+)
 from structlm.linear.lowrank import LowRankLinear, lowrank_matmul, lowrank_matmul_reference
 
 __all__ = [
     "LINEARS", "StructuredLinear", "register", "build_linear", "check_spec", "choose_hparams",
-    "DenseLinear", "LowRankLinear", "BlockShuffleLinear", "BlockDenseLinear",
+    "GuidedLinear", "PreMergedLinear", "merge_linears", "premerge", "unmerge", "wrap_guided",
+    "unwrap_guided", "DenseLinear", "LowRankLinear", "BlockShuffleLinear", "BlockDenseLinear",
     "lowrank_matmul", "lowrank_matmul_reference",
     "blockdense_matmul", "blockdense_matmul_reference",
     "blockshuffle_matmul", "blockshuffle_matmul_reference",

@@ -109,8 +109,10 @@ class PreMergedLinear(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Rebuild the merged matrix from the current factors."""
-        self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
+        """Rebuild the merged matrix from the current factors, in their dtype (never under autocast)."""
+        w = self.structured.weights()[0]
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
         self._versions = self._current_versions()
 
     def _current_versions(self) -> tuple[int, ...]:
@@ -118,8 +120,8 @@ class PreMergedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.numel() // x.shape[-1]
-        if tokens >= self.max_dense_tokens:
-            return self.structured(x)
+        if tokens >= self.max_dense_tokens or (self.training and torch.is_grad_enabled()):
+            return self.structured(x)  # large calls, and training: gradients must reach the factors
         if self._versions != self._current_versions() or self.merged.device != x.device:
             self.refresh()
         return F.linear(x, self.merged, self.structured.bias)
@@ -183,9 +185,12 @@ def _is_structured(m: nn.Module) -> bool:
 
 
 def _replace(model: nn.Module, fn) -> list[nn.Module]:
-    """Replace every submodule m for which fn(m) is not None by fn(m); returns the replacements."""
+    """Replace every submodule m for which fn(m) is not None by fn(m); returns the replacements.
+    The insides of wrappers are left alone, so wrapping twice does not nest."""
     out = []
     for parent in list(model.modules()):
+        if isinstance(parent, GuidedLinear | PreMergedLinear):
+            continue
         for name, child in list(parent.named_children()):
             new = fn(child)
             if new is not None:
