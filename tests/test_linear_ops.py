@@ -86,3 +86,21 @@ def test_matmul_non_contiguous_input(kind):
     x = torch.randn(8, 6, dtype=torch.float64, generator=g).T  # (6, 8), strides (1, 6)
     assert not x.is_contiguous()
     torch.testing.assert_close(fast(x, *weights), fast(x.contiguous(), *weights))
+
+
+@pytest.mark.parametrize("d_in, d_out, nblocks", [(32, 64, 4), (24, 48, 4), (48, 24, 4), (12, 36, 2)])
+def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
+    """q % nblocks == 0 takes the one-copy shuffle, otherwise the general one; both equal the reference."""
+    from structlm.linear import blockshuffle_matmul, blockshuffle_matmul_reference
+
+    p, o = d_in // nblocks, d_out // nblocks
+    q = min(p, o)
+    w1 = torch.randn(nblocks, q, p, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(nblocks, o, q, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, d_in, dtype=torch.float64, requires_grad=True)
+    fast, ref = blockshuffle_matmul(x, w1, w2), blockshuffle_matmul_reference(x, w1, w2)
+    torch.testing.assert_close(fast, ref)  # float64: exact up to summation order
+    g = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (x, w1, w2), g), torch.autograd.grad(ref, (x, w1, w2), g),
+                    strict=True):
+        torch.testing.assert_close(a, b)
