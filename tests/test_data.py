@@ -21,6 +21,7 @@ from structlm.data import (
     resolve_data_dir,
     token_dtype,
 )
+from structlm.utils import file_sha256
 
 LINES = [
     "ROMEO: But soft, what light through yonder window breaks?",
@@ -244,7 +245,7 @@ def test_resolve_data_dir_names(tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text("{}")
     name = resolve_data_dir(DataConfig(source="shakespeare", tokenizer=str(tok))).name
-    assert name == f"shakespeare-{data._sha256(tok)[:8]}"
+    assert name == f"shakespeare-{file_sha256(tok)[:8]}"
 
 
 def test_chunked_encoding_equals_whole_encoding():
