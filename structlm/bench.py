@@ -469,24 +469,30 @@ def bench_maxbatch(
     return rows
 
 
-def plot_rows(rows: list[dict], png: str, x: str, y: str, group: str, title: str, logx: bool = True) -> None:
-    """One line per `group` value of y against x (matplotlib, Agg)."""
+def plot_rows(
+    rows: list[dict], png: str, x: str, y: str, group: str, title: str, logx: bool = True,
+    facet: str | None = None,
+) -> None:
+    """One line per `group` value of y against x (matplotlib, Agg); one panel per `facet` value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in dict.fromkeys(r[group] for r in rows):
-        pts = sorted((r[x], r[y]) for r in rows if r[group] == g)
-        ax.plot(*zip(*pts, strict=True), "o-", label=str(g), ms=4)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title, fontsize=10, loc="left")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = list(dict.fromkeys(r[facet] for r in rows)) if facet else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        sub = [r for r in rows if facet is None or r[facet] == panel]
+        for g in dict.fromkeys(r[group] for r in sub):
+            pts = sorted((r[x], r[y]) for r in sub if r[group] == g)
+            ax.plot(*zip(*pts, strict=True), "o-", label=str(g), ms=4)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{title}, {facet} {panel}" if facet else title, fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

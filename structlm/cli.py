@@ -345,7 +345,9 @@ def cmd_bench(argv: list[str]) -> None:
         how = {"ffn": ("tokens", "speedup", "variant"), "kernel": ("tokens", "efficiency", "kind"),
                "crossover": ("tokens", "speedup", "d_out"), "peak": ("n", "gflops", "dtype")}
         x, y, g = how.get(sub, ("batch", "tokens_per_s", "variant"))
-        bench.plot_rows(rows, ns.plot, x, y, g, f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})")
+        title = f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})"
+        facet = {"ffn": "width", "crossover": "d_in"}.get(sub)
+        bench.plot_rows(rows, ns.plot, x, y, g, title, facet=facet)
         print(f"plot: {ns.plot}")
 
 
