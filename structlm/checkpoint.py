@@ -86,7 +86,7 @@ def save(
     _fsync(tmp / "manifest.json")
     _fsync(tmp)
     old = root / f".old_{name}"
-    if final.exists():  # the same step saved again: move the old copy aside, delete it once replaced
+    if final.exists():  # the same step saved again: move the old copy aside, delete it afterwards
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(root)
@@ -145,7 +145,7 @@ def find_latest(run_dir: str | Path) -> Path | None:
 
 
 def load_state(ckpt: Path, verify: bool = True) -> dict:
-    """The training state of a checkpoint (verified against its manifest unless the caller just did)."""
+    """The training state of a checkpoint (verified against its manifest unless the caller did)."""
     if verify:
         globals()["verify"](ckpt)
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
@@ -212,8 +212,9 @@ def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         if any(k.endswith(".guide") for k in f.keys()):  # noqa: SIM118 (safe_open has no __iter__)
             raise CheckpointError(
-                f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed in); "
-                "evaluate or serve a checkpoint from after the guided steps, or finish training first"
+                f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed "
+                "in); evaluate or serve a checkpoint from after the guided steps, or finish "
+                "training first"
             )
     model = GPT(cfg.model)
     load_weights(model, ckpt)

@@ -1,8 +1,9 @@
 """Typed configuration: one dataclass per concern, presets as Python functions, JSON round trip.
 
 Every field carries a comment (trailing, or on the lines above it); the CLI (tyro) turns the fields
-into `--a.b.c` flags with these comments as help. Validation lives in `__post_init__` and raises `ValueError` naming the field
-path and the fix. Derived values are properties, so a serialised config holds no redundant state.
+into `--a.b.c` flags with these comments as help. Validation lives in `__post_init__` and raises
+`ValueError` naming the field path and the fix. Derived values are properties, so a serialised
+config holds no redundant state.
 
 This module imports nothing from structlm at import time. `ModelConfig.__post_init__` asks the
 structured-linear registry to check the FFN hyper-parameters (a call-time import), so that a bad
@@ -170,8 +171,8 @@ class SGTConfig:
     """Self-guided training (SPEC §4): a dense guide mixed into every structured FFN layer,
     alpha 1 -> 0."""
 
-    # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches replayed
-    # without the guide at the end
+    # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches
+    # replayed without the guide at the end
     mode: Literal["off", "fixedstep", "fixedflop"] = "off"
     # guided steps G = int(ratio * S), S = the budget's steps (unless match_flops)
     ratio: float = 0.5
@@ -180,7 +181,7 @@ class SGTConfig:
     schedule: Literal["cosine", "linear"] = "cosine"  # how alpha decays from 1 to 0 over G steps
     # run the guide only with probability alpha per layer and forward (paper runs: on)
     reduce_flop: bool = False
-    # exact: guide = the structured map; paper: the reference's BlockShuffle init (ignores the shuffle)
+    # exact: guide = the structured map; paper: the reference's BlockShuffle init (no shuffle)
     guide_init: Literal["exact", "paper"] = "exact"
 
     def __post_init__(self) -> None:

@@ -63,7 +63,9 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     """cfg.data_dir, else data/<source>-bpe<vocab> (-<tokenizer hash[:8]> with --data.tokenizer)."""
     if cfg.data_dir:
         return Path(cfg.data_dir).expanduser()
-    tag = file_sha256(_tokenizer_path(cfg.tokenizer))[:8] if cfg.tokenizer else f"bpe{cfg.vocab_size}"
+    tag = f"bpe{cfg.vocab_size}"
+    if cfg.tokenizer:
+        tag = file_sha256(_tokenizer_path(cfg.tokenizer))[:8]
     return Path("data") / f"{_source_name(cfg.source)}-{tag}"
 
 

@@ -87,7 +87,7 @@ def make_plan(
         g = lo
     else:
         g = int(sgt.ratio * base_steps)
-    if sgt.mode == "fixedstep":  # leave at least one plain step, so the guides are removed before the end
+    if sgt.mode == "fixedstep":  # at least one plain step: the guides are removed before the end
         g = min(g, base_steps - 1)
     total = base_steps + (g if sgt.mode == "fixedflop" else 0)
     return SGTPlan(sgt.mode, base_steps, g, total, g / base_steps, flops(g), dense_flops)

@@ -88,9 +88,11 @@ def test_matmul_non_contiguous_input(kind):
     torch.testing.assert_close(fast(x, *weights), fast(x.contiguous(), *weights))
 
 
-@pytest.mark.parametrize("d_in, d_out, nblocks", [(32, 64, 4), (24, 48, 4), (48, 24, 4), (12, 36, 2)])
+@pytest.mark.parametrize(
+    "d_in, d_out, nblocks", [(32, 64, 4), (24, 48, 4), (48, 24, 4), (12, 36, 2)]
+)
 def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
-    """q % nblocks == 0 takes the one-copy shuffle, otherwise the general one; both equal the reference."""
+    """q % nblocks == 0 takes the one-copy shuffle, else the general one; both = reference."""
     from structlm.linear import blockshuffle_matmul, blockshuffle_matmul_reference
 
     p, o = d_in // nblocks, d_out // nblocks
@@ -101,6 +103,7 @@ def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
     fast, ref = blockshuffle_matmul(x, w1, w2), blockshuffle_matmul_reference(x, w1, w2)
     torch.testing.assert_close(fast, ref)  # float64: exact up to summation order
     g = torch.randn_like(fast)
-    for a, b in zip(torch.autograd.grad(fast, (x, w1, w2), g), torch.autograd.grad(ref, (x, w1, w2), g),
-                    strict=True):
+    grads_fast = torch.autograd.grad(fast, (x, w1, w2), g)
+    grads_ref = torch.autograd.grad(ref, (x, w1, w2), g)
+    for a, b in zip(grads_fast, grads_ref, strict=True):
         torch.testing.assert_close(a, b)

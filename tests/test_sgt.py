@@ -153,7 +153,8 @@ def test_fixedflop_plan_replays_the_first_guided_batches():
     guide = 3 * 524288 * 2 * 11 * 2 * 768 * 3072  # 11 structured blocks x fc1+fc2 guides
     assert fixed.train_flops - off.train_flops == pytest.approx(guide * G, rel=1e-12)
     # ... and SPEC §4.5's "+25% of dense-FFN FLOPs" with ratio 0.5 and reduce_flop (mean alpha 1/2)
-    halved = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5, reduce_flop=True)
+    halved = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5,
+                   reduce_flop=True)
     assert (halved.train_flops - off.train_flops) / (guide * S) == pytest.approx(0.25, abs=1e-3)
 
 
@@ -254,7 +255,8 @@ def test_checkpoints_inside_the_guided_phase_are_refused_for_serving(corpus, tmp
     early = tmp_path / "run" / "checkpoints" / "step_0000004"
     with pytest.raises(checkpoint.CheckpointError, match="self-guided phase"):
         checkpoint.load_model(early)
-    boundary = tmp_path / "run" / "checkpoints" / "step_0000006"  # G = 6: written after the guides left
+    # G = 6: written after the guides left
+    boundary = tmp_path / "run" / "checkpoints" / "step_0000006"
     model, _ = checkpoint.load_model(boundary)
     assert not guided_layers(model)
 

@@ -109,7 +109,7 @@ class PreMergedLinear(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Rebuild the merged matrix from the current factors, in their dtype (never under autocast)."""
+        """Rebuild the merged matrix from the factors, in their dtype (never under autocast)."""
         w = self.structured.weights()[0]
         with torch.autocast(device_type=w.device.type, enabled=False):
             self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
