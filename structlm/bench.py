@@ -1,8 +1,9 @@
 """Benchmarks: careful timing, pre-merge crossover calibration, decoding latency.
 
-Methodology (PERF_NOTES): warm up, interleave the variants being compared, repeat, report medians (and
-min/max) and ratios measured within one run; synchronise on accelerators. Every function returns rows (dicts
-with their full context: device, dtype, torch version, shapes, kind, ms, tokens/s) for JSONL output.
+Methodology (PERF_NOTES): warm up, interleave the variants being compared, repeat, report medians
+(and min/max) and ratios measured within one run; synchronise on accelerators. Every function
+returns rows (dicts with their full context: device, dtype, torch version, shapes, kind, ms,
+tokens/s) for JSONL output.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from structlm.linear.base import StructuredLinear
 from structlm.linear.guided import layer_key, premerge, unmerge
 from structlm.utils import autocast, synchronize
 
-DEFAULT_MAX_DENSE_TOKENS = 16  # pre-merge below 16 tokens per call when uncalibrated (the paper's example)
+# pre-merge below 16 tokens per call when uncalibrated (the paper's example)
+DEFAULT_MAX_DENSE_TOKENS = 16
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -47,11 +49,12 @@ def device_name(device: torch.device) -> str:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 7, min_time: float = 0.02,
-    warmup: int = 2,
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 7,
+    min_time: float = 0.02, warmup: int = 2,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn, interleaved: every repetition runs every variant once (in rotating
-    order), each timed over enough inner calls to last `min_time`. Returns {name: [seconds per call]}."""
+    """Seconds per call of each fn, interleaved: every repetition runs every variant once (in
+    rotating order), each timed over enough inner calls to last `min_time`. Returns
+    {name: [seconds per call]}."""
     inner = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -83,11 +86,11 @@ def time_interleaved(
 
 
 def context(device: torch.device, dtype: torch.dtype | None) -> dict:
-    return {"device": device_name(device), "dtype": str(dtype or torch.float32).replace("torch.", ""),
-            "torch": torch.__version__}
+    return {"device": device_name(device),
+            "dtype": str(dtype or torch.float32).replace("torch.", ""), "torch": torch.__version__}
 
 
-# --- pre-merge crossover ---------------------------------------------------------------------------
+# --- pre-merge crossover --------------------------------------------------------------------------
 
 
 def cache_path() -> Path:
@@ -96,7 +99,8 @@ def cache_path() -> Path:
 
 
 def crossover_key(layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None) -> str:
-    """Cache key: a threshold is valid only for this device, dtype, torch version, kind, shape and hp."""
+    """Cache key: a threshold is valid only for this device, dtype, torch version, kind, shape and
+    hp."""
     c = context(device, dtype)
     return json.dumps([c["device"], c["dtype"], c["torch"], *map(str, layer_key(layer))])
 
@@ -124,9 +128,9 @@ def calibrate_layer(
 ) -> tuple[int, list[dict]]:
     """Time the structured path against the merged dense matrix at each token count.
 
-    Returns (threshold, rows): the merged path is used below `threshold` tokens. The threshold is the
-    smallest measured count from which the structured path is faster (or within 5%) at every larger
-    count (1 if it always is, one past the grid if it never is)."""
+    Returns (threshold, rows): the merged path is used below `threshold` tokens. The threshold is
+    the smallest measured count from which the structured path is faster (or within 5%) at every
+    larger count (1 if it always is, one past the grid if it never is)."""
     layer = layer.to(device).eval()
     merged = layer.to_dense()
     bias = layer.bias
@@ -156,18 +160,21 @@ def thresholds_for(
     model: nn.Module, device: torch.device, dtype: torch.dtype | None, calibrate: bool = False,
     progress: bool = False,
 ) -> tuple[dict[tuple, int], list[dict]]:
-    """Pre-merge thresholds for every distinct structured layer of `model`: from the cache, measured when
-    `calibrate` (and cached), else DEFAULT_MAX_DENSE_TOKENS. Returns ({layer_key: threshold}, rows)."""
+    """Pre-merge thresholds for every distinct structured layer of `model`: from the cache, measured
+    when `calibrate` (and cached), else DEFAULT_MAX_DENSE_TOKENS. Returns
+    ({layer_key: threshold}, rows)."""
     cache = load_cache()
     out, rows, changed = {}, [], False
-    layers = {layer_key(m): m for m in model.modules() if isinstance(m, StructuredLinear) and m.kind != "dense"}
+    layers = {layer_key(m): m for m in model.modules()
+              if isinstance(m, StructuredLinear) and m.kind != "dense"}
     for key, layer in layers.items():
         ck = crossover_key(layer, device, dtype)
         if ck in cache and not calibrate:
             out[key] = cache[ck]
         elif calibrate:
             if progress:
-                print(f"calibrating {layer.kind} {layer.d_in}->{layer.d_out} {layer.hp} ...", flush=True)
+                print(f"calibrating {layer.kind} {layer.d_in}->{layer.d_out} {layer.hp} ...",
+                      flush=True)
             out[key], r = calibrate_layer(layer, device, dtype)
             rows += r
             cache[ck] = out[key]
@@ -184,8 +191,8 @@ def thresholds_for(
 
 @torch.no_grad()
 def decode_latency(
-    model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch: int = 1, prompt: int = 32,
-    gen: int = 32, reps: int = 5,
+    model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch: int = 1,
+    prompt: int = 32, gen: int = 32, reps: int = 5,
 ) -> list[float]:
     """Seconds per generated token (after a prompt), with the KV cache, for each repetition."""
     vocab = model.cfg.vocab_size
@@ -208,11 +215,11 @@ def decode_latency(
 
 
 def bench_decode(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 1, prompt: int = 32,
-    gen: int = 32, reps: int = 5, calibrate: bool = False,
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 1,
+    prompt: int = 32, gen: int = 32, reps: int = 5, calibrate: bool = False,
 ) -> list[dict]:
-    """Per-token decode latency of the dense model, the structured model, and the structured model with
-    pre-merge, all with identical non-FFN layers; variants interleaved per repetition."""
+    """Per-token decode latency of the dense model, the structured model, and the structured model
+    with pre-merge, all with identical non-FFN layers; variants interleaved per repetition."""
     from structlm.model import GPT
 
     torch.manual_seed(0)
@@ -220,7 +227,8 @@ def bench_decode(
     dense_cfg = dataclasses.replace(cfg, ffn=LinearSpec())
     dense = GPT(dense_cfg).to(device).eval()
     thresholds, _ = thresholds_for(structured, device, dtype, calibrate)
-    variants = {"dense": (dense, False), "structured": (structured, False), "premerged": (structured, True)}
+    variants = {"dense": (dense, False), "structured": (structured, False),
+                "premerged": (structured, True)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(reps):
         for name, (m, merged) in variants.items():
@@ -233,14 +241,15 @@ def bench_decode(
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"bench": "decode", **context(device, dtype), "variant": name, "kind": cfg.ffn.kind,
-                     "d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": batch, "prompt": prompt,
-                     "gen": gen, "ms_per_token": 1e3 * med, "ms_min": 1e3 * min(ts), "ms_max": 1e3 * max(ts),
+        rows.append({"bench": "decode", **context(device, dtype), "variant": name,
+                     "kind": cfg.ffn.kind, "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+                     "batch": batch, "prompt": prompt, "gen": gen, "ms_per_token": 1e3 * med,
+                     "ms_min": 1e3 * min(ts), "ms_max": 1e3 * max(ts),
                      "tokens_per_s": batch / med, "vs_dense": med / base})
     return rows
 
 
-# --- the suite: peak, kernel, ffn, train, prefill, maxbatch ------------------------------------------
+# --- the suite: peak, kernel, ffn, train, prefill, maxbatch ---------------------------------------
 
 
 def _median_ms(ts: list[float]) -> tuple[float, float, float]:
@@ -255,10 +264,11 @@ def bench_peak(device: torch.device, dtype: torch.dtype | None, quick: bool = Fa
         a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
         b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
         o = torch.empty(n, n, device=device, dtype=a.dtype)
-        ts = time_interleaved({"mm": lambda: torch.mm(a, b, out=o)}, device, reps=3 if quick else 5)["mm"]  # noqa: B023
+        ts = time_interleaved({"mm": lambda: torch.mm(a, b, out=o)},  # noqa: B023
+                              device, reps=3 if quick else 5)["mm"]
         ms, lo, hi = _median_ms(ts)
-        rows.append({"bench": "peak", **context(device, dtype), "n": n, "ms": ms, "ms_min": lo, "ms_max": hi,
-                     "gflops": 2 * n**3 / (ms * 1e-3) / 1e9})
+        rows.append({"bench": "peak", **context(device, dtype), "n": n, "ms": ms, "ms_min": lo,
+                     "ms_max": hi, "gflops": 2 * n**3 / (ms * 1e-3) / 1e9})
     return rows
 
 
@@ -268,7 +278,8 @@ def peak_gflops(rows: list[dict]) -> float:
 
 KERNEL_SHAPES = [  # (kind, d_in, d_out, hp): the FFN shapes of the paper's widths at 32% / 63%
     ("lowrank", 1024, 4096, {"rank": 256}), ("lowrank", 4096, 1024, {"rank": 256}),
-    ("blockdense", 1024, 4096, {"rank": 384, "nblocks": 4}), ("blockdense", 4096, 1024, {"rank": 384, "nblocks": 4}),
+    ("blockdense", 1024, 4096, {"rank": 384, "nblocks": 4}),
+    ("blockdense", 4096, 1024, {"rank": 384, "nblocks": 4}),
     ("blockshuffle", 1024, 4096, {"nblocks": 4}), ("blockshuffle", 4096, 1024, {"nblocks": 4}),
     ("blockshuffle", 1024, 4096, {"nblocks": 2}), ("blockshuffle", 4096, 1024, {"nblocks": 2}),
 ]
@@ -280,7 +291,8 @@ def bench_kernel(
 ) -> list[dict]:
     """Each structured op against its dense equivalent and against a dense matmul of the same FLOPs.
 
-    `efficiency` = same-FLOP dense time / op time: the share of dense-matmul throughput the op reaches."""
+    `efficiency` = same-FLOP dense time / op time: the share of dense-matmul throughput the op
+    reaches."""
     shapes = [(k, n // 4, m // 4, {h: v // 4 if h == "rank" else v for h, v in hp.items()})
               for k, n, m, hp in KERNEL_SHAPES] if quick else KERNEL_SHAPES
     tokens = 256 if quick else tokens
@@ -289,7 +301,8 @@ def bench_kernel(
         layer = build_linear(LinearSpec(kind, **hp), d_in, d_out, bias=False, device=device)
         w_dense = layer.to_dense()
         flops = 2 * tokens * layer.weight_params(d_in, d_out, **hp)
-        k_same = max(1, round(flops / (2 * tokens * d_in)))  # (T, d_in) @ (d_in, k_same): same FLOPs
+        # (T, d_in) @ (d_in, k_same): same FLOPs
+        k_same = max(1, round(flops / (2 * tokens * d_in)))
         w_same = torch.randn(k_same, d_in, device=device)
         x = torch.randn(tokens, d_in, device=device, requires_grad=backward)
 
@@ -307,11 +320,13 @@ def bench_kernel(
         t = time_interleaved(fns, device, reps=3 if quick else 7)
         s, d, same = (statistics.median(t[k]) for k in ("structured", "dense", "same_flops"))
         mult = 3 if backward else 1
-        rows.append({"bench": "kernel", **context(device, dtype), "kind": kind, "d_in": d_in, "d_out": d_out,
-                     **hp, "tokens": tokens, "pass": "fwd+bwd" if backward else "fwd",
+        rows.append({"bench": "kernel", **context(device, dtype), "kind": kind, "d_in": d_in,
+                     "d_out": d_out, **hp, "tokens": tokens,
+                     "pass": "fwd+bwd" if backward else "fwd",
                      "ms": 1e3 * s, "dense_ms": 1e3 * d, "same_flops_ms": 1e3 * same,
                      "gflops": mult * flops / s / 1e9, "speedup": d / s,
-                     "ideal": d_in * d_out / layer.weight_params(d_in, d_out, **hp), "efficiency": same / s})
+                     "ideal": d_in * d_out / layer.weight_params(d_in, d_out, **hp),
+                     "efficiency": same / s})
     return rows
 
 
@@ -322,11 +337,13 @@ def _mlp(cfg: ModelConfig, device):
 
 
 def bench_ffn(
-    device: torch.device, dtype: torch.dtype | None, widths: tuple[int, ...] = (768, 1024, 1536, 2048),
+    device: torch.device, dtype: torch.dtype | None,
+    widths: tuple[int, ...] = (768, 1024, 1536, 2048),
     tokens: tuple[int, ...] = (1, 16, 256, 4096), backward: bool = False, quick: bool = False,
     fractions: tuple[float, ...] = (0.63, 0.32),
 ) -> list[dict]:
-    """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%, against dense.
+    """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%,
+    against dense.
 
     Variants are interleaved per (width, tokens); `ideal` is the parameter (= FLOP) ratio."""
     from structlm.linear import choose_hparams
@@ -338,10 +355,13 @@ def bench_ffn(
         specs = {"dense": LinearSpec()}
         for f in fractions:
             for kind in ("lowrank", "blockdense", "blockshuffle"):
-                specs[f"{kind}-{round(f * 100)}"] = choose_hparams(kind, [(d, 4 * d), (4 * d, d)], f)
+                specs[f"{kind}-{round(f * 100)}"] = choose_hparams(
+                    kind, [(d, 4 * d), (4 * d, d)], f
+                )
         mlps = {name: _mlp(ModelConfig(d_model=d, d_ff=4 * d, n_head=1, ffn=spec), device)
                 for name, spec in specs.items()}
-        params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1) for name, m in mlps.items()}
+        params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1)
+                  for name, m in mlps.items()}
         for T in tokens:
             x = torch.randn(T, d, device=device, requires_grad=backward)
 
@@ -355,21 +375,24 @@ def bench_ffn(
 
             grad = contextlib.nullcontext() if backward else torch.no_grad()
             with grad:
-                t = time_interleaved({n: run(m) for n, m in mlps.items()}, device, reps=3 if quick else 5)
+                t = time_interleaved({n: run(m) for n, m in mlps.items()}, device,
+                                     reps=3 if quick else 5)
             base = statistics.median(t["dense"])
             for name, ts in t.items():
                 ms, lo, hi = _median_ms(ts)
                 rows.append({"bench": "ffn", **context(device, dtype), "variant": name,
-                             "kind": specs[name].kind, **specs[name].hparams(), "width": d, "tokens": T,
-                             "pass": "fwd+bwd" if backward else "fwd", "ms": ms, "ms_min": lo, "ms_max": hi,
+                             "kind": specs[name].kind, **specs[name].hparams(), "width": d,
+                             "tokens": T, "pass": "fwd+bwd" if backward else "fwd", "ms": ms,
+                             "ms_min": lo, "ms_max": hi,
                              "tokens_per_s": T / (ms * 1e-3), "speedup": base / (ms * 1e-3),
                              "ideal": params["dense"] / params[name]})
     return rows
 
 
 def bench_train(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 8, seq: int = 256,
-    steps: int = 5, peak: float | None = None, kinds: tuple[str, ...] = ("dense", "structured"),
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 8,
+    seq: int = 256, steps: int = 5, peak: float | None = None,
+    kinds: tuple[str, ...] = ("dense", "structured"),
 ) -> list[dict]:
     """Training-step throughput (forward + backward + AdamW) of the dense and the structured model,
     interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py)."""
@@ -397,8 +420,9 @@ def bench_train(
         ms, lo, hi = _median_ms(ts)
         fpt = 3 * flops_per_token(cfgs[k], seq)["total"]
         achieved = fpt * batch * seq / (ms * 1e-3) / 1e9
-        rows.append({"bench": "train", **context(device, dtype), "variant": k, "kind": cfgs[k].ffn.kind,
-                     "d_model": cfg.d_model, "n_layer": cfg.n_layer, "batch": batch, "seq": seq, "ms": ms,
+        rows.append({"bench": "train", **context(device, dtype), "variant": k,
+                     "kind": cfgs[k].ffn.kind, "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+                     "batch": batch, "seq": seq, "ms": ms,
                      "ms_min": lo, "ms_max": hi, "tokens_per_s": batch * seq / (ms * 1e-3),
                      "gflops": achieved, "mfu": achieved / peak if peak else None,
                      "speedup": base / (ms * 1e-3)})
@@ -407,8 +431,8 @@ def bench_train(
 
 @torch.no_grad()
 def bench_prefill(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 4, seq: int = 256,
-    reps: int = 5,
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 4,
+    seq: int = 256, reps: int = 5,
 ) -> list[dict]:
     """Whole-model forward throughput on (batch, seq) inputs, dense vs structured, interleaved."""
     from structlm.model import GPT
@@ -423,21 +447,24 @@ def bench_prefill(
                 m(x)
         return go
 
-    t = time_interleaved({k: fwd(m) for k, m in models.items()}, device, reps=reps, min_time=0.0, warmup=1)
+    t = time_interleaved({k: fwd(m) for k, m in models.items()}, device, reps=reps, min_time=0.0,
+                         warmup=1)
     base = statistics.median(t["dense"])
-    return [{"bench": "prefill", **context(device, dtype), "variant": k, "kind": models[k].cfg.ffn.kind,
-             "d_model": cfg.d_model, "batch": batch, "seq": seq, "ms": _median_ms(ts)[0],
-             "tokens_per_s": batch * seq / statistics.median(ts), "speedup": base / statistics.median(ts)}
+    return [{"bench": "prefill", **context(device, dtype), "variant": k,
+             "kind": models[k].cfg.ffn.kind, "d_model": cfg.d_model, "batch": batch, "seq": seq,
+             "ms": _median_ms(ts)[0], "tokens_per_s": batch * seq / statistics.median(ts),
+             "speedup": base / statistics.median(ts)}
             for k, ts in t.items()]
 
 
 @torch.no_grad()
 def bench_maxbatch(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, gen: int = 256, start: int = 256,
-    step: int = 256, max_batch: int = 4096,
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, gen: int = 256,
+    start: int = 256, step: int = 256, max_batch: int = 4096,
 ) -> list[dict]:
-    """The largest decode batch that fits (linear search from `start` in `step`s until out of memory or
-    `max_batch`, as the paper's cac_batch.py), and the decode throughput at that batch (SPEC §7.5)."""
+    """The largest decode batch that fits (linear search from `start` in `step`s until out of memory
+    or `max_batch`, as the paper's cac_batch.py), and the decode throughput at that batch
+    (SPEC §7.5)."""
     from structlm.model import GPT
 
     rows = []
@@ -463,9 +490,10 @@ def bench_maxbatch(
             finally:
                 cache = None
         if best:
-            rows.append({"bench": "maxbatch", **context(device, dtype), "variant": variant, "kind": c.ffn.kind,
-                         "gen": gen, "max_batch": best[0], "step_ms": 1e3 * best[1],
-                         "tokens_per_s": best[0] / best[1], "hit_limit": best[0] + step > max_batch})
+            rows.append({"bench": "maxbatch", **context(device, dtype), "variant": variant,
+                         "kind": c.ffn.kind, "gen": gen, "max_batch": best[0],
+                         "step_ms": 1e3 * best[1], "tokens_per_s": best[0] / best[1],
+                         "hit_limit": best[0] + step > max_batch})
     return rows
 
 

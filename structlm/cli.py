@@ -8,7 +8,7 @@
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
-"""
+"""  # noqa: E501 -- printed verbatim by `structlm --help`; rewrapping would change that output
 
 from __future__ import annotations
 
@@ -27,13 +27,17 @@ def parse_run_config(
 ) -> tuple:
     """Split argv into the command's own flags (argparse `extra`) and config overrides (tyro).
 
-    `--preset NAME` or `--config FILE` picks the starting RunConfig; every `--a.b.c value` then overrides it.
+    `--preset NAME` or `--config FILE` picks the starting RunConfig; every `--a.b.c value` then
+    overrides it.
     """
     import tyro
 
-    extra.add_argument("--resume", default=None, help="continue the run in this directory") if resume else None
-    extra.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
-    extra.add_argument("--config", default=None, help="start from a saved config.json instead of a preset")
+    extra.add_argument("--resume", default=None,
+                       help="continue the run in this directory") if resume else None
+    extra.add_argument("--preset", default=None,
+                       help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
+    extra.add_argument("--config", default=None,
+                       help="start from a saved config.json instead of a preset")
     ns, rest = extra.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         extra.print_help()
@@ -43,7 +47,8 @@ def parse_run_config(
     if getattr(ns, "resume", None):
         run = Path(ns.resume)
         if not (run / "config.json").exists():
-            what = "does not exist" if not run.exists() else "holds no config.json (not a structlm run)"
+            what = ("does not exist" if not run.exists()
+                    else "holds no config.json (not a structlm run)")
             raise FileNotFoundError(f"--resume {run}: the directory {what}")
         base = load_run_config(str(run / "config.json"))
         base.train.out_dir = str(run)
@@ -63,8 +68,9 @@ def parse_run_config(
 
 
 def _switch_ffn_kind(base: RunConfig, args: list[str]) -> None:
-    """When `--model.ffn.kind` changes the kind, drop the preset's hyper-parameters the new kind does not take
-    (so `--model.ffn.kind blockshuffle --model.ffn.nblocks 4` works on a LowRank preset)."""
+    """When `--model.ffn.kind` changes the kind, drop the preset's hyper-parameters the new kind
+    does not take (so `--model.ffn.kind blockshuffle --model.ffn.nblocks 4` works on a LowRank
+    preset)."""
     from structlm.linear import LINEARS
 
     kind = None
@@ -93,7 +99,8 @@ def cmd_info(argv: list[str]) -> None:
     from structlm.flops import flops_per_token, guide_params, param_groups, train_flops
 
     p = argparse.ArgumentParser(prog="structlm info", add_help=False)
-    p.add_argument("--tokens", type=float, default=None, help="training tokens, for total training FLOPs")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="training tokens, for total training FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     cfg, ns = parse_run_config("structlm info", argv, p)
     m = cfg.model
@@ -108,7 +115,8 @@ def cmd_info(argv: list[str]) -> None:
         "flops_per_token": fpt["total"],
         "flops_per_token_groups": fpt,
         "seq_len": cfg.seq_len,
-        "ffn": {"kind": m.ffn.kind, **m.ffn.hparams(), "dense_ffn_layers": list(m.dense_ffn_layers)},
+        "ffn": {"kind": m.ffn.kind, **m.ffn.hparams(),
+                "dense_ffn_layers": list(m.dense_ffn_layers)},
     }
     if ns.tokens is not None:
         out["tokens"] = ns.tokens
@@ -128,26 +136,31 @@ def cmd_info(argv: list[str]) -> None:
     kv = f", {m.kv_heads} kv" if m.kv_heads != m.n_head else ""
     hp = "".join(f" {k}={v}" for k, v in m.ffn.hparams().items())
     print(
-        f"model: d_model={m.d_model} n_layer={m.n_layer} heads={m.n_head}{kv} attn_dim={m.attention_dim} "
+        f"model: d_model={m.d_model} n_layer={m.n_layer} heads={m.n_head}{kv} "
+        f"attn_dim={m.attention_dim} "
         f"d_ff={m.d_ff} vocab={m.vocab_size} seq={cfg.seq_len} {m.act}/{m.norm}/{m.pos_emb}"
     )
     print(f"ffn:   {m.ffn.kind}{hp} (dense in blocks {list(m.dense_ffn_layers)})\n")
     print(f"{'parameters':<22}{'count':>16}{'':>10}")
-    for k in ("embedding", "position", "attention", "ffn", "norms", "lm_head", "total", "non_embedding"):
+    for k in ("embedding", "position", "attention", "ffn", "norms", "lm_head", "total",
+              "non_embedding"):
         if groups[k] or k in ("total", "ffn"):
             print(f"{k:<22}{groups[k]:>16,}{format_count(groups[k]):>10}")
-    print(f"{'ffn matrices':<22}{groups['ffn_matrix']:>16,}{format_count(groups['ffn_matrix']):>10}")
+    print(f"{'ffn matrices':<22}{groups['ffn_matrix']:>16,}"
+          f"{format_count(groups['ffn_matrix']):>10}")
     print(f"\n{'forward FLOPs/token':<22}{'count':>16}")
     for k, v in fpt.items():
         print(f"{k:<22}{v:>16,}{format_count(v):>10}")
     if "sgt" in out:
         p = out["sgt"]
-        print(f"\nself-guided training ({p['mode']}): S={p['base_steps']} steps, G={p['guided_steps']} guided "
-              f"(ratio {p['ratio']:.3f}), {p['total_steps']} steps in all, guides {p['guide_params']:,} params")
-        print(f"training FLOPs: {p['train_flops']:.3e} with SGT vs {p['dense_train_flops']:.3e} for the dense "
-              f"model at S steps ({p['train_flops'] / p['dense_train_flops']:.4f}x)")
+        print(f"\nself-guided training ({p['mode']}): S={p['base_steps']} steps, "
+              f"G={p['guided_steps']} guided (ratio {p['ratio']:.3f}), {p['total_steps']} steps in "
+              f"all, guides {p['guide_params']:,} params")
+        print(f"training FLOPs: {p['train_flops']:.3e} with SGT vs {p['dense_train_flops']:.3e} "
+              f"for the dense model at S steps ({p['train_flops'] / p['dense_train_flops']:.4f}x)")
     elif ns.tokens is not None:
-        print(f"\ntraining FLOPs for {format_count(ns.tokens)} tokens: {out['train_flops']:.3e} (3 x forward)")
+        print(f"\ntraining FLOPs for {format_count(ns.tokens)} tokens: "
+              f"{out['train_flops']:.3e} (3 x forward)")
 
 
 def cmd_prepare(argv: list[str]) -> None:
@@ -174,7 +187,8 @@ def cmd_train(argv: list[str]) -> None:
 
 
 def cmd_eval(argv: list[str]) -> None:
-    """Loss and perplexity of a trained run on its validation split, another prepared dir, or a text file."""
+    """Loss and perplexity of a trained run on its validation split, another prepared dir, or a text
+    file."""
     from structlm.checkpoint import load_model
     from structlm.data import eval_batches, load_meta, load_tokens, resolve_data_dir
     from structlm.evaluate import evaluate
@@ -186,9 +200,11 @@ def cmd_eval(argv: list[str]) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--data", default=None, help="a prepared data directory (its val split is used)")
     g.add_argument("--text", default=None, help="a text file, tokenized with the run's tokenizer")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="split of --data / the run's data")
+    p.add_argument("--split", default="val", choices=["train", "val"],
+                   help="split of --data / the run's data")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward")
-    p.add_argument("--max_tokens", type=float, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--max_tokens", type=float, default=None,
+                   help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -207,7 +223,8 @@ def cmd_eval(argv: list[str]) -> None:
         if meta["tokenizer_sha256"] != file_sha256(tok_path):
             raise ValueError(
                 f"{data_dir} was tokenized with a different tokenizer than the run {a.run_dir}; "
-                "evaluate on data prepared with the run's tokenizer (--data.tokenizer RUN/tokenizer.json)"
+                "evaluate on data prepared with the run's tokenizer "
+                "(--data.tokenizer RUN/tokenizer.json)"
             )
         tokens = load_tokens(data_dir, a.split)
         source = f"{data_dir} ({a.split})"
@@ -237,17 +254,20 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--no_cache", action="store_true",
+                   help="recompute the whole context every token")
     p.add_argument("--no_premerge", action="store_true", help="decode with the structured factors")
     p.add_argument("--calibrate", action="store_true", help="measure pre-merge thresholds first")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
     a = p.parse_args(argv)
-    gen = Generator.load(a.run_dir, a.device, a.dtype, premerge=not a.no_premerge, calibrate=a.calibrate)
+    gen = Generator.load(a.run_dir, a.device, a.dtype, premerge=not a.no_premerge,
+                         calibrate=a.calibrate)
     for i in range(a.num_samples):
         sys.stdout.write(a.prompt)
-        for piece in gen.stream(a.prompt, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                top_p=a.top_p, seed=a.seed + i, use_cache=not a.no_cache):
+        for piece in gen.stream(a.prompt, a.max_new_tokens, temperature=a.temperature,
+                                top_k=a.top_k, top_p=a.top_p, seed=a.seed + i,
+                                use_cache=not a.no_cache):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -257,10 +277,11 @@ def cmd_generate(argv: list[str]) -> None:
 
 BENCH_COLUMNS = {  # what each benchmark's table shows
     "peak": ["n", "ms", "gflops"],
-    "kernel": ["kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms", "speedup",
-               "ideal", "efficiency"],
+    "kernel": ["kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms",
+               "speedup", "ideal", "efficiency"],
     "ffn": ["variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal"],
-    "train": ["variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu", "speedup"],
+    "train": ["variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu",
+              "speedup"],
     "prefill": ["variant", "batch", "seq", "ms", "tokens_per_s", "speedup"],
     "decode": ["variant", "batch", "ms_per_token", "ms_min", "ms_max", "tokens_per_s", "vs_dense"],
     "maxbatch": ["variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit"],
@@ -278,29 +299,34 @@ def print_rows(rows: list[dict], cols: list[str]) -> None:
 
 
 def cmd_bench(argv: list[str]) -> None:
-    """Benchmarks (tables, JSON rows, plots); model benchmarks take a preset plus --model.* overrides."""
+    """Benchmarks (tables, JSON rows, plots); model benchmarks take a preset plus --model.*
+    overrides."""
     from structlm import bench
     from structlm.utils import autocast_dtype, autodetect_device
 
     if not argv or argv[0] not in BENCH_COLUMNS:
-        raise ValueError(f"structlm bench needs one of {list(BENCH_COLUMNS)}, e.g. `structlm bench ffn --quick`")
+        raise ValueError(f"structlm bench needs one of {list(BENCH_COLUMNS)}, "
+                         "e.g. `structlm bench ffn --quick`")
     sub, argv = argv[0], argv[1:]
     p = argparse.ArgumentParser(prog=f"structlm bench {sub}", add_help=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
     p.add_argument("--plot", default=None, help="draw the result to this PNG")
-    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (under a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, few repetitions (under a minute)")
     p.add_argument("--backward", action="store_true", help="kernel/ffn: time forward+backward")
     p.add_argument("--widths", default="768,1024,1536,2048", help="ffn: comma-separated widths")
-    p.add_argument("--tokens", default="1,16,256,4096", help="ffn: token counts; kernel: the first one")
+    p.add_argument("--tokens", default="1,16,256,4096",
+                   help="ffn: token counts; kernel: the first one")
     p.add_argument("--batch", type=int, default=None, help="decode/train/prefill: batch size")
     p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
     p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
     p.add_argument("--gen", type=int, default=32, help="decode/maxbatch: generated tokens")
     p.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
     p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
-    p.add_argument("--calibrate", action="store_true", help="decode: calibrate pre-merge thresholds first")
+    p.add_argument("--calibrate", action="store_true",
+                   help="decode: calibrate pre-merge thresholds first")
     cfg, ns = parse_run_config(f"structlm bench {sub}", argv, p)
     device = autodetect_device(ns.device)
     dtype = autocast_dtype(device, ns.dtype)
@@ -314,16 +340,19 @@ def cmd_bench(argv: list[str]) -> None:
     elif sub == "kernel":
         rows = bench.bench_kernel(device, dtype, ints(ns.tokens)[-1], ns.quick, ns.backward)
     elif sub == "ffn":
-        rows = bench.bench_ffn(device, dtype, ints(ns.widths), ints(ns.tokens), ns.backward, ns.quick)
+        rows = bench.bench_ffn(device, dtype, ints(ns.widths), ints(ns.tokens), ns.backward,
+                               ns.quick)
     elif sub == "train":
         peak = bench.peak_gflops(bench.bench_peak(device, dtype, quick=True))
         rows = bench.bench_train(m, device, dtype, ns.batch or 8, 32 if ns.quick else ns.seq,
                                  2 if ns.quick else ns.reps, peak)
     elif sub == "prefill":
-        rows = bench.bench_prefill(m, device, dtype, ns.batch or 4, 32 if ns.quick else ns.seq, ns.reps)
+        rows = bench.bench_prefill(m, device, dtype, ns.batch or 4, 32 if ns.quick else ns.seq,
+                                   ns.reps)
     elif sub == "decode":
-        rows = bench.bench_decode(m, device, dtype, ns.batch or 1, ns.prompt, 8 if ns.quick else ns.gen,
-                                  2 if ns.quick else ns.reps, ns.calibrate)
+        rows = bench.bench_decode(m, device, dtype, ns.batch or 1, ns.prompt,
+                                  8 if ns.quick else ns.gen, 2 if ns.quick else ns.reps,
+                                  ns.calibrate)
     elif sub == "maxbatch":
         limit = 64 if ns.quick else ns.max_batch
         rows = bench.bench_maxbatch(m, device, dtype, ns.gen, 32 if ns.quick else 256,
@@ -331,7 +360,8 @@ def cmd_bench(argv: list[str]) -> None:
     else:  # crossover
         from structlm.model import GPT
 
-        thresholds, rows = bench.thresholds_for(GPT(m), device, dtype, calibrate=True, progress=True)
+        thresholds, rows = bench.thresholds_for(GPT(m), device, dtype, calibrate=True,
+                                                progress=True)
     print_rows(rows, BENCH_COLUMNS[sub])
     if sub == "crossover":
         for key, t in thresholds.items():
@@ -369,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"structlm: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"structlm: unknown command {cmd!r}; choose one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
         sys.exit(2)
     try:
         COMMANDS[cmd](rest)

@@ -1,15 +1,15 @@
 """Training: `train(cfg) -> Summary`, the paper's recipe (SPEC §6.3) as one readable loop.
 
     for step in range(start, total_steps):
-        lr = lr_at(step, cfg.optim, total_steps)               # linear warm-up, cosine to 0.1 x peak
-        for micro in range(grad_accum):                         # this rank's contiguous slice of the batch
+        lr = lr_at(step, cfg.optim, total_steps)     # linear warm-up, cosine to 0.1 x peak
+        for micro in range(grad_accum):               # this rank's contiguous slice of the batch
             loss = model(x, y) / grad_accum; loss.backward()
         clip_grad_norm_(1.0); optimizer.step()
-        every log_interval: one line + metrics.jsonl row;  every eval_interval: evaluate + checkpoint
+        every log_interval: one line + metrics.jsonl row; every eval_interval: evaluate + checkpoint
 
-Data order is a pure function of (seed, step), so a resumed run, a DDP rank and an uninterrupted run read the
-same rows. Under `torchrun` the model is wrapped in DDP here (gloo on CPU, nccl on CUDA); model.py knows nothing
-of it. Only rank 0 logs and writes.
+Data order is a pure function of (seed, step), so a resumed run, a DDP rank and an uninterrupted run
+read the same rows. Under `torchrun` the model is wrapped in DDP here (gloo on CPU, nccl on CUDA);
+model.py knows nothing of it. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from structlm.utils import autocast, autocast_dtype, autodetect_device, dist_inf
 
 @dataclass
 class Summary:
-    """The result of a run, also written to run_dir/summary.json (the contract with scaling/report)."""
+    """The result of a run, also written to run_dir/summary.json (the contract with
+    scaling/report)."""
 
     out_dir: str
     steps: int
@@ -62,7 +63,8 @@ class Summary:
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up over warmup_frac of the steps to cfg.lr, then cosine to min_lr_ratio * lr (SPEC §6.3)."""
+    """Linear warm-up over warmup_frac of the steps to cfg.lr, then cosine to min_lr_ratio * lr
+    (SPEC §6.3)."""
     warmup = int(cfg.warmup_frac * total_steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -72,7 +74,8 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; decay on every parameter as in the paper, or (decay_all=False) only on >=2-D tensors."""
+    """AdamW; decay on every parameter as in the paper, or (decay_all=False) only on >=2-D
+    tensors."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.decay_all:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
@@ -94,7 +97,8 @@ def drop_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) ->
 
 
 def total_steps(cfg: RunConfig) -> int:
-    """Optimizer steps from the budget: steps, tokens (int(tokens / tokens_per_step)) or training FLOPs."""
+    """Optimizer steps from the budget: steps, tokens (int(tokens / tokens_per_step)) or training
+    FLOPs."""
     t = cfg.train
     per_step = t.batch_size * cfg.seq_len
     if t.max_steps is not None:
@@ -104,21 +108,24 @@ def total_steps(cfg: RunConfig) -> int:
     elif t.max_flops is not None:
         tokens = tokens_for_budget(cfg.model, t.max_flops, cfg.seq_len)
     else:
-        raise ValueError("no training budget: set --train.max_steps, --train.max_tokens or --train.max_flops")
+        raise ValueError("no training budget: set --train.max_steps, --train.max_tokens or "
+                         "--train.max_flops")
     steps = int(tokens // per_step)
     if steps < 1:
-        raise ValueError(f"the budget gives {tokens:.3g} tokens, less than one step of {per_step} tokens")
+        raise ValueError(f"the budget gives {tokens:.3g} tokens, less than one step of "
+                         f"{per_step} tokens")
     return steps
 
 
-# fields that define a run's trajectory: a run directory is resumed only under the same values (the budget,
-# logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
-RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len", "train.dtype",
-                "train.sgt")
+# fields that define a run's trajectory: a run directory is resumed only under the same values (the
+# budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
+RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len",
+                "train.dtype", "train.sgt")
 
 
 def check_run_dir(out: Path, cfg: RunConfig) -> bool:
-    """True if `out` holds this same run (to resume); refuse a directory that holds something else."""
+    """True if `out` holds this same run (to resume); refuse a directory that holds something
+    else."""
     if not out.exists() or not any(out.iterdir()):
         return False
     if not (out / "config.json").exists():
@@ -138,14 +145,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics rows logged after `step` by a run that died before its next checkpoint."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    rows = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     tmp.replace(path)
 
 
 def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
-    """Train (or resume) the run described by cfg; returns its Summary (also written to summary.json)."""
+    """Train (or resume) the run described by cfg; returns its Summary (also written to
+    summary.json)."""
     rank, local_rank, world = dist_info()
     ddp = world > 1
     master = rank == 0
@@ -186,22 +195,27 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     start = state["step"]
     if ckpt is not None:
         if start > steps:
-            raise ValueError(f"{out} is at step {start}, beyond the budget of {steps} steps; raise it")
+            raise ValueError(
+                f"{out} is at step {start}, beyond the budget of {steps} steps; raise it"
+            )
         saved = state.get("sgt_plan")
         if plan.mode != "off" and saved and (saved["base_steps"], saved["guided_steps"]) != (
             plan.base_steps, plan.guided_steps
         ):
             raise ValueError(
-                f"{out} was planned with S={saved['base_steps']}, G={saved['guided_steps']} self-guided "
-                f"steps; this budget gives S={plan.base_steps}, G={plan.guided_steps}. Keep the budget"
+                f"{out} was planned with S={saved['base_steps']}, G={saved['guided_steps']} "
+                f"self-guided steps; this budget gives S={plan.base_steps}, G={plan.guided_steps}. "
+                "Keep the budget"
             )
     if cfg.data.tokenizer is None and cfg.data.vocab_size > cfg.model.vocab_size:
         raise ValueError(
-            f"data.vocab_size={cfg.data.vocab_size} exceeds model.vocab_size={cfg.model.vocab_size}; "
+            f"data.vocab_size={cfg.data.vocab_size} exceeds "
+            f"model.vocab_size={cfg.model.vocab_size}; "
             f"set --model.vocab_size {cfg.data.vocab_size}"
         )
     data_dir = resolve_data_dir(cfg.data)
-    if master and ckpt is None:  # a resumed run uses its prepared data as it is (checked by hash below)
+    # a resumed run uses its prepared data as it is (checked by hash below)
+    if master and ckpt is None:
         prepare(cfg.data, progress=progress)
     if ddp:
         dist.barrier()
@@ -213,8 +227,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
         )
     if ckpt is not None and state.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
         raise checkpoint.CheckpointError(
-            f"checkpoint {ckpt} was trained with a different tokenizer than the data in {data_dir}; "
-            "point --data.data_dir at the run's own data"
+            f"checkpoint {ckpt} was trained with a different tokenizer than the data in "
+            f"{data_dir}; point --data.data_dir at the run's own data"
         )
     train_data = Batches(load_tokens(data_dir, "train"), seq, t.batch_size, t.seed)
     val_tokens = load_tokens(data_dir, "val")
@@ -230,7 +244,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     if ckpt is not None:
         if start >= steps and (out / "summary.json").exists():
             if master:
-                print(f"{out} already finished ({start} steps); use another --train.out_dir for a new run")
+                print(f"{out} already finished ({start} steps); "
+                      "use another --train.out_dir for a new run")
             return Summary(**json.loads((out / "summary.json").read_text()))
         checkpoint.load_weights(model, ckpt)
         optimizer.load_state_dict(state["optimizer"])
@@ -266,11 +281,12 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     if master and start == 0:
         sgt_note = ""
         if plan.guided_steps:
-            sgt_note = (f" | SGT {plan.mode}: {plan.guided_steps} guided steps (ratio {plan.ratio:.3f}), "
-                        f"dense model: {plan.dense_train_flops:.2e} FLOPs")
+            sgt_note = (f" | SGT {plan.mode}: {plan.guided_steps} guided steps (ratio "
+                        f"{plan.ratio:.3f}), dense model: {plan.dense_train_flops:.2e} FLOPs")
         print(
             f"model: {groups['total']:,} params ({groups['ffn']:,} FFN, {cfg.model.ffn.kind}) | "
-            f"{steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step / 1e6:.1f}M tokens | "
+            f"{steps} steps x {tokens_per_step:,} tokens = "
+            f"{steps * tokens_per_step / 1e6:.1f}M tokens | "
             f"{plan.train_flops:.2e} FLOPs{sgt_note} | {device}, {amp or 'fp32'}, world {world}",
             flush=True,
         )
@@ -293,7 +309,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
                      "sgt_plan": asdict(plan), "log_acc": (loss_acc, n_acc)}
             checkpoint.save(out, raw_model, optimizer, cfg, step, state, t.keep_last)
 
-    metrics = open(out / "metrics.jsonl", "a") if master else None
+    # no `with` block: log() appends to it across the whole loop; closed at the end of train()
+    metrics = open(out / "metrics.jsonl", "a") if master else None  # noqa: SIM115
     writer = _tensorboard(out) if master and t.tensorboard else None
     bar = None
     if progress:
@@ -332,11 +349,13 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
             (loss / accum).backward()
             loss_sum += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                               cfg.optim.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if guided and not plan.guided(done):  # alpha is 0 from here: drop the guides and their AdamW state
+        # alpha is 0 from here: drop the guides and their AdamW state
+        if guided and not plan.guided(done):
             drop_params(optimizer, unwrap_guided(raw_model))
             guided = False
             model = wrap(raw_model)
@@ -348,21 +367,24 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
         if not math.isfinite(loss_acc):
             last = checkpoint.find_latest(out)
             raise FloatingPointError(
-                f"loss became {loss_acc / n_acc} at step {step}; stopping. The last good checkpoint is "
-                f"{last or 'none'}; lower --optim.lr or use --train.dtype fp32 and resume"
+                f"loss became {loss_acc / n_acc} at step {step}; stopping. The last good "
+                f"checkpoint is {last or 'none'}; lower --optim.lr or use --train.dtype fp32 and "
+                "resume"
             )
         if done % t.log_interval == 0 or done == steps:
             train_loss = loss_acc / n_acc
             dt = time.time() - t_log
             tok_s = n_acc * tokens_per_step / dt
             if master:
-                log({"step": done, "split": "train", "loss": train_loss, "lr": lr, "gnorm": gnorm.item(),
-                     "tokens": done * tokens_per_step, "tok_per_s": tok_s, "ms_per_step": 1e3 * dt / n_acc})
+                log({"step": done, "split": "train", "loss": train_loss, "lr": lr,
+                     "gnorm": gnorm.item(), "tokens": done * tokens_per_step, "tok_per_s": tok_s,
+                     "ms_per_step": 1e3 * dt / n_acc})
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
                 else:
                     print(f"step {done:>6}/{steps} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm "
-                          f"{gnorm.item():.2f} | {1e3 * dt / n_acc:.1f} ms | {tok_s:,.0f} tok/s", flush=True)
+                          f"{gnorm.item():.2f} | {1e3 * dt / n_acc:.1f} ms | {tok_s:,.0f} tok/s",
+                          flush=True)
             loss_acc, n_acc, t_log = 0.0, 0, time.time()
         if bar is not None:
             bar.update(1)
@@ -373,7 +395,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             if master:
                 log({"step": done, "split": "val", "loss": val_loss, "ppl": math.exp(val_loss),
                      "tokens": done * tokens_per_step})
-                msg = f"step {done:>6}/{steps} | val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f}"
+                msg = (f"step {done:>6}/{steps} | val loss {val_loss:.4f} | "
+                       f"ppl {math.exp(val_loss):.2f}")
                 (bar.write if bar is not None else print)(msg)
         if (t.ckpt_interval and done % t.ckpt_interval == 0) or (not t.ckpt_interval and is_eval):
             save(done)
@@ -395,8 +418,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
         final_val_loss=final_val, final_val_ppl=math.exp(final_val), best_val_loss=best_val,
         final_train_loss=train_loss, wall_time_s=wall, sgt=asdict(plan),
         tokens_per_s=(steps - start) * tokens_per_step / max(wall, 1e-9), device=str(device),
-        dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__, world_size=world,
-        config=to_dict(cfg),
+        dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__,
+        world_size=world, config=to_dict(cfg),
     )
     if master:
         (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
@@ -412,7 +435,9 @@ def _tensorboard(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ImportError("--train.tensorboard needs TensorBoard: pip install 'structlm[tensorboard]'") from None
+        raise ImportError(
+            "--train.tensorboard needs TensorBoard: pip install 'structlm[tensorboard]'"
+        ) from None
     return SummaryWriter(str(out / "tb"))
 
 
