@@ -5,6 +5,9 @@
     structlm train    [--preset P] [--config F] [--resume DIR] [--model.* --data.* --optim.* --train.* ...]
     structlm eval     RUN_DIR [--data DIR | --text FILE]
     structlm generate RUN_DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P]
+    structlm sweep    [FILE.toml] [--sizes 2x128 4x256 --structures dense lowrank:0.32 --tokens_per_param R] [--dry-run]
+    structlm scaling  RUNS... [--x train_flops|params] [--json F] [--plot F.png]
+    structlm report   RUNS... [--decode_batch B] [--md F.md] [--csv F.csv]
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -381,6 +384,88 @@ def cmd_bench(argv: list[str]) -> None:
         print(f"plot: {ns.plot}")
 
 
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def cmd_sweep(argv: list[str]) -> None:
+    """Plan and run a grid of runs (sizes x structures x SGT) under one token-budget rule."""
+    from structlm.sweep import SweepConfig, load_sweep, run_sweep
+
+    p = argparse.ArgumentParser(
+        prog="structlm sweep",
+        description="Train a grid of runs; finished runs are skipped, interrupted ones resumed. "
+        "Flags override the sweep file's keys.",
+    )
+    p.add_argument("file", nargs="?", help="a TOML sweep file (keys as the flags below)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
+    p.add_argument("--out_dir", help="directory of the run directories (default runs/sweep)")
+    p.add_argument("--preset", help=f"base preset, one of {sorted(PRESETS)} (default small)")
+    p.add_argument("--config", help="a config.json as the base instead of a preset")
+    p.add_argument("--set", nargs="+", metavar="PATH=VALUE",
+                   help="overrides of every run, e.g. train.batch_size=64 optim.lr=1e-3")
+    p.add_argument("--sizes", nargs="+", metavar="LxD", help="model sizes, e.g. 2x128 4x256h4")
+    p.add_argument("--structures", nargs="+", metavar="KIND:FRAC",
+                   help="e.g. dense lowrank:0.63 lowrank:0.32 blockdense:0.32 blockshuffle:0.32")
+    p.add_argument("--sgt", nargs="+", type=_bool, help="self-guided training: false true")
+    p.add_argument("--tokens_per_param", type=float, help="budget: tokens = R x params")
+    p.add_argument("--param_group", help="params counted by --tokens_per_param (default total)")
+    p.add_argument("--budget_from", choices=("dense", "self"),
+                   help="tokens_per_param of the size's dense model (default) or each run's own")
+    p.add_argument("--flops", type=float, help="budget: the same training FLOPs for every run")
+    p.add_argument("--tokens", type=float, help="budget: the same tokens for every run")
+    p.add_argument("--evals", type=int, help="periodic validations per run (default 4)")
+    ns = p.parse_args(argv)
+    flags = {k: v for k, v in vars(ns).items() if k not in ("file", "dry_run") and v is not None}
+    for k in ("set", "sizes", "structures", "sgt"):
+        if k in flags:
+            flags[k] = tuple(flags[k])
+    cfg = load_sweep(ns.file, **flags) if ns.file else SweepConfig(**flags)
+    run_sweep(cfg, dry_run=ns.dry_run)
+
+
+def cmd_scaling(argv: list[str]) -> None:
+    """Fit loss-vs-FLOPs (or params) scaling laws per family of finished runs (bootstrap CIs)."""
+    from structlm.scaling import FORMS, X_KEYS, report
+
+    p = argparse.ArgumentParser(
+        prog="structlm scaling",
+        description="Fit L = A*C^-b and L = E + A*C^-b per family (dense, lowrank-32%, ...) to "
+        "the runs' final validation losses; compare the exponents; plot.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
+    p.add_argument("--x", default="train_flops", choices=X_KEYS, help="the size axis")
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the fits here")
+    p.add_argument("--plot", default=None, help="draw loss vs x with the fits (PNG)")
+    ns = p.parse_args(argv)
+    report(ns.runs, x=ns.x, forms=ns.forms, n_boot=ns.bootstrap, seed=ns.seed,
+           json_path=ns.json, png=ns.plot)
+
+
+def cmd_report(argv: list[str]) -> None:
+    """The paper's Table 1 / 2 layout (params, FFN params, tokens, FLOPs, PPL, decode tokens/s)."""
+    from structlm.report import report
+
+    p = argparse.ArgumentParser(prog="structlm report",
+                                description="Tabulate finished runs as Markdown and CSV.")
+    p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
+    p.add_argument("--decode_batch", type=int, default=None,
+                   help="also measure decode tokens/s at this batch (e.g. 256)")
+    p.add_argument("--gen", type=int, default=256,
+                   help="KV-cache position of the timed decode step (capped at block_size)")
+    p.add_argument("--md", default=None, help="write the Markdown table here")
+    p.add_argument("--csv", default=None, help="write the CSV here")
+    ns = p.parse_args(argv)
+    report(ns.runs, decode_batch=ns.decode_batch, gen=ns.gen, md=ns.md, csv_path=ns.csv)
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -388,6 +473,9 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "generate": cmd_generate,
     "bench": cmd_bench,
     "info": cmd_info,
+    "sweep": cmd_sweep,
+    "scaling": cmd_scaling,
+    "report": cmd_report,
 }
 
 

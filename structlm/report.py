@@ -1,0 +1,155 @@
+"""The paper's Table 1 / Table 2 layout for any set of finished runs, as Markdown and CSV.
+
+    structlm report runs/cpu-study/scaling --decode_batch 256 --md table.md --csv table.csv
+
+Columns: run, family, model size (the paper's: matrices + tied embedding), FFN size (FFN
+matrices), all parameters, tokens, training FLOPs, training time, validation perplexity and, with
+--decode_batch, decode throughput: tokens/s of one decode step of a batch at the last position
+of a `gen`-token KV cache (the paper's "max throughput, generation 256" measured at a given batch;
+on a CPU memory does not bound the batch, so the batch is a choice and is printed). Throughput
+depends only on the architecture, so it is measured on freshly initialised models of each run's
+config, all timed interleaved in one process so their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from structlm.config import ModelConfig, from_dict
+from structlm.scaling import collect
+
+COLUMNS = [  # (key, header)
+    ("run", "run"), ("family", "family"), ("matrix_params", "model size (M)"),
+    ("ffn_matrix_params", "FFN size (M)"), ("params", "all params (M)"), ("tokens", "tokens (M)"),
+    ("train_flops", "training FLOPs"), ("hours", "time (h)"), ("val_ppl", "val PPL"),
+    ("decode_tokens_per_s", "decode tokens/s"),
+]
+
+
+def report_rows(paths: list[str]) -> list[dict]:
+    """One row per finished run (summary.json), with the Table 1 / 2 quantities."""
+    rows = []
+    for r in collect(paths):
+        s = json.loads(Path(r["summary_file"]).read_text())
+        g = s["param_groups"]
+        rows.append({
+            "run": r["run"], "family": r["family"], "matrix_params": g["matrix"],
+            "ffn_matrix_params": g["ffn_matrix"], "params": g["total"], "tokens": s["tokens"],
+            "train_flops": s["train_flops"], "hours": s["wall_time_s"] / 3600,
+            "val_ppl": s["final_val_ppl"], "val_loss": s["final_val_loss"],
+            "model": s["config"]["model"], "run_dir": r["run_dir"],
+        })
+    rows.sort(key=lambda r: (r["family"] != "dense", r["family"], r["train_flops"]))
+    return rows
+
+
+def _decode_step(cfg: ModelConfig, batch: int, gen: int, device: torch.device, dtype):
+    """A closure running one decode step of `batch` sequences at position gen-1 of a full cache."""
+    from structlm.model import GPT
+    from structlm.utils import autocast
+
+    model = GPT(cfg).to(device).eval()
+    cache = model.make_cache(gen)
+    kv_dtype = dtype or torch.float32
+    for layer in range(cfg.n_layer):
+        shape = (batch, cfg.kv_heads, gen, cfg.head_dim)
+        cache.k[layer] = torch.zeros(shape, device=device, dtype=kv_dtype)
+        cache.v[layer] = torch.zeros(shape, device=device, dtype=kv_dtype)
+    idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def step() -> None:
+        cache.length = gen - 1
+        with autocast(device, dtype):
+            model.lm_head(model.hidden(idx, cache)[:, -1])
+
+    return step
+
+
+def measure_decode(
+    rows: list[dict], batch: int, gen: int = 256, reps: int = 7, device: str = "auto",
+    dtype: str = "auto",
+) -> None:
+    """Fill rows' decode_tokens_per_s (median of `reps` interleaved repetitions) in place."""
+    from structlm.bench import time_interleaved
+    from structlm.utils import autocast_dtype, autodetect_device
+
+    dev = autodetect_device(device)
+    amp = autocast_dtype(dev, dtype)
+    fns = {}
+    for r in rows:
+        cfg = from_dict(ModelConfig, r["model"])
+        fns[r["run"]] = _decode_step(cfg, batch, min(gen, cfg.block_size), dev, amp)
+    times = time_interleaved(fns, dev, reps=reps, min_time=0.05)
+    for r in rows:
+        r["decode_tokens_per_s"] = batch / statistics.median(times[r["run"]])
+        r["decode_batch"], r["decode_gen"] = batch, min(gen, r["model"]["block_size"])
+        r["decode_dtype"] = str(amp or torch.float32).replace("torch.", "")
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key.endswith("params") or key == "tokens":
+        return f"{v / 1e6:.2f}"
+    if key == "train_flops":
+        return f"{v:.3e}"
+    if key == "hours":
+        return f"{v:.3f}"
+    if key == "val_ppl":
+        return f"{v:.2f}"
+    if key == "decode_tokens_per_s":
+        return f"{v:,.0f}"
+    return str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if k != "decode_tokens_per_s"
+            or any("decode_tokens_per_s" in r for r in rows)]
+    best = min((r["val_ppl"] for r in rows), default=None)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [_cell(k, r.get(k)) for k, _ in cols]
+        if r["val_ppl"] == best:  # the best perplexity in bold, as the paper's tables
+            i = [k for k, _ in cols].index("val_ppl")
+            cells[i] = f"**{cells[i]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows and "decode_batch" in rows[0]:
+        r = rows[0]
+        lines.append(f"\ndecode tokens/s: one decode step of batch {r['decode_batch']} at position "
+                     f"{r['decode_gen']}, {r['decode_dtype']}, median of interleaved repetitions")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    keys = [k for k, _ in COLUMNS] + ["val_loss", "decode_batch", "decode_gen", "run_dir"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k) for k in keys})
+    return buf.getvalue()
+
+
+def report(
+    paths: list[str], *, decode_batch: int | None = None, gen: int = 256,
+    md: str | None = None, csv_path: str | None = None,
+) -> list[dict]:
+    """Print the Markdown table of the runs under `paths`; write it (and a CSV) if asked."""
+    rows = report_rows(paths)
+    if decode_batch:
+        measure_decode(rows, decode_batch, gen)
+    text = to_markdown(rows)
+    print(text)
+    for path, body in ((md, text), (csv_path, to_csv(rows) if csv_path else "")):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(body)
+            print(f"wrote {path}")
+    return rows
