@@ -135,12 +135,27 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation
     text_field: str = "text"  # the JSONL field that holds the text
     seed: int = 1005  # seed of the document-level train/val split
+    # characters the BPE is trained on: the same leading share of every train document, adding up
+    # to about this many; None = all the train text (bounds prepare's time on big corpora)
+    tokenizer_chars: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 256 + 1:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be > 256 (byte-level BPE)")
+        if self.tokenizer_chars is not None:
+            if self.tokenizer_chars < 1000:
+                raise ValueError(
+                    f"data.tokenizer_chars={self.tokenizer_chars} is too small to train a BPE on; "
+                    "give at least 1000 characters (10_000_000 suits corpora of 100M+), or None "
+                    "for all the train text"
+                )
+            if self.tokenizer:
+                raise ValueError(
+                    "data.tokenizer_chars limits the text a new BPE is trained on, but "
+                    f"data.tokenizer={self.tokenizer!r} is used as given; leave one of them unset"
+                )
 
 
 @dataclass

@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -54,6 +55,7 @@ _CHUNK = 1 << 16  # characters per read and per encode call: bounds memory for o
 _BATCH = 1 << 19  # characters per encode_batch call (its chunks are encoded in parallel)
 _PARTS = 100  # a corpus of one document is cut into this many parts before the train/val split
 _CUT = re.compile(r"\S\n(?=\n?\S)|\S(?= \S)")  # the GPT-2 pre-tokenizer splits here anyway
+_TICK = 10.0  # seconds between the plain progress lines of a long phase (no progress bar)
 
 
 # --- where prepared data lives --------------------------------------------------------------------
@@ -213,9 +215,14 @@ def _chunks(blocks: Iterable[str], size: int) -> Iterator[str]:
         yield buf
 
 
-def _scan(docs: Iterator[Iterable[str]]) -> tuple[list[int], list[int]]:
-    """Stream positions and character counts of the documents holding more than whitespace."""
-    idx, chars = [], []
+def _scan(docs: Iterator[Iterable[str]], ticker: _Ticker | None = None) -> tuple[array, array]:
+    """Stream positions and character counts of the documents holding more than whitespace.
+
+    Reads block by block and keeps 16 bytes per document, so memory is bounded by the number of
+    documents, never by their size.
+    """
+    idx, chars = array("q"), array("q")
+    total = 0
     for i, doc in enumerate(docs):
         n, has_text = 0, False
         for block in doc:
@@ -224,7 +231,31 @@ def _scan(docs: Iterator[Iterable[str]]) -> tuple[list[int], list[int]]:
         if has_text:
             idx.append(i)
             chars.append(n)
+            total += n
+        if ticker:
+            ticker.update(1, lambda i=i, c=total: f"{i + 1:,} documents, {c / 1e6:.1f}M characters")
     return idx, chars
+
+
+class _Ticker:
+    """Plain progress lines ("<what>: 40% (<detail>, 12 s)") every _TICK seconds of a long phase.
+
+    For logs and pipes, where a progress bar is off; prints nothing while `enabled` is False and
+    nothing for phases shorter than _TICK seconds. Without a total the line has no percentage.
+    """
+
+    def __init__(self, what: str, total: int | None, enabled: bool) -> None:
+        self.what, self.total, self.enabled = what, total, enabled
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int, detail: Callable[[], str] | None = None) -> None:
+        self.done += n
+        if self.enabled and (now := time.monotonic()) - self.last >= _TICK:
+            self.last = now
+            parts = [f"{100 * self.done / max(self.total, 1):.0f}%"] if self.total else []
+            parts += [detail()] if detail else []
+            print(f"{self.what}: {', '.join(parts + [f'{now - self.t0:.0f} s'])}", flush=True)
 
 
 # --- prepare --------------------------------------------------------------------------------------
@@ -245,7 +276,8 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     # Read everything once before writing anything: empty corpora and bad JSONL lines fail here.
     docs: Callable[[], Iterator[Iterable[str]]]
     docs = functools.partial(_documents, files, builtin, cfg.text_field)
-    idx, chars = _scan(docs())
+    print(f"prepare: reading {len(files)} file(s) of {cfg.source}", flush=True)
+    idx, chars = _scan(docs(), _Ticker("prepare: reading", None, not progress))
     if not idx:
         raise ValueError(
             f"the corpus {cfg.source!r} holds no text ({len(files)} file(s), all empty or "
@@ -260,8 +292,15 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
                 "and val; add more text (or more documents)"
             )
     n_val = min(len(idx) - 1, max(1, round(len(idx) * cfg.val_fraction)))
-    val = set(np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val].tolist())
-    split_of = {i: "val" if k in val else "train" for k, i in enumerate(idx)}
+    is_val = np.zeros(len(idx), dtype=bool)  # per non-empty document, in stream order
+    is_val[np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val]] = True
+    split_of = _Splits(np.asarray(idx, dtype=np.int64), is_val)
+    n_chars = sum(chars)
+    print(
+        f"prepare: {len(idx):,} documents, {n_chars / 1e6:.1f}M characters "
+        f"({time.time() - t0:.1f} s); {n_val:,} held out for val",
+        flush=True,
+    )
     tok = load_tokenizer(tok_path) if tok_path else None
     if tok is not None and eot_id(tok) is None:
         raise ValueError(
@@ -276,16 +315,29 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
     try:
         if tok is None:
-            train_docs = (d for i, d in enumerate(docs()) if split_of.get(i) == "train")
-            train_text = (c for d in train_docs for c in _chunks(d, _CHUNK))
+            train_chars = sum(c for c, v in zip(chars, is_val.tolist(), strict=True) if not v)
+            share = min(1.0, (cfg.tokenizer_chars or train_chars) / train_chars)
+            sample = f"{share:.1%} of " if share < 1 else ""
+            print(
+                f"prepare: training a byte-level BPE (vocab {cfg.vocab_size:,}) on {sample}the "
+                f"{train_chars / 1e6:.1f}M train characters",
+                flush=True,
+            )
+            t1 = time.time()
+            fed = _Ticker("prepare: BPE input", math.ceil(share * train_chars), not progress)
+            train_text = _bpe_texts(docs(), split_of, chars, share, fed)
             tok = _train_bpe(train_text, cfg.vocab_size, progress)
             tok.save(str(tmp / "tokenizer.json"))
+            print(f"prepare: BPE trained ({time.time() - t1:.1f} s)", flush=True)
         else:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
         vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
         eot = eot_id(tok)
         dtype = token_dtype(vocab)
-        counts = _write_splits(docs(), split_of, tok, eot, dtype, tmp, sum(chars), progress)
+        print(f"prepare: tokenizing {n_chars / 1e6:.1f}M characters", flush=True)
+        t1 = time.time()
+        counts = _write_splits(docs(), split_of, tok, eot, dtype, tmp, n_chars, progress)
+        print(f"prepare: tokenized ({time.time() - t1:.1f} s)", flush=True)
         meta = {
             "version": META_VERSION, "vocab_size": vocab, "dtype": dtype.name,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
@@ -294,6 +346,8 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
             "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
             "val_fraction": cfg.val_fraction, "eot_id": eot, "fingerprint": fingerprint,
         }
+        if cfg.tokenizer_chars is not None:
+            meta["tokenizer_chars"] = cfg.tokenizer_chars
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
             f.flush()
@@ -327,6 +381,8 @@ def _fingerprint(cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Pa
         "tokenizer_sha256": file_sha256(tok_path) if tok_path else None,
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "text_field": cfg.text_field,
     }
+    if cfg.tokenizer_chars is not None:  # only when set: default fingerprints stay as they were
+        key["tokenizer_chars"] = cfg.tokenizer_chars
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -367,6 +423,50 @@ def _parts(
     return stream
 
 
+class _Splits:
+    """The split of each document by stream position: "train", "val" or None (empty document).
+
+    Two arrays rather than a dict: 9 bytes per document, for corpora of millions of documents.
+    """
+
+    def __init__(self, idx: np.ndarray, is_val: np.ndarray) -> None:
+        self.idx, self.is_val = idx, is_val  # sorted stream positions of the non-empty documents
+
+    def get(self, i: int) -> str | None:
+        k = int(np.searchsorted(self.idx, i))
+        if k == len(self.idx) or self.idx[k] != i:
+            return None
+        return "val" if self.is_val[k] else "train"
+
+
+def _bpe_texts(
+    docs: Iterator[Iterable[str]], split_of: _Splits, chars: array, share: float, ticker: _Ticker
+) -> Iterator[str]:
+    """The text the BPE is trained on: the train documents, or the leading `share` of each.
+
+    `chars` holds the character counts of the non-empty documents (in stream order). A document's
+    share ends where the pre-tokenizer splits anyway (as in `_chunks`), so no word is cut; every
+    train document contributes, in stream order, and the sample depends on nothing else.
+    """
+    k = 0  # index of the next non-empty document
+    for i, doc in enumerate(docs):
+        split = split_of.get(i)
+        if split is None:
+            continue
+        k += 1
+        if split != "train":
+            continue
+        left = math.ceil(share * chars[k - 1]) if share < 1 else math.inf
+        for chunk in _chunks(doc, _CHUNK):
+            if len(chunk) >= left:
+                chunk = next(_chunks([chunk], int(left)))
+            ticker.update(len(chunk))
+            yield chunk
+            left -= len(chunk)
+            if left <= 0:
+                break
+
+
 def _train_bpe(texts: Iterator[str], vocab_size: int, progress: bool) -> Tokenizer:
     """A GPT-2-style byte-level BPE with <|endoftext|> (id 0); deterministic for the same texts."""
     tok = Tokenizer(models.BPE())
@@ -385,7 +485,7 @@ def eot_id(tok: Tokenizer) -> int | None:
 
 
 def _write_splits(
-    docs: Iterator[Iterable[str]], split_of: dict[int, str], tok: Tokenizer, eot: int,
+    docs: Iterator[Iterable[str]], split_of: _Splits, tok: Tokenizer, eot: int,
     dtype: np.dtype, out: Path, total_chars: int, progress: bool,
 ) -> dict[str, int]:
     """Encode the documents in batches and append their ids (+ eot each) to out/{train,val}.bin."""
@@ -397,6 +497,7 @@ def _write_splits(
     bar = tqdm(
         total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress
     )
+    ticker = _Ticker("prepare: tokenizing", total_chars, not progress)
 
     def flush() -> None:
         encs = iter(encode([t for _, t in batch if t is not None], add_special_tokens=False))
@@ -408,7 +509,9 @@ def _write_splits(
                 a = np.concatenate(arrays)
                 a.tofile(files[split])
                 counts[split] += a.size
-        bar.update(sum(len(t) for _, t in batch if t is not None))
+        done = sum(len(t) for _, t in batch if t is not None)
+        bar.update(done)
+        ticker.update(done, lambda: f"{sum(counts.values()) / 1e6:.1f}M tokens")
         batch.clear()
 
     try:

@@ -388,3 +388,95 @@ def test_prepare_progress_bar_does_not_break(corpus, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "tokenizing" in captured.err and "prepared" in captured.out
     assert os.path.isfile(tmp_path / "out" / "meta.json")
+
+
+# --- large corpora: tokenizer sample, progress lines, bounded memory ------------------------------
+
+
+def test_tokenizer_chars_trains_on_a_deterministic_prefix_of_every_train_document(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    texts = [doc_text(i, 40) for i in range(12)]
+    for i, t in enumerate(texts):
+        (src / f"d{i:02}.txt").write_text(t)
+    cfg = cfg_for(src, tmp_path / "a", tokenizer_chars=4000)
+    a = prepare(cfg, progress=False)
+    b = prepare(cfg_for(src, tmp_path / "b", tokenizer_chars=4000), progress=False)
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    meta = check_prepared(a, n_docs=12)
+    assert meta["tokenizer_chars"] == 4000
+    full = prepare(cfg_for(src, tmp_path / "full"), progress=False)
+    assert meta["fingerprint"] != load_meta(full)["fingerprint"]
+    assert "tokenizer_chars" not in load_meta(full)  # the default leaves meta.json as it was
+    with pytest.raises(FileExistsError, match="something else"):  # another sample: not reused
+        prepare(cfg_for(src, a, tokenizer_chars=5000), progress=False)
+
+    # The sample itself: the leading share of each train document, cut between words.
+    files, _ = data._source_files(str(src))
+    docs = data._documents(files, False, "text")
+    idx, chars = data._scan(data._documents(files, False, "text"))
+    is_val = np.zeros(len(idx), dtype=bool)
+    is_val[[1, 5, 8]] = True
+    splits = data._Splits(np.asarray(idx), is_val)
+    ticker = data._Ticker("x", None, enabled=False)
+    pieces = list(data._bpe_texts(docs, splits, chars, 0.25, ticker))
+    train = [t for t, v in zip(texts, is_val, strict=True) if not v]
+    assert len(pieces) == len(train)  # one piece per train document (each is < one chunk)
+    for piece, text in zip(pieces, train, strict=True):
+        assert text.startswith(piece) and 0.25 * len(text) <= len(piece) < 0.25 * len(text) + 80
+        assert text[len(piece)] in " \n" and not piece[-1].isspace()  # no word is cut
+    assert 0.25 * sum(map(len, train)) <= ticker.done < 0.26 * sum(map(len, train))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"tokenizer_chars": 999}, r"data.tokenizer_chars=999 .*at least 1000"),
+        ({"tokenizer_chars": 0}, r"data.tokenizer_chars=0 "),
+        ({"tokenizer_chars": 10_000, "tokenizer": "t.json"}, "leave one of them unset"),
+    ],
+)
+def test_tokenizer_chars_bad_values_name_the_field_and_fix(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kw)
+
+
+def test_prepare_prints_plain_progress_lines_without_a_tty(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "_TICK", 0.0)  # a line at every update
+    prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+    out = capsys.readouterr().out
+    for phase in ("reading 6 file(s)", "6 documents", "training a byte-level BPE", "BPE trained",
+                  "tokenizing 0.0M characters", "tokenized"):
+        assert f"prepare: {phase}" in out, phase
+    assert "\nprepared " in out
+    assert "prepare: tokenizing: 100%" in out and "prepare: BPE input: 100%" in out
+
+
+def _prepare_peak(tmp_path, name: str, doc_chars: int) -> int:
+    """Peak Python heap (bytes) of preparing 8 documents of about doc_chars characters each."""
+    import tracemalloc
+
+    src = tmp_path / name
+    src.mkdir()
+    for i in range(8):
+        (src / f"d{i}.txt").write_text((doc_text(i, 40) * (doc_chars // 2000 + 1))[:doc_chars])
+    cfg = cfg_for(src, tmp_path / f"{name}-out", tokenizer_chars=20_000)
+    tracemalloc.start()
+    try:
+        prepare(cfg, progress=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_prepare_memory_does_not_grow_with_corpus_size(tmp_path, monkeypatch):
+    """Reading, sampling and encoding stream: 4x the text, about the same peak heap."""
+    monkeypatch.setattr(data, "_CHUNK", 1 << 12)  # small reads and batches, so that a
+    monkeypatch.setattr(data, "_BATCH", 1 << 15)  # corpus of a few MB spans many of them
+    _prepare_peak(tmp_path, "warm-up", 20_000)  # one-time allocations (caches, lazy imports)
+    small = _prepare_peak(tmp_path, "small", 100_000)  # 0.8 MB of text
+    big = _prepare_peak(tmp_path, "big", 400_000)  # 3.2 MB
+    # Both peaks are ~1.1 MB (mostly file_sha256's 1 MiB read buffer) and differ by ~10 kB;
+    # keeping the text (or its ids) anywhere would add >= 2.4 MB.
+    assert big - small < 400_000, (small, big)
