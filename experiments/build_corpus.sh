@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Build a larger offline corpus (41 MB of English text, 12.2M tokens at vocab 8192) from Debian's
-# documentation packages plus the built-in Shakespeare plays; see docs/corpus.md.
+# Build a larger offline corpus (84 MB of English text, about 25M tokens at vocab 8192) from ten of
+# Debian's documentation packages plus the built-in Shakespeare plays; see docs/corpus.md.
 #
-#   experiments/build_corpus.sh [OUT_DIR]        # default data/corpus-debian
-#   structlm prepare --data.source data/corpus-debian --data.vocab_size 8192 \
-#       --data.data_dir data/debian-bpe8192
+#   experiments/build_corpus.sh [OUT_DIR]        # default data/corpus-debian-xl
+#   structlm prepare --data.source data/corpus-debian-xl --data.vocab_size 8192 \
+#       --data.data_dir data/debian-xl-bpe8192
 #
-# Environment: PACKAGES (default "linux-doc-6.1 python3.11-doc"), WORK (downloads and unpacked
-# packages, default OUT_DIR.work). Needs apt-get, dpkg-deb and the installed structlm (for the
+# Environment: PACKAGES (default: the ten below; the earlier 41 MB corpus is
+# PACKAGES="linux-doc-6.1 python3.11-doc"), WORK (downloads and unpacked packages, default
+# OUT_DIR.work). Needs apt-get, dpkg-deb and the installed structlm (for the
 # plays). One document per output file:
 #   linux-doc-*     Documentation/**/*.rst|txt(.gz), decompressed; translations/ left out (not
 #                   English); the package's html/ tree is a rendering of the same reST, left out
 #   python3*-doc    every HTML page converted to text by experiments/html_to_text.py, except the
 #                   indexes, search page and table of contents; _sources/ (the same pages as reST)
-#                   left out
+#                   left out (python-django-doc: the same)
+#   perl-doc, postgresql-doc-*, sqlite3-doc, vim-doc, git-doc, apache2-doc, debian-reference-*:
+#                   one source format each (no page twice); see the comments in the case below
 #   other packages  *.rst|txt|md(.gz) under usr/share (not man/, locale/, Sphinx _sources/,
 #                   changelogs, copyright files) and its HTML pages converted; check the result
 #                   for duplicates (the same text as HTML and as source) before using it
@@ -25,10 +28,11 @@
 # at the end, so an interrupted run leaves no half-built OUT_DIR.
 set -euo pipefail
 
-OUT=${1:-data/corpus-debian}
+OUT=${1:-data/corpus-debian-xl}
 OUT=${OUT%/}
 WORK=${WORK:-$OUT.work}
-PACKAGES=${PACKAGES:-linux-doc-6.1 python3.11-doc}
+PACKAGES=${PACKAGES:-linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 sqlite3-doc vim-doc \
+python-django-doc git-doc apache2-doc debian-reference-en}
 MARK=.build_corpus  # hidden: structlm skips dot-files, so it is not part of the corpus
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -139,7 +143,58 @@ for entry in "${got[@]}"; do
       copy_text "$root/usr/share/doc/$pkg/Documentation" "$STAGE/$pkg" "${text_names[@]}" \
         -not -path '*/translations/*'
       ;;
-    python3*-doc)
+    perl-doc)
+      # pod/*.pod, the core manual (perlfunc, perlop, perlre, the FAQs, the perl*delta release
+      # notes), copied as they are (POD reads as plain text) and renamed .txt, which prepare reads.
+      # man/man1 is the same pages rendered to troff; man/man3 (the core modules' API pages) exists
+      # only as troff: both left out, and so is perldelta.pod, a copy of the newest perl5*delta.pod.
+      n=0
+      for f in "$root"/usr/share/perl/*/pod/*.pod; do
+        [[ -f $f && $(basename "$f") != perldelta.pod ]] || continue
+        mkdir -p "$STAGE/$pkg"
+        cp "$f" "$STAGE/$pkg/$(basename "$f" .pod).txt"
+        n=$((n + 1))
+      done
+      say "copied $n POD file(s) from $root/usr/share/perl"
+      ;;
+    postgresql-doc-*)
+      # html/ is the only rendering of the manual (DocBook, no role="main"): every page converted,
+      # without the Prev/Up/Next navigation bars. tutorial/ (example SQL and C files) left out.
+      python "$HERE/html_to_text.py" "$root/usr/share/doc/$pkg/html" "$STAGE/$pkg" \
+        --drop-class navheader --drop-class navfooter
+      ;;
+    sqlite3-doc)
+      # The sqlite.org pages (HTML only), without the site menus, tagline and per-page tables of
+      # contents. Left out: syntax/ (one page per railroad diagram, no prose), and fileformat.html
+      # and releaselog/current.html (copies of fileformat2.html and of the newest release's log).
+      python "$HERE/html_to_text.py" "$root/usr/share/doc/sqlite3" "$STAGE/$pkg" \
+        --exclude 'syntax/*' --exclude fileformat.html --exclude releaselog/current.html \
+        --drop-class menu --drop-class searchmenu --drop-class tagline --drop-class fancy_toc
+      ;;
+    vim-doc)
+      # html/*.html: Vim's help files (user manual and reference), which this package ships only as
+      # HTML (<pre> text, so the conversion gives back the help text). tags.html (an index of
+      # every help tag) left out.
+      python "$HERE/html_to_text.py" "$root/usr/share/doc/vim/html" "$STAGE/$pkg" \
+        --exclude tags.html
+      ;;
+    git-doc)
+      # *.txt (with howto/ and technical/): the AsciiDoc sources of the manual pages, user manual
+      # and design notes. The *.html files are renderings of the same sources: left out.
+      copy_text "$root/usr/share/doc/$pkg" "$STAGE/$pkg" -name '*.txt'
+      ;;
+    apache2-doc)
+      # manual/en/**/*.html, the English manual (HTML only). The other language directories (da,
+      # de, es, fr, ja, ko, pt-br, ru, tr, zh-cn) hold translations: left out.
+      python "$HERE/html_to_text.py" "$root/usr/share/doc/$pkg/manual/en" "$STAGE/$pkg"
+      ;;
+    debian-reference-*)
+      # debian-reference.LANG.txt.gz, the whole book as one plain-text document. The *.html
+      # chapters and the PDF render the same text: left out.
+      copy_text "$root/usr/share/debian-reference" "$STAGE/$pkg" -name '*.txt.gz'
+      ;;
+    python3*-doc|python-django-doc)
+      # Sphinx HTML; see the header.
       html=$(find "$root/usr/share/doc" -maxdepth 2 -type d -name html | head -n 1)
       [[ -n $html ]] || { say "$pkg holds no html/ directory; skipping it"; continue; }
       say "converting the HTML pages of $html"
@@ -190,7 +245,7 @@ if [[ -d $OUT ]]; then rmdir "$OUT"; fi  # empty (checked above)
 mkdir -p "$(dirname "$OUT")"
 mv -T "$STAGE" "$OUT"
 for d in "$OUT"/*/; do
-  printf '[build_corpus]   %-16s %6d files %8.1f MB\n' "$(basename "$d")" \
+  printf '[build_corpus]   %-20s %6d files %8.1f MB\n' "$(basename "$d")" \
     "$(find "$d" -type f | wc -l)" \
     "$(find "$d" -type f -printf '%s\n' | awk '{s += $1} END {print s / 1e6}')"
 done

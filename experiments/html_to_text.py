@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """HTML pages as plain-text documents, with only the standard library (for build_corpus.sh).
 
-    python experiments/html_to_text.py SRC_DIR OUT_DIR [--exclude GLOB ...]
+    python experiments/html_to_text.py SRC_DIR OUT_DIR [--exclude GLOB ...] [--drop-class NAME ...]
 
 Every *.html / *.htm (optionally .gz) under SRC_DIR (symbolic links not followed) becomes
 OUT_DIR/<same relative path>.txt, one document per page. Scripts, styles and the <head> are
 dropped; so are navigation bars and sidebars when the page marks its content with role="main"
-(Sphinx and most generated docs do), and Sphinx's pilcrow anchors. Block elements become line
-breaks, <pre> keeps its layout, and other runs of whitespace become single spaces. Pages left with
-no text are skipped. Files are visited in sorted order and nothing depends on the clock, so the
-output is a pure function of the input.
+(Sphinx and most generated docs do), Sphinx's pilcrow anchors, and any element with a class
+given by --drop-class (for pages without role="main", such as DocBook's navheader/navfooter).
+Block elements become line breaks, <pre> keeps its layout, and other runs of whitespace become
+single spaces. Pages left with no text are skipped. Files are visited in sorted order and nothing
+depends on the clock, so the output is a pure function of the input.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "met
 class _Text(HTMLParser):
     """Collects the visible text of one page (only of its role="main" element if `main_only`)."""
 
-    def __init__(self, main_only: bool) -> None:
+    def __init__(self, main_only: bool, drop_classes: frozenset[str] = frozenset()) -> None:
+        self.drop_classes = drop_classes  # elements with one of these classes are dropped
         self.out: list[str] = []
         self.open: list[tuple[str, bool]] = []  # open non-void elements: (tag, counts in skip)
         self.skip = 0  # depth inside SKIP elements and headerlink anchors
@@ -65,7 +67,9 @@ class _Text(HTMLParser):
             self.main, self.main_tag = "in", tag
         if self.main == "in" and tag == self.main_tag:
             self.main_depth += 1
-        hidden = tag in SKIP or (tag == "a" and "headerlink" in (a.get("class") or "").split())
+        classes = set((a.get("class") or "").split())
+        hidden = (tag in SKIP or (tag == "a" and "headerlink" in classes)
+                  or not classes.isdisjoint(self.drop_classes))
         self.open.append((tag, hidden))
         self.skip += hidden
         if tag in BLOCK:
@@ -103,9 +107,11 @@ class _Text(HTMLParser):
         return re.sub(r"\n{3,}", "\n\n", text).strip("\n ")
 
 
-def html_to_text(html: str) -> str:
-    """The visible text of an HTML page (only its role="main" element if it has one)."""
-    parser = _Text(main_only=bool(re.search(r"""role\s*=\s*["']?main\b""", html)))
+def html_to_text(html: str, drop_classes: frozenset[str] = frozenset()) -> str:
+    """The visible text of an HTML page (only its role="main" element if it has one), without
+    the elements that have a class in `drop_classes`."""
+    parser = _Text(main_only=bool(re.search(r"""role\s*=\s*["']?main\b""", html)),
+                   drop_classes=drop_classes)
     parser.feed(html)
     parser.close()
     return parser.text()
@@ -119,7 +125,12 @@ def main() -> int:
         "--exclude", action="append", default=[], metavar="GLOB",
         help="skip pages whose path relative to SRC matches GLOB (fnmatch; repeatable)",
     )
+    ap.add_argument(
+        "--drop-class", action="append", default=[], metavar="NAME",
+        help="drop elements (and their text) whose class attribute includes NAME (repeatable)",
+    )
     args = ap.parse_args()
+    drop = frozenset(args.drop_class)
     pages = sorted(  # symbolic links are not followed: they may point outside SRC (or twice in)
         Path(d, f) for d, _, names in os.walk(args.src) for f in names
         if re.search(r"\.html?(\.gz)?$", f, re.I) and not Path(d, f).is_symlink()
@@ -131,7 +142,7 @@ def main() -> int:
             continue
         n_in += 1
         raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-        text = html_to_text(raw.decode("utf-8", errors="replace"))
+        text = html_to_text(raw.decode("utf-8", errors="replace"), drop)
         if not text:
             continue
         dest = args.out / (re.sub(r"\.html?(\.gz)?$", "", rel, flags=re.I) + ".txt")
