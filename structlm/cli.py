@@ -7,7 +7,7 @@
     structlm generate RUN_DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P]
     structlm sweep    [FILE.toml] [--sizes 2x128 4x256 --structures dense lowrank:0.32 --tokens_per_param R] [--dry-run]
     structlm scaling  RUNS... [--x train_flops|params] [--json F] [--plot F.png]
-    structlm report   RUNS... [--decode_batch B] [--md F.md] [--csv F.csv]
+    structlm report   RUNS... [--decode_batch B...] [--md F.md] [--csv F.csv]
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -457,8 +457,8 @@ def cmd_report(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="structlm report",
                                 description="Tabulate finished runs as Markdown and CSV.")
     p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
-    p.add_argument("--decode_batch", type=int, default=None,
-                   help="also measure decode tokens/s at this batch (e.g. 256)")
+    p.add_argument("--decode_batch", type=int, nargs="+", default=None,
+                   help="also measure decode tokens/s at these batches; the best is reported")
     p.add_argument("--gen", type=int, default=256,
                    help="KV-cache position of the timed decode step (capped at block_size)")
     p.add_argument("--md", default=None, help="write the Markdown table here")

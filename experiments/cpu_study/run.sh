@@ -55,5 +55,5 @@ structlm scaling "$OUT/scaling" --x non_embedding --bootstrap "$BOOT" \
 structlm report "$OUT/scaling" --md "$DOCS/scaling_table.md" --csv "$DOCS/scaling_table.csv"
 structlm report "$OUT/scaling/$SIZE-dense" "$OUT/sgt" --md "$DOCS/sgt_table.md" \
   --csv "$DOCS/sgt_table.csv"
-structlm report "$OUT/scaling/$SIZE-dense" "$OUT/wide" --decode_batch "${DECODE_BATCH:-256}" \
+structlm report "$OUT/scaling/$SIZE-dense" "$OUT/wide" --decode_batch ${DECODE_BATCH:-64 256 1024} \
   --md "$DOCS/wide_table.md" --csv "$DOCS/wide_table.csv"
