@@ -288,6 +288,13 @@ def bootstrap(
         for k in samples:
             samples[k].append(f[k])
     q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    if len(np.unique(np.round(samples["b"], 12))) < 2:
+        # every resample is the same point set (e.g. 3 points for 3 parameters: an exact fit), so
+        # the bootstrap says nothing about uncertainty; report no interval rather than a zero-width
+        # one
+        samples = {k: [] for k in samples}
+        out["note"] = (f"no interval: {len(np.unique(x))} points leave no freedom for the "
+                       f"{len(PARAMS[form])}-parameter {form} form; add sizes")
     for k, v in samples.items():
         out[f"{k}_ci"] = tuple(float(p) for p in np.percentile(v, q)) if v else (math.nan,) * 2
     out["b_samples"] = samples["b"]
@@ -339,7 +346,9 @@ def compare_steepness(fits: list[dict]) -> list[dict]:
             else:
                 p = math.nan
             a, b = fa["family"], fb["family"]
-            if p >= 0.9:
+            if math.isnan(p):
+                verdict = "undetermined (no bootstrap interval for one of them)"
+            elif p >= 0.9:
                 verdict = f"{a} steeper than {b} (P={p:.2f})"
             elif p <= 0.1:
                 verdict = f"{b} steeper than {a} (P={1 - p:.2f})"
@@ -422,6 +431,7 @@ def format_table(fits: list[dict], comparisons: list[dict]) -> str:
         b = f"{f['b']:.4f} [{_g(lo)}, {_g(hi)}]"
         lines.append(
             f"{head}  {_g(f['A']):>10}  {b:<26}  {_g(f.get('E')):>7}  {_g(f['rmse']):>8}"
+            + (f"  ({f['note']})" if "note" in f else "")
         )
     if comparisons:
         lines.append("")

@@ -2,6 +2,7 @@
 collecting summaries and the report files."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -192,3 +193,18 @@ def test_report_writes_json_and_png(tmp_path, capsys):
     assert "lowrank-32%" in printed and "saturating" in printed and "P=" in printed
     out = report([str(tmp_path / "sweep")], x="params", forms=("power",), n_boot=20)
     assert all("note" in f for f in out["fits"])  # one model size per family: nothing to fit
+
+
+def test_an_exact_fit_gets_no_interval_and_no_verdict():
+    """3 points for the 3-parameter saturating form: every resample is the same set, so the
+    bootstrap cannot measure uncertainty; say so instead of a zero-width interval and P=1."""
+    from structlm.scaling import bootstrap, compare_steepness
+
+    x = np.array([1e12, 1e13, 1e14])
+    fits = []
+    for fam, b in (("a", 0.2), ("b", 0.1)):
+        f = bootstrap(x, 2.0 + 40.0 * x ** -b, "saturating", n=100)
+        assert "no interval" in f["note"] and all(math.isnan(v) for v in f["b_ci"])
+        fits.append({"family": fam, "x": "train_flops", **f})
+    (c,) = compare_steepness(fits)
+    assert math.isnan(c["p_a_steeper"]) and c["verdict"].startswith("undetermined")
