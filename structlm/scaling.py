@@ -124,6 +124,10 @@ def collect(paths: Iterable[str]) -> list[dict]:
             "<out_dir>/summary.json when it finishes, so point at finished run directories "
             "(or a directory/glob holding them)"
         )
+    names = [r["run"] for r in rows.values()]
+    for r in rows.values():  # runs of the same name from different sweeps: name them by parent
+        if names.count(r["run"]) > 1:
+            r["run"] = f"{Path(r['run_dir']).parent.name}/{r['run']}"
     return sorted(rows.values(), key=lambda r: (r["family"], r["train_flops"]))
 
 

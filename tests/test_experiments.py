@@ -36,3 +36,6 @@ def test_cpu_study_quick_runs_every_step(tmp_path):
     wide = {r["run"]: r for r in csv.DictReader((docs / "wide_table.csv").open())}
     assert set(wide) == {"3x32h2-dense", "gqa-dense", "gqa-lowrank-wide"}
     assert all(float(r["decode_tokens_per_s"]) > 0 for r in wide.values())
+    seeds = list(csv.DictReader((docs / "seeds_table.csv").open()))
+    assert sorted(r["run"] for r in seeds) == sorted(
+        f"seed{s}/3x32h2-{k}" for s in (2, 3) for k in ("dense", "lowrank63", "lowrank32"))
