@@ -2,7 +2,7 @@
 
     idx -> wte (+ wpe) -> [ Block x n_layer ] -> ln_f -> lm_head (tied to wte) -> logits
 
-    Block:  h = h + o_proj(attn(rope(q), rope(k), v))   attn: causal SDPA, GQA repeats K/V heads
+    Block:  h = h + o_proj(attn(rope(q), rope(k), v))   attn: causal SDPA, GQA shares K/V heads
             h = h + fc2(act(fc1(ln_2(h))))               fc1, fc2: build_linear(cfg.ffn_spec(i))
 
 The model is built structured from its config: `dense_ffn_layers` blocks get dense FFNs, the others
@@ -121,10 +121,20 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
-        if nkv != nq:  # GQA: each K/V head serves nq/nkv query heads
-            k = k.repeat_interleave(nq // nkv, dim=1)
-            v = v.repeat_interleave(nq // nkv, dim=1)
         k, v = k.to(q.dtype), v.to(q.dtype)
+        g = nq // nkv  # query heads per K/V head (GQA); query head h reads K/V head h // g
+        if start > 0 and g > 1:
+            # decoding with a cache: fold each group's query heads into the query axis so every
+            # K/V head is read once, (B, nkv, g*T, hs), instead of copying the cache g times
+            qg = q.reshape(B, nkv, g * T, hd)
+            keys = torch.arange(start + T, device=x.device)
+            queries = (start + torch.arange(T, device=x.device)).repeat(g)  # row i*T+t: query t
+            mask = keys[None, :] <= queries[:, None]  # (g*T, start+T)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, nq, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
+        if g > 1:  # training and prefill: each K/V head serves g query heads
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new query attends to every cached key, itself included
