@@ -147,6 +147,7 @@ def fake_summary(cfg, flops, loss):
         ({"rank": 32}, "lowrank-63%"),  # rank d/2: 0.625
         ({"sgt": "fixedflop"}, "lowrank-32%+sgt"),
         ({"n_kv_head": 2}, "gqa-lowrank-32%"),
+        ({"rank": 8}, "lowrank-16%"),  # far from 32% and 63%: the exact share, ceil'd
         ({"kind": "dense", "n_kv_head": 2}, "gqa-dense"),
     ],
 )
@@ -208,3 +209,16 @@ def test_an_exact_fit_gets_no_interval_and_no_verdict():
         fits.append({"family": fam, "x": "train_flops", **f})
     (c,) = compare_steepness(fits)
     assert math.isnan(c["p_a_steeper"]) and c["verdict"].startswith("undetermined")
+
+
+def test_blockdense_32_is_one_family_across_widths():
+    """The paper's BlockDense-32% rule lands at 29-31% depending on the block count: one family."""
+    from structlm.linear import choose_hparams
+
+    labels = set()
+    for d in (128, 160):
+        cfg = PRESETS["tiny"]()
+        cfg.model.d_model, cfg.model.d_ff = d, 4 * d
+        cfg.model.ffn = choose_hparams("blockdense", [(d, 4 * d), (4 * d, d)], 0.32)
+        labels.add(family({"config": to_dict(cfg)}))
+    assert labels == {"blockdense-32%"}
