@@ -405,7 +405,8 @@ def plot(rows: list[dict], fits: list[dict], png: str, x: str = "train_flops") -
             lo, hi = f.get("b_ci", (math.nan, math.nan))
             ax.plot(
                 grid, predict(f, grid), color=col, ls="-" if f["form"] == "power" else "--",
-                label=f"  {f['form']}: b={f['b']:.3f} [{lo:.3f}, {hi:.3f}]",
+                label=f"  {f['form']}: b={f['b']:.3f} "
+                + ("(no CI)" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"),
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
