@@ -164,8 +164,11 @@ class MLP(nn.Module):
         if self.act == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        else:  # the paper computes the tanh-GELU in fp32 (fp64 stays fp64)
-            h = F.gelu(at_least_fp32(h), approximate="tanh").to(h.dtype)
+        else:
+            # the paper computes the tanh-GELU in fp32; PyTorch's bf16/fp16 kernels already compute
+            # in fp32 and round once, so calling them gives the same bits (forward and backward,
+            # tested) without the casts, which cost more than the GELU on a CPU
+            h = F.gelu(h, approximate="tanh")
         return self.fc2(h)
 
 

@@ -402,3 +402,26 @@ def test_bf16_autocast_forward(kind, opts):
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-2)
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mlp_gelu_in_half_precision_equals_the_fp32_computation(dtype):
+    """The MLP calls GELU on bf16/fp16 directly: its kernel computes in fp32 and rounds once, so
+    forward and backward are bit-identical to upcasting (the paper's fp32 GELU) and rounding."""
+    import torch.nn.functional as F
+
+    from structlm.model import MLP
+
+    mlp = MLP(tiny_cfg("dense"), layer=0)
+    h = (torch.randn(64, 128) * 3).to(dtype).requires_grad_()
+    fast = F.gelu(h, approximate="tanh")
+    ref = F.gelu(h.float(), approximate="tanh").to(dtype)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(fast)
+    assert torch.equal(*(torch.autograd.grad(y, h, g)[0] for y in (fast, ref)))
+    # and the module takes that path: its output under autocast equals fc2(ref GELU(fc1(x)))
+    x = torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype):
+        out = mlp(x)
+        want = mlp.fc2(F.gelu(mlp.fc1(x).float(), approximate="tanh").to(dtype))
+    assert torch.equal(out, want)
