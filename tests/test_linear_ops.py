@@ -107,3 +107,42 @@ def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
     grads_ref = torch.autograd.grad(ref, (x, w1, w2), g)
     for a, b in zip(grads_fast, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["bmm", "loop"])
+@pytest.mark.parametrize("kind, d_in, d_out, hp", [
+    ("blockdense", 16, 24, {"rank": 8, "nblocks": 4}),
+    ("blockshuffle", 16, 32, {"nblocks": 4}),  # q % nblocks == 0: the one-copy shuffle
+    ("blockshuffle", 12, 6, {"nblocks": 2}),  # q = 3: the general shuffle
+])
+def test_block_ops_equal_reference_with_either_block_matmul(monkeypatch, impl, kind, d_in, d_out,
+                                                             hp):
+    """Both implementations of the block-diagonal product (one bmm, one mm per block) give the
+    reference's values and gradients."""
+    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", impl)
+    g = torch.Generator().manual_seed(3)
+    fast, ref = matmul_pair(kind)
+    weights = random_weights(_layer(kind, d_in, d_out, hp), g)
+    x = torch.randn(3, 5, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    y_fast, y_ref = fast(x, *weights), ref(x, *weights)
+    torch.testing.assert_close(y_fast, y_ref)
+    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=g)
+    for gf, gr in zip(torch.autograd.grad(y_fast, [x, *weights], dy),
+                      torch.autograd.grad(y_ref, [x, *weights], dy), strict=True):
+        torch.testing.assert_close(gf, gr)
+
+
+def test_block_matmul_policy(monkeypatch):
+    from structlm.linear.base import _block_matmul_impl
+
+    a = torch.randn(2, 3, 4)
+    monkeypatch.delenv("STRUCTLM_BLOCK_MATMUL", raising=False)
+    assert _block_matmul_impl(a) == "bmm"  # fp32 on CPU
+    assert _block_matmul_impl(a.bfloat16()) == "loop"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _block_matmul_impl(a) == "loop"  # autocast decides the dtype the products run in
+    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", "loop")
+    assert _block_matmul_impl(a) == "loop"
+    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", "fast")
+    with pytest.raises(ValueError, match="choose auto, bmm or loop"):
+        _block_matmul_impl(a)

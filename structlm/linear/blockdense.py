@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, polar_, register
+from structlm.linear.base import StructuredLinear, block_matmul, polar_, register
 
 
 def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
@@ -37,7 +37,7 @@ def blockdense_matmul(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
     nb, r, p = blkdiag.shape
     lead = x.shape[:-1]
     xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p)
-    h = torch.bmm(xb, blkdiag.transpose(1, 2))  # (B, T, r)
+    h = block_matmul(xb, blkdiag.transpose(1, 2))  # (B, T, r)
     h = h.transpose(0, 1).reshape(-1, nb * r)  # (T, R), block order
     return F.linear(h, up).view(*lead, up.shape[0])  # (..., M)
 

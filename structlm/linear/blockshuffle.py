@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, polar_, register
+from structlm.linear.base import StructuredLinear, block_matmul, polar_, register
 
 
 def shuffle_indices(nblocks: int, q: int) -> Tensor:
@@ -58,7 +58,7 @@ def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor
     s = blkdiag2.shape[1]
     lead = x.shape[:-1]
     xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p), a strided view: no copy
-    h = torch.bmm(xb, blkdiag1.transpose(1, 2))  # (B, T, q): h[k, t, i] = flat h[k*q + i]
+    h = block_matmul(xb, blkdiag1.transpose(1, 2))  # (B, T, q): h[k, t, i] = flat h[k*q + i]
     T = h.shape[1]
     if q % nb == 0:
         # flat index k*q + m*B + j -> z[j, t, k*(q/B) + m]: one permute-copy,
@@ -66,7 +66,7 @@ def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor
         z = h.view(nb, T, q // nb, nb).permute(3, 1, 0, 2).reshape(nb, T, q)  # (B, T, q)
     else:  # general q: view flat h as (q, B) row-major and read it transposed
         z = h.transpose(0, 1).reshape(T, q, nb).permute(2, 0, 1)  # (B, T, q)
-    u = torch.bmm(z, blkdiag2.transpose(1, 2))  # (B, T, s)
+    u = block_matmul(z, blkdiag2.transpose(1, 2))  # (B, T, s)
     y = u.permute(1, 2, 0).reshape(T, s * nb)  # (T, s, B) -> flat i*B + j, one copy
     return y.view(*lead, nb * s)
 
