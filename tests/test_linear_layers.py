@@ -466,3 +466,17 @@ def test_bf16_autocast_forward(kind, bias, d_in, d_out):
     assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2
     y.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kind", sorted(LINEARS))
+def test_bias_under_bf16_autocast_keeps_the_dtype_and_gets_its_gradient(kind):
+    """Whether a kind folds the bias into its last GEMM or adds it after, the output stays bf16
+    under autocast and the bias gradient is the summed output gradient."""
+    layer = LINEARS[kind](16, 32, **small_hparams(kind, 16, 32))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(layer.bias.grad, g.float().sum(0), rtol=2e-2, atol=2e-2)

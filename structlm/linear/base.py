@@ -50,6 +50,8 @@ class StructuredLinear(nn.Module):
     hparams: ClassVar[tuple[str, ...]] = ()  # names of the hyper-parameters this kind takes
     post_inits: ClassVar[tuple[str, ...]] = ()  # kind-specific inits beyond fixed/xavier
     default_init: ClassVar[str] = "fixed"  # what init="default" means (the paper's choice)
+    # matmul(x, bias) folds the bias into its last GEMM (one pass over the output instead of two)
+    fuses_bias: ClassVar[bool] = False
 
     def __init__(
         self, d_in: int, d_out: int, *, bias: bool = True, device=None, dtype=None
@@ -63,7 +65,8 @@ class StructuredLinear(nn.Module):
 
     # --- subclass API ---------------------------------------------------------------------------
     def matmul(self, x: Tensor) -> Tensor:
-        """(..., d_in) -> (..., d_out), without the bias."""
+        """(..., d_in) -> (..., d_out), without the bias. Kinds with `fuses_bias` take an optional
+        second argument, the bias, and add it inside their last GEMM."""
         raise NotImplementedError  # abstract: every registered subclass overrides it
 
     @classmethod
@@ -80,6 +83,8 @@ class StructuredLinear(nn.Module):
 
     # --- shared ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.bias is not None and self.fuses_bias:
+            return self.matmul(x, self.bias)
         y = self.matmul(x)
         # the bias in y's dtype, as nn.Linear does: under autocast y is bf16, and adding the fp32
         # bias as is would promote the output to fp32

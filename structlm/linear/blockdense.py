@@ -32,14 +32,17 @@ def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tenso
     return x @ (up @ torch.block_diag(*blkdiag)).T
 
 
-def blockdense_matmul(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
-    """One bmm over the blocks, then one dense matmul. Shapes as in the reference."""
+def blockdense_matmul(
+    x: Tensor, blkdiag: Tensor, up: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """One block-diagonal product, then one dense matmul (+ bias, inside it). Shapes as in the
+    reference."""
     nb, r, p = blkdiag.shape
     lead = x.shape[:-1]
     xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p)
     h = block_matmul(xb, blkdiag.transpose(1, 2))  # (B, T, r)
     h = h.transpose(0, 1).reshape(-1, nb * r)  # (T, R), block order
-    return F.linear(h, up).view(*lead, up.shape[0])  # (..., M)
+    return F.linear(h, up, bias).view(*lead, up.shape[0])  # (..., M)
 
 
 @register("blockdense")
@@ -64,8 +67,10 @@ class BlockDenseLinear(StructuredLinear):
         self.up = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return blockdense_matmul(x, self.blkdiag, self.up)
+    fuses_bias = True
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return blockdense_matmul(x, self.blkdiag, self.up, bias)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:

@@ -18,8 +18,8 @@ def dense_matmul_reference(x: Tensor, weight: Tensor) -> Tensor:
     return x @ weight.T
 
 
-def dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    return F.linear(x, weight)
+def dense_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return F.linear(x, weight, bias)
 
 
 @register("dense")
@@ -36,8 +36,10 @@ class DenseLinear(StructuredLinear):
         self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return dense_matmul(x, self.weight)
+    fuses_bias = True
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return dense_matmul(x, self.weight, bias)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:

@@ -27,9 +27,9 @@ def lowrank_matmul_reference(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
     return x @ (up @ down).T
 
 
-def lowrank_matmul(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
-    """Two thin matmuls, never forming W: (x V^T) U^T."""
-    return F.linear(F.linear(x, down), up)  # (..., R) -> (..., M)
+def lowrank_matmul(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Two thin matmuls, never forming W: (x V^T) U^T (+ bias, inside the second)."""
+    return F.linear(F.linear(x, down), up, bias)  # (..., R) -> (..., M)
 
 
 @register("lowrank")
@@ -52,8 +52,10 @@ class LowRankLinear(StructuredLinear):
         self.up = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return lowrank_matmul(x, self.down, self.up)
+    fuses_bias = True
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return lowrank_matmul(x, self.down, self.up, bias)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
