@@ -340,10 +340,10 @@ def bench_ffn(
     device: torch.device, dtype: torch.dtype | None,
     widths: tuple[int, ...] = (768, 1024, 1536, 2048),
     tokens: tuple[int, ...] = (1, 16, 256, 4096), backward: bool = False, quick: bool = False,
-    fractions: tuple[float, ...] = (0.63, 0.32),
+    fractions: tuple[float, ...] = (0.63, 0.32), compile: bool = False,
 ) -> list[dict]:
     """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%,
-    against dense.
+    against dense (every variant torch.compile'd with compile=True).
 
     Variants are interleaved per (width, tokens); `ideal` is the parameter (= FLOP) ratio."""
     from structlm.linear import choose_hparams
@@ -362,6 +362,8 @@ def bench_ffn(
                 for name, spec in specs.items()}
         params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1)
                   for name, m in mlps.items()}
+        if compile:
+            mlps = {name: torch.compile(m) for name, m in mlps.items()}
         for T in tokens:
             x = torch.randn(T, d, device=device, requires_grad=backward)
 
@@ -380,7 +382,8 @@ def bench_ffn(
             base = statistics.median(t["dense"])
             for name, ts in t.items():
                 ms, lo, hi = _median_ms(ts)
-                rows.append({"bench": "ffn", **context(device, dtype), "variant": name,
+                rows.append({"bench": "ffn", **context(device, dtype), "compiled": compile,
+                             "variant": name,
                              "kind": specs[name].kind, **specs[name].hparams(), "width": d,
                              "tokens": T, "pass": "fwd+bwd" if backward else "fwd", "ms": ms,
                              "ms_min": lo, "ms_max": hi,
@@ -392,16 +395,19 @@ def bench_ffn(
 def bench_train(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 8,
     seq: int = 256, steps: int = 5, peak: float | None = None,
-    kinds: tuple[str, ...] = ("dense", "structured"),
+    kinds: tuple[str, ...] = ("dense", "structured"), compile: bool = False,
 ) -> list[dict]:
     """Training-step throughput (forward + backward + AdamW) of the dense and the structured model,
-    interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py)."""
+    interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py).
+    compile=True times torch.compile'd models (compiled during the warm-up step)."""
     from structlm.flops import flops_per_token
     from structlm.model import GPT
 
     cfgs = {"dense": dataclasses.replace(cfg, ffn=LinearSpec()), "structured": cfg}
     models = {k: GPT(cfgs[k]).to(device) for k in kinds}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    if compile:
+        models = {k: torch.compile(m) for k, m in models.items()}
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
     def step(k):
@@ -420,7 +426,8 @@ def bench_train(
         ms, lo, hi = _median_ms(ts)
         fpt = 3 * flops_per_token(cfgs[k], seq)["total"]
         achieved = fpt * batch * seq / (ms * 1e-3) / 1e9
-        rows.append({"bench": "train", **context(device, dtype), "variant": k,
+        rows.append({"bench": "train", **context(device, dtype), "compiled": compile,
+                     "variant": k,
                      "kind": cfgs[k].ffn.kind, "d_model": cfg.d_model, "n_layer": cfg.n_layer,
                      "batch": batch, "seq": seq, "ms": ms,
                      "ms_min": lo, "ms_max": hi, "tokens_per_s": batch * seq / (ms * 1e-3),

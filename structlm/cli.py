@@ -319,6 +319,8 @@ def cmd_bench(argv: list[str]) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small shapes, few repetitions (under a minute)")
     p.add_argument("--backward", action="store_true", help="kernel/ffn: time forward+backward")
+    p.add_argument("--compile", action="store_true",
+                   help="ffn/train: torch.compile every variant (compiled in the warm-up)")
     p.add_argument("--widths", default="768,1024,1536,2048", help="ffn: comma-separated widths")
     p.add_argument("--tokens", default="1,16,256,4096",
                    help="ffn: token counts; kernel: the first one")
@@ -344,11 +346,11 @@ def cmd_bench(argv: list[str]) -> None:
         rows = bench.bench_kernel(device, dtype, ints(ns.tokens)[-1], ns.quick, ns.backward)
     elif sub == "ffn":
         rows = bench.bench_ffn(device, dtype, ints(ns.widths), ints(ns.tokens), ns.backward,
-                               ns.quick)
+                               ns.quick, compile=ns.compile)
     elif sub == "train":
         peak = bench.peak_gflops(bench.bench_peak(device, dtype, quick=True))
         rows = bench.bench_train(m, device, dtype, ns.batch or 8, 32 if ns.quick else ns.seq,
-                                 2 if ns.quick else ns.reps, peak)
+                                 2 if ns.quick else ns.reps, peak, compile=ns.compile)
     elif sub == "prefill":
         rows = bench.bench_prefill(m, device, dtype, ns.batch or 4, 32 if ns.quick else ns.seq,
                                    ns.reps)

@@ -63,3 +63,12 @@ def test_cli_quick_writes_json_and_plot(tmp_path):
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
     check(rows, ["variant", "speedup"])
     assert png.stat().st_size > 1000
+
+
+def test_ffn_compiled_rows():
+    """--compile times compiled variants (one small width, one fraction: compiling is slow)."""
+    rows = bench.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,), backward=True,
+                           fractions=(0.32,), compile=True)
+    assert {r["variant"] for r in rows} == {"dense", "lowrank-32", "blockdense-32",
+                                            "blockshuffle-32"}
+    assert all(r["compiled"] and r["ms"] > 0 for r in rows)
