@@ -268,9 +268,12 @@ def _plan_one(
 
 
 def status(run: PlannedRun) -> str:
-    """done (summary.json), partial (checkpoints to resume from) or todo."""
+    """done (summary.json of the planned steps), partial (checkpoints to resume or extend from) or
+    todo. A run finished under a different budget is partial: train() extends it to the new budget,
+    or refuses one below the steps it already took."""
     out = Path(run.cfg.train.out_dir)
-    if (out / "summary.json").exists():
+    summary = out / "summary.json"
+    if summary.exists() and json.loads(summary.read_text())["steps"] == run.steps:
         return "done"
     if any((out / "checkpoints").glob("step_*")):
         return "partial"

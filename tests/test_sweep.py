@@ -263,3 +263,16 @@ def test_report_rows_match_the_summaries(corpus, tmp_path):
     shutil.rmtree(out)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report([str(out)])
+
+
+def test_a_new_budget_extends_finished_runs_instead_of_skipping_them(corpus, tmp_path):
+    out = tmp_path / "sw"
+    first = run_sweep(tiny_sweep(corpus, out, structures=("dense",)))
+    longer = tiny_sweep(corpus, out, structures=("dense",), tokens=8192.0)
+    (run,) = plan_sweep(longer)
+    assert run.steps > first[0]["steps"] and status(run) == "partial"
+    (second,) = run_sweep(longer)
+    assert second["steps"] == run.steps and status(run) == "done"
+    shorter = tiny_sweep(corpus, out, structures=("dense",), tokens=2048.0)
+    with pytest.raises(ValueError, match="beyond the budget"):
+        run_sweep(shorter)
