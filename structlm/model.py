@@ -123,27 +123,21 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
         k, v = k.to(q.dtype), v.to(q.dtype)
         g = nq // nkv  # query heads per K/V head (GQA); query head h reads K/V head h // g
-        if start > 0 and g > 1:
-            # decoding with a cache: fold each group's query heads into the query axis so every
-            # K/V head is read once, (B, nkv, g*T, hs), instead of copying the cache g times
+        if start == 0:  # training and prefill
+            if g > 1:
+                k = k.repeat_interleave(g, dim=1)
+                v = v.repeat_interleave(g, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nq, T, hs)
+        else:
+            # decoding with a cache: fold each group's query heads into the query axis,
+            # (B, nkv, g*T, hs), so every K/V head is read once instead of copying the cache g times
+            mask = None  # one new query attends to every cached key, itself included
+            if T > 1:  # query t sits at position start+t and sees keys 0..start+t
+                keys = torch.arange(start + T, device=x.device)
+                queries = (start + torch.arange(T, device=x.device)).repeat(g)  # row i*T+t: t
+                mask = keys[None, :] <= queries[:, None]  # (g*T, start+T)
             qg = q.reshape(B, nkv, g * T, hd)
-            keys = torch.arange(start + T, device=x.device)
-            queries = (start + torch.arange(T, device=x.device)).repeat(g)  # row i*T+t: query t
-            mask = keys[None, :] <= queries[:, None]  # (g*T, start+T)
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, nq, T, hd)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
-        if g > 1:  # training and prefill: each K/V head serves g query heads
-            k = k.repeat_interleave(g, dim=1)
-            v = v.repeat_interleave(g, dim=1)
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # one new query attends to every cached key, itself included
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # query i sits at position start+i and sees keys 0..start+i
-            keys = torch.arange(start + T, device=x.device)
-            queries = start + torch.arange(T, device=x.device)
-            mask = keys[None, :] <= queries[:, None]  # (T, start+T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, nq * hd)  # (B, T, attn_dim)
         return self.o_proj(y)
 
