@@ -465,6 +465,29 @@ def bench_prefill(
 
 
 @torch.no_grad()
+def decode_step(
+    model: nn.Module, batch: int, gen: int, device: torch.device, dtype: torch.dtype | None,
+) -> Callable[[], None]:
+    """A closure running one decode step of `batch` sequences at the last position of a full
+    `gen`-token KV cache, as the paper measures throughput (SPEC §7.5). Allocates the cache now, so
+    an out-of-memory error surfaces here."""
+    c = model.cfg
+    cache = model.make_cache(gen)
+    for layer in range(c.n_layer):
+        shape = (batch, c.kv_heads, gen, c.head_dim)
+        cache.k[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+        cache.v[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+    idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def step() -> None:
+        cache.length = gen - 1
+        with autocast(device, dtype):
+            model.lm_head(model.hidden(idx, cache)[:, -1])
+
+    return step
+
+
 def bench_maxbatch(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, gen: int = 256,
     start: int = 256, step: int = 256, max_batch: int = 4096,
@@ -480,22 +503,15 @@ def bench_maxbatch(
         best = None
         for b in range(start, max_batch + 1, step):
             try:
-                cache = model.make_cache(gen)
-                cache.length = gen - 1  # one decode step at the last position, as the paper does
-                for layer in range(c.n_layer):
-                    shape = (b, c.kv_heads, gen, c.head_dim)
-                    cache.k[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
-                    cache.v[layer] = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
-                idx = torch.zeros(b, 1, dtype=torch.long, device=device)
-                with autocast(device, dtype):
-                    t0 = time.perf_counter()
-                    model.lm_head(model.hidden(idx, cache)[:, -1])
-                    synchronize(device)
+                run = decode_step(model, b, gen, device, dtype)
+                t0 = time.perf_counter()
+                run()
+                synchronize(device)
                 best = (b, time.perf_counter() - t0)
             except (RuntimeError, MemoryError):  # out of memory
                 break
             finally:
-                cache = None
+                run = None
         if best:
             rows.append({"bench": "maxbatch", **context(device, dtype), "variant": variant,
                          "kind": c.ffn.kind, "gen": gen, "max_batch": best[0],

@@ -49,36 +49,14 @@ def report_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
-def _decode_step(cfg: ModelConfig, batch: int, gen: int, device: torch.device, dtype):
-    """A closure running one decode step of `batch` sequences at position gen-1 of a full cache."""
-    from structlm.model import GPT
-    from structlm.utils import autocast
-
-    model = GPT(cfg).to(device).eval()
-    cache = model.make_cache(gen)
-    kv_dtype = dtype or torch.float32
-    for layer in range(cfg.n_layer):
-        shape = (batch, cfg.kv_heads, gen, cfg.head_dim)
-        cache.k[layer] = torch.zeros(shape, device=device, dtype=kv_dtype)
-        cache.v[layer] = torch.zeros(shape, device=device, dtype=kv_dtype)
-    idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
-
-    @torch.no_grad()
-    def step() -> None:
-        cache.length = gen - 1
-        with autocast(device, dtype):
-            model.lm_head(model.hidden(idx, cache)[:, -1])
-
-    return step
-
-
 def measure_decode(
     rows: list[dict], batches: list[int], gen: int = 256, reps: int = 7, device: str = "auto",
     dtype: str = "auto",
 ) -> None:
     """Fill rows' decode_tokens_per_s in place: the best over `batches` of the median of `reps`
     interleaved repetitions (all runs timed together at each batch)."""
-    from structlm.bench import time_interleaved
+    from structlm.bench import decode_step, time_interleaved
+    from structlm.model import GPT
     from structlm.utils import autocast_dtype, autodetect_device
 
     dev = autodetect_device(device)
@@ -87,7 +65,8 @@ def measure_decode(
         fns = {}
         for r in rows:
             cfg = from_dict(ModelConfig, r["model"])
-            fns[r["run"]] = _decode_step(cfg, batch, min(gen, cfg.block_size), dev, amp)
+            model = GPT(cfg).to(dev).eval()
+            fns[r["run"]] = decode_step(model, batch, min(gen, cfg.block_size), dev, amp)
         times = time_interleaved(fns, dev, reps=reps, min_time=0.05)
         for r in rows:
             tps = batch / statistics.median(times[r["run"]])
