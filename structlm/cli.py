@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from structlm.config import DEFAULT_PRESET, PRESETS, LinearSpec, RunConfig, load_run_config
+from structlm.utils import reuse_freed_memory
 
 
 def parse_run_config(
@@ -493,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(2)
     try:
+        reuse_freed_memory()
         COMMANDS[cmd](rest)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"structlm {cmd}: error: {e}", file=sys.stderr)

@@ -84,3 +84,19 @@ def test_bad_input_exits_2_with_a_message(args, message):
 def test_help_lists_config_fields():
     r = run("train", "--help", check=False)
     assert "--model.ffn.kind" in r.stdout and "--train.max_steps" in r.stdout
+
+
+def test_reuse_freed_memory_switch(monkeypatch):
+    """The CLI's malloc setting: on by default (on glibc), off with STRUCTLM_MALLOC=system, and a
+    bad value is named."""
+    import platform
+
+    from structlm.utils import reuse_freed_memory
+
+    monkeypatch.setenv("STRUCTLM_MALLOC", "system")
+    assert reuse_freed_memory() is False
+    monkeypatch.setenv("STRUCTLM_MALLOC", "huge")
+    with pytest.raises(ValueError, match="STRUCTLM_MALLOC='huge': choose reuse or system"):
+        reuse_freed_memory()
+    monkeypatch.delenv("STRUCTLM_MALLOC")
+    assert reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
