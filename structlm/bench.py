@@ -299,11 +299,13 @@ def bench_kernel(
     rows = []
     for kind, d_in, d_out, hp in shapes:
         layer = build_linear(LinearSpec(kind, **hp), d_in, d_out, bias=False, device=device)
-        w_dense = layer.to_dense()
+        # the dense weights take gradients as the structured factors do: fwd+bwd is three GEMM
+        # passes (y, dx, dW) for every variant
+        w_dense = layer.to_dense().requires_grad_(backward)
         flops = 2 * tokens * layer.weight_params(d_in, d_out, **hp)
         # (T, d_in) @ (d_in, k_same): same FLOPs
         k_same = max(1, round(flops / (2 * tokens * d_in)))
-        w_same = torch.randn(k_same, d_in, device=device)
+        w_same = torch.randn(k_same, d_in, device=device, requires_grad=backward)
         x = torch.randn(tokens, d_in, device=device, requires_grad=backward)
 
         def run(f):
