@@ -109,40 +109,121 @@ def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("impl", ["bmm", "loop"])
-@pytest.mark.parametrize("kind, d_in, d_out, hp", [
+BLOCK_CASES = [
     ("blockdense", 16, 24, {"rank": 8, "nblocks": 4}),
-    ("blockshuffle", 16, 32, {"nblocks": 4}),  # q % nblocks == 0: the one-copy shuffle
-    ("blockshuffle", 12, 6, {"nblocks": 2}),  # q = 3: the general shuffle
-])
-def test_block_ops_equal_reference_with_either_block_matmul(monkeypatch, impl, kind, d_in, d_out,
-                                                             hp):
-    """Both implementations of the block-diagonal product (one bmm, one mm per block) give the
-    reference's values and gradients."""
-    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", impl)
+    ("blockshuffle", 16, 32, {"nblocks": 4}),  # expanding, q % nblocks == 0
+    ("blockshuffle", 12, 6, {"nblocks": 2}),  # contracting, q = 3: not a multiple of nblocks
+    ("blockshuffle", 8, 8, {"nblocks": 1}),  # one block: the shuffles are the identity
+]
+
+
+@pytest.mark.parametrize("needs", ["all", "no_input", "frozen_weights"])
+@pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES)
+def test_block_layers_with_bias_equal_reference(kind, d_in, d_out, hp, needs):
+    """The layer (bias folded into its last product) against reference op + bias: values and every
+    gradient asked for, also when the input or the weights take none."""
     g = torch.Generator().manual_seed(3)
-    fast, ref = matmul_pair(kind)
-    weights = random_weights(_layer(kind, d_in, d_out, hp), g)
-    x = torch.randn(3, 5, d_in, dtype=torch.float64, generator=g, requires_grad=True)
-    y_fast, y_ref = fast(x, *weights), ref(x, *weights)
-    torch.testing.assert_close(y_fast, y_ref)
-    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=g)
-    for gf, gr in zip(torch.autograd.grad(y_fast, [x, *weights], dy),
-                      torch.autograd.grad(y_ref, [x, *weights], dy), strict=True):
+    layer = _layer(kind, d_in, d_out, hp)
+    weights = random_weights(layer, g)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(d_out, dtype=torch.float64, generator=g))
+        for p, w in zip(layer.weights(), weights, strict=True):
+            p.copy_(w)
+    _, ref = matmul_pair(kind)
+    x = torch.randn(3, 5, d_in, dtype=torch.float64, generator=g, requires_grad=needs != "no_input")
+    if needs == "frozen_weights":
+        layer.requires_grad_(False)
+        layer.bias.requires_grad_(True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    wanted = ([x] if x.requires_grad else []) + params
+    y = layer(x)
+    y_ref = ref(x, *layer.weights()) + layer.bias
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    for gf, gr in zip(torch.autograd.grad(y, wanted, dy), torch.autograd.grad(y_ref, wanted, dy),
+                      strict=True):
         torch.testing.assert_close(gf, gr)
 
 
-def test_block_matmul_policy(monkeypatch):
-    from structlm.linear.base import _block_matmul_impl
+def test_block_diag_matmul_values_grads_and_strided_input():
+    from structlm.linear.base import block_diag_matmul
 
-    a = torch.randn(2, 3, 4)
-    monkeypatch.delenv("STRUCTLM_BLOCK_MATMUL", raising=False)
-    assert _block_matmul_impl(a) == "bmm"  # fp32 on CPU
-    assert _block_matmul_impl(a.bfloat16()) == "loop"
-    with torch.autocast("cpu", torch.bfloat16):
-        assert _block_matmul_impl(a) == "loop"  # autocast decides the dtype the products run in
-    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", "loop")
-    assert _block_matmul_impl(a) == "loop"
-    monkeypatch.setenv("STRUCTLM_BLOCK_MATMUL", "fast")
-    with pytest.raises(ValueError, match="choose auto, bmm or loop"):
-        _block_matmul_impl(a)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(7, 15, dtype=torch.float64, generator=g, requires_grad=True)
+    dense = torch.block_diag(*w)  # (12, 15)
+    torch.testing.assert_close(block_diag_matmul(x, w, b), x @ dense.T + b)
+    # a column slice of a wider activation: read in place, same products
+    wide = torch.randn(7, 20, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(block_diag_matmul(wide[:, 5:], w), wide[:, 5:] @ dense.T)
+    assert torch.autograd.gradcheck(block_diag_matmul, (x[:2], w, b))
+    assert torch.autograd.gradcheck(block_diag_matmul, (x[:2], w, None))
+
+
+def test_transpose_within_rows():
+    from structlm.linear.base import transpose_within_rows
+
+    x = torch.arange(2 * 6, dtype=torch.float64).view(2, 6).requires_grad_()
+    y = transpose_within_rows(x, 2, 3)  # each row [[0 1 2] [3 4 5]] -> [[0 3] [1 4] [2 5]]
+    assert y.tolist() == [[0, 3, 1, 4, 2, 5], [6, 9, 7, 10, 8, 11]]
+    assert torch.autograd.gradcheck(lambda t: transpose_within_rows(t, 2, 3), (x,))
+    one = transpose_within_rows(x, 1, 6)  # nothing moves, but the result is a new tensor
+    assert torch.equal(one, x) and one.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES[:3])
+def test_block_layers_under_bf16_autocast(kind, d_in, d_out, hp):
+    """Under autocast the products run in bf16 and the gradients reach the fp32 parameters as
+    fp32, close to the fp32 computation."""
+    torch.manual_seed(0)
+    layer = LINEARS[kind](d_in, d_out, **hp)
+    x = torch.randn(64, d_in)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    grads = [p.grad for p in layer.parameters()]
+    layer.zero_grad()
+    y32 = layer(x)
+    y32.square().sum().backward()
+    torch.testing.assert_close(y.float(), y32, atol=0.05, rtol=0.05)
+    for g16, p in zip(grads, layer.parameters(), strict=True):
+        assert g16.dtype == torch.float32
+        torch.testing.assert_close(g16, p.grad, atol=0.1 * p.grad.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES[:2])
+def test_block_layers_compile_without_graph_breaks(kind, d_in, d_out, hp):
+    """torch.compile traces the block ops whole (custom ops) and gives eager's values and grads."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LINEARS[kind](d_in, d_out, **hp)
+    x = torch.randn(8, d_in, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break is an error
+    y_c = compiled(x)
+    gx_c, *gw_c = torch.autograd.grad(y_c.square().sum(), [x, *layer.parameters()])
+    y_e = layer(x)
+    gx_e, *gw_e = torch.autograd.grad(y_e.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y_c, y_e)
+    for a, b in zip([gx_c, *gw_c], [gx_e, *gw_e], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES[:2])
+def test_flop_counter_sees_inside_the_block_ops(kind, d_in, d_out, hp):
+    """FlopCounterMode counts the custom block ops: forward + backward = 3x the layer's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = LINEARS[kind](d_in, d_out, **hp)
+    x = torch.randn(10, d_in, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == 3 * layer.flops_per_token() * 10
+    # the custom ops torch.compile calls carry the same counts
+    w = torch.randn(4, 3, 5)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.structlm.block_diag_mm(torch.randn(10, 20), w, None)
+        torch.ops.structlm.block_diag_mm_backward(torch.randn(10, 12), torch.randn(10, 20), w,
+                                                  True, False)
+    assert counter.get_total_flops() == 2 * (2 * 10 * 4 * 3 * 5)

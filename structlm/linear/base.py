@@ -13,11 +13,12 @@ Adding a structure is one new file with a `@register("name")` class. Modelled on
 from __future__ import annotations
 
 import math
-import os
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 LINEARS: dict[str, type[StructuredLinear]] = {}
 
@@ -172,31 +173,182 @@ def polar_(w: Tensor) -> None:
 
 # --- the block-diagonal product both block kinds use ----------------------------------------------
 
-BLOCK_MATMUL_ENV = "STRUCTLM_BLOCK_MATMUL"  # auto | bmm | loop
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's."""
+    dev = x.device.type
+    if (
+        x.is_floating_point()
+        and torch.amp.is_autocast_available(dev)  # not on the meta device
+        and torch.is_autocast_enabled(dev)
+    ):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
-def _block_matmul_impl(a: Tensor) -> str:
-    """bmm, or one mm per block: on CPU in bf16/fp16, torch.bmm copies strided operands (in
-    autograd's backward, always) and a loop of mm's, which takes strides as they are, was 1.6-1.8x
-    faster fwd+bwd (BENCHMARKS.md); in fp32 on CPU, and on CUDA, one bmm is the faster call."""
-    choice = os.environ.get(BLOCK_MATMUL_ENV, "auto")
-    if choice not in ("auto", "bmm", "loop"):
-        raise ValueError(f"{BLOCK_MATMUL_ENV}={choice!r}: choose auto, bmm or loop")
-    if choice != "auto":
-        return choice
-    dev = a.device.type
-    dtype = a.dtype
-    if dev == "cpu" and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-    return "loop" if dev == "cpu" and dtype in (torch.bfloat16, torch.float16) else "bmm"
+# Row-layout block-diagonal product: y[:, k*q:(k+1)*q] = x[:, k*p:(k+1)*p] @ w[k].T (+ b).
+# One mm per block that reads its operands and writes its result as column slices of the
+# (T, features) activations: GEMMs take a row stride as it is, so nothing is transposed or copied,
+# forward or backward. (bmm wants block-major (B, T, p) operands: the transposes around it, and the
+# copies CPU bf16 bmm makes of strided operands in autograd's backward, cost as much as the
+# products did; BENCHMARKS.md.)
+# Each op is a plain function, run eagerly through a small autograd.Function, and registered as a
+# custom op for torch.compile, which cannot trace an mm into a strided out= (and generated a 2-3x
+# slower copy for the shuffle). Eager skips the custom-op wrapper: it costs ~40 us a call, which
+# made a 1-token BlockShuffle FFN 30% slower.
 
 
-def block_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """torch.bmm(a, b) for a: (B, T, p), b: (B, p, q) -> (B, T, q), by the faster implementation
-    for a's device and (autocast) dtype; both give the same products."""
-    if _block_matmul_impl(a) == "loop":
-        # unbind, not a[k]: its backward stacks the block grads once instead of adding B
-        # zero-filled full-size tensors
-        pairs = zip(a.unbind(), b.unbind(), strict=True)
-        return torch.stack([torch.mm(ak, bk) for ak, bk in pairs])
-    return torch.bmm(a, b)
+def _block_diag_fwd(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    nb, q, p = w.shape
+    y = x.new_empty(x.shape[0], nb * q)  # (T, B*q)
+    for k in range(nb):
+        xk, yk = x[:, k * p:(k + 1) * p], y[:, k * q:(k + 1) * q]  # (T, p), (T, q) views
+        if bias is None:
+            torch.mm(xk, w[k].t(), out=yk)
+        else:
+            torch.addmm(bias[k * q:(k + 1) * q], xk, w[k].t(), out=yk)
+    return y
+
+
+def _block_diag_bwd(
+    dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool
+) -> tuple[Tensor, Tensor]:
+    """(dx, dw); an unneeded one comes back empty."""
+    nb, q, p = w.shape
+    dy = dy.contiguous()  # (T, B*q); a column stride other than 1 would make every mm copy
+    dx = x.new_empty(x.shape if need_dx else (0,))  # (T, B*p)
+    dw = w.new_empty(w.shape if need_dw else (0,))  # (B, q, p)
+    for k in range(nb):
+        dyk, xk = dy[:, k * q:(k + 1) * q], x[:, k * p:(k + 1) * p]
+        if need_dw:
+            torch.mm(dyk.t(), xk, out=dw[k])  # (q, T) @ (T, p)
+        if need_dx:
+            torch.mm(dyk, w[k], out=dx[:, k * p:(k + 1) * p])  # (T, q) @ (q, p)
+    return dx, dw
+
+
+def _transpose_rows(x: Tensor, a: int, b: int) -> Tensor:
+    y = x.new_empty(x.shape[0], b * a)  # always a new tensor: a custom op's output may not alias
+    y.view(-1, b, a).copy_(x.view(-1, a, b).transpose(1, 2))
+    return y
+
+
+def _block_diag_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x, w, bias = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = bias is not None
+
+
+def _block_diag_grad(ctx, dy: Tensor, bwd=_block_diag_bwd) -> tuple:
+    x, w = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad
+    dx, dw = bwd(dy, x, w, need_dx, need_dw)
+    db = dy.sum(0) if ctx.has_bias and need_db else None
+    return dx if need_dx else None, dw if need_dw else None, db
+
+
+def _transpose_rows_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    _, ctx.a, ctx.b = inputs
+
+
+class _BlockDiagFn(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return _block_diag_fwd(x, w, bias)
+
+    setup_context = staticmethod(_block_diag_setup)
+    backward = staticmethod(once_differentiable(_block_diag_grad))
+
+
+class _TransposeRowsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, a: int, b: int) -> Tensor:
+        return _transpose_rows(x, a, b)
+
+    setup_context = staticmethod(_transpose_rows_setup)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        return _TransposeRowsFn.apply(dy, ctx.b, ctx.a), None, None
+
+
+# the same three functions as custom ops, for torch.compile
+_block_diag_op = torch.library.custom_op(
+    "structlm::block_diag_mm", _block_diag_fwd, mutates_args=()
+)
+_block_diag_bwd_op = torch.library.custom_op(
+    "structlm::block_diag_mm_backward", _block_diag_bwd, mutates_args=()
+)
+_transpose_rows_op = torch.library.custom_op(
+    "structlm::transpose_within_rows", _transpose_rows, mutates_args=()
+)
+
+
+@_block_diag_op.register_fake
+def _(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0] * w.shape[1])
+
+
+@_block_diag_bwd_op.register_fake
+def _(dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape if need_dx else (0,)), w.new_empty(w.shape if need_dw else (0,))
+
+
+@_transpose_rows_op.register_fake
+def _(x: Tensor, a: int, b: int) -> Tensor:
+    return x.new_empty(x.shape[0], b * a)
+
+
+_block_diag_op.register_autograd(
+    lambda ctx, dy: _block_diag_grad(ctx, dy, bwd=_block_diag_bwd_op),
+    setup_context=_block_diag_setup,
+)
+_transpose_rows_op.register_autograd(
+    lambda ctx, dy: (_transpose_rows_op(dy, ctx.b, ctx.a), None, None),
+    setup_context=_transpose_rows_setup,
+)
+
+
+@register_flop_formula(torch.ops.structlm.block_diag_mm)
+def _block_diag_flops(x_shape, w_shape, bias_shape, out_shape=None, **kwargs) -> int:
+    """2 per multiply-add, bias ignored: what FlopCounterMode counts for the mm's inside."""
+    return 2 * x_shape[0] * w_shape[0] * w_shape[1] * w_shape[2]
+
+
+@register_flop_formula(torch.ops.structlm.block_diag_mm_backward)
+def _block_diag_bwd_flops(
+    dy_shape, x_shape, w_shape, need_dx, need_dw, out_shape=None, **kwargs
+) -> int:
+    return (int(need_dx) + int(need_dw)) * _block_diag_flops(x_shape, w_shape, None)
+
+
+def transpose_within_rows(x: Tensor, a: int, b: int) -> Tensor:
+    """x (T, a*b), each row read as an (a, b) matrix -> (T, b*a), each row that matrix transposed:
+    y[t, j*a + i] = x[t, i*b + j]. One copy."""
+    if torch.compiler.is_compiling():
+        return _transpose_rows_op(x, a, b)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TransposeRowsFn.apply(x, a, b)
+    return _transpose_rows(x, a, b)
+
+
+def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """blockdiag(w) applied to the last axis of x, plus bias: x (..., B*p), w (B, q, p),
+    bias (B*q,) -> (..., B*q), block k of the output from block k of the input.
+
+    Inside autocast the operands are cast to the autocast dtype first (through autograd, so the
+    gradients reach the fp32 parameters), as autocast does for mm."""
+    nb, q, p = w.shape
+    lead = x.shape[:-1]
+    dtype = compute_dtype(x)
+    x2 = x.reshape(-1, nb * p).to(dtype)
+    w2 = w.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if torch.compiler.is_compiling():
+        y = _block_diag_op(x2, w2, b)
+    elif torch.is_grad_enabled() and (x2.requires_grad or w2.requires_grad or bias is not None
+                                      and bias.requires_grad):
+        y = _BlockDiagFn.apply(x2, w2, b)
+    else:  # inference: no graph to record, skip autograd.Function's call overhead
+        y = _block_diag_fwd(x2, w2, b)
+    return y.view(*lead, nb * q)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, block_matmul, polar_, register
+from structlm.linear.base import StructuredLinear, block_diag_matmul, polar_, register
 
 
 def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
@@ -35,14 +35,10 @@ def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tenso
 def blockdense_matmul(
     x: Tensor, blkdiag: Tensor, up: Tensor, bias: Tensor | None = None
 ) -> Tensor:
-    """One block-diagonal product, then one dense matmul (+ bias, inside it). Shapes as in the
-    reference."""
-    nb, r, p = blkdiag.shape
-    lead = x.shape[:-1]
-    xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p)
-    h = block_matmul(xb, blkdiag.transpose(1, 2))  # (B, T, r)
-    h = h.transpose(0, 1).reshape(-1, nb * r)  # (T, R), block order
-    return F.linear(h, up, bias).view(*lead, up.shape[0])  # (..., M)
+    """One row-layout block-diagonal product, then one dense matmul (+ bias, inside it): no
+    transposes. Shapes as in the reference."""
+    h = block_diag_matmul(x, blkdiag)  # (..., R), block order
+    return F.linear(h, up, bias)  # (..., M)
 
 
 @register("blockdense")

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, block_matmul, polar_, register
+from structlm.linear.base import (
+    StructuredLinear,
+    block_diag_matmul,
+    polar_,
+    register,
+    transpose_within_rows,
+)
 
 
 def shuffle_indices(nblocks: int, q: int) -> Tensor:
@@ -51,23 +57,20 @@ def blockshuffle_matmul_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor)
     return y.view(*lead, nb * s)
 
 
-def blockshuffle_matmul(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor:
-    """Two bmm's with the shuffles done as one copy each (PERF_NOTES: the transposes around bmm are
-    the cost to cut). Shapes as in the reference."""
+def blockshuffle_matmul(
+    x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Two row-layout block products (`block_diag_matmul`: no transposes around the GEMMs) and
+    the two shuffles as one copy each, within every row; the bias rides in the second product.
+    Shapes as in the reference."""
     nb, q, p = blkdiag1.shape
     s = blkdiag2.shape[1]
     lead = x.shape[:-1]
-    xb = x.reshape(-1, nb, p).transpose(0, 1)  # (B, T, p), a strided view: no copy
-    h = block_matmul(xb, blkdiag1.transpose(1, 2))  # (B, T, q): h[k, t, i] = flat h[k*q + i]
-    T = h.shape[1]
-    if q % nb == 0:
-        # flat index k*q + m*B + j -> z[j, t, k*(q/B) + m]: one permute-copy,
-        # straight into bmm layout
-        z = h.view(nb, T, q // nb, nb).permute(3, 1, 0, 2).reshape(nb, T, q)  # (B, T, q)
-    else:  # general q: view flat h as (q, B) row-major and read it transposed
-        z = h.transpose(0, 1).reshape(T, q, nb).permute(2, 0, 1)  # (B, T, q)
-    u = block_matmul(z, blkdiag2.transpose(1, 2))  # (B, T, s)
-    y = u.permute(1, 2, 0).reshape(T, s * nb)  # (T, s, B) -> flat i*B + j, one copy
+    h = block_diag_matmul(x.reshape(-1, nb * p), blkdiag1)  # (T, B*q), flat k*q + i
+    z = transpose_within_rows(h, q, nb)  # (T, B*q): z_j[i] = h[i*B + j]
+    b = None if bias is None else bias.view(s, nb).t().reshape(-1)  # u's order: b_j[i] = b[i*B+j]
+    u = block_diag_matmul(z, blkdiag2, b)  # (T, B*s), flat j*s + i
+    y = transpose_within_rows(u, nb, s)  # (T, s*B): y[i*B + j] = u_j[i]
     return y.view(*lead, nb * s)
 
 
@@ -97,8 +100,10 @@ class BlockShuffleLinear(StructuredLinear):
         self.blkdiag2 = nn.Parameter(torch.empty(nblocks, o, q, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return blockshuffle_matmul(x, self.blkdiag1, self.blkdiag2)
+    fuses_bias = True
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return blockshuffle_matmul(x, self.blkdiag1, self.blkdiag2, bias)
 
     @classmethod
     def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
