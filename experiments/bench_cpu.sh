@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The CPU benchmark run behind BENCHMARKS.md (~25 min on 2 cores). Rows go to $OUT/*.jsonl, plots to $OUT/*.png.
+# COMPILE=1 adds the torch.compile'd FFN and training-step runs ($OUT/*_compiled.jsonl, ~5 min more).
 # On a GPU machine the same commands run on CUDA (add e.g. --widths 1024,2048,3072,4096,5120 --dtype bf16).
 set -euo pipefail
 OUT=${OUT:-docs/bench}
@@ -14,8 +15,17 @@ structlm bench ffn --dtype "$DTYPE" --widths 768,1024,1536 --tokens 1,16,256,204
   --plot "$OUT/ffn_fwd.png"
 structlm bench ffn --dtype "$DTYPE" --widths 1024 --tokens 4096 --backward --json "$OUT/ffn.jsonl"
 structlm bench train "${D768[@]}" --dtype "$DTYPE" --batch 8 --seq 256 --reps 3 --json "$OUT/train.jsonl"
+# the paper's d=768 model at full depth (12 layers), ~1 min more
+structlm bench train "${D768[@]}" --model.n_layer 12 --dtype "$DTYPE" --batch 8 --seq 256 --reps 3 \
+  --json "$OUT/train.jsonl"
 structlm bench prefill "${D768[@]}" --dtype "$DTYPE" --batch 4 --seq 256 --json "$OUT/prefill.jsonl"
 structlm bench crossover "${D768[@]}" --dtype "$DTYPE" --json "$OUT/crossover.jsonl" --plot "$OUT/crossover.png"
 structlm bench decode "${D768[@]}" --dtype "$DTYPE" --gen 32 --reps 5 --json "$OUT/decode.jsonl"
 structlm bench decode --preset small --dtype "$DTYPE" --gen 32 --reps 5 --calibrate --json "$OUT/decode.jsonl"
 structlm bench maxbatch "${D768[@]}" --dtype "$DTYPE" --gen 256 --max_batch 1024 --json "$OUT/maxbatch.jsonl"
+if [[ "${COMPILE:-0}" == 1 ]]; then
+  structlm bench ffn --dtype "$DTYPE" --widths 1024 --tokens 4096 --backward --compile \
+    --json "$OUT/ffn_compiled.jsonl"
+  structlm bench train "${D768[@]}" --dtype "$DTYPE" --batch 8 --seq 256 --reps 3 --compile \
+    --json "$OUT/train_compiled.jsonl"
+fi
