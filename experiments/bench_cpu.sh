@@ -11,7 +11,7 @@ D768=(--preset paper-s --model.n_layer 4 --model.vocab_size 8192 --model.ffn.kin
 structlm bench peak --dtype "$DTYPE" --json "$OUT/peak.jsonl"
 structlm bench kernel --dtype "$DTYPE" --tokens 4096 --json "$OUT/kernel.jsonl"
 structlm bench kernel --dtype "$DTYPE" --tokens 4096 --backward --json "$OUT/kernel.jsonl"
-structlm bench ffn --dtype "$DTYPE" --widths 768,1024,1536 --tokens 1,16,256,2048 --json "$OUT/ffn.jsonl" \
+structlm bench ffn --dtype "$DTYPE" --widths 768,1024,1536,2048 --tokens 1,16,256,2048 --json "$OUT/ffn.jsonl" \
   --plot "$OUT/ffn_fwd.png"
 structlm bench ffn --dtype "$DTYPE" --widths 1024 --tokens 4096 --backward --json "$OUT/ffn.jsonl"
 structlm bench train "${D768[@]}" --dtype "$DTYPE" --batch 8 --seq 256 --reps 3 --json "$OUT/train.jsonl"
