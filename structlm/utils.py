@@ -119,5 +119,7 @@ def reuse_freed_memory() -> bool:
     if choice == "system" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
-    return ok and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    # older glibc caps the mmap threshold at HEAP_MAX_SIZE/2 (32 MiB on 64-bit): fall back to that
+    mmap_ok = any(libc.mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 1 << 25))
+    trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    return mmap_ok and trim_ok

@@ -227,3 +227,36 @@ def test_flop_counter_sees_inside_the_block_ops(kind, d_in, d_out, hp):
         torch.ops.structlm.block_diag_mm_backward(torch.randn(10, 12), torch.randn(10, 20), w,
                                                   True, False)
     assert counter.get_total_flops() == 2 * (2 * 10 * 4 * 3 * 5)
+
+
+@pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES[:3])
+def test_block_layers_compose_with_autograd_and_torch_func(kind, d_in, d_out, hp):
+    """fp64 stays fp64 under autocast (as autocast leaves it), and the layers support double
+    backward, torch.func.vmap and forward-mode AD, all equal to the reference op."""
+    g = torch.Generator().manual_seed(5)
+    layer = _layer(kind, d_in, d_out, hp)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(d_out, dtype=torch.float64, generator=g))
+    _, ref_op = matmul_pair(kind)
+
+    def ref(t):
+        return ref_op(t, *layer.weights()) + layer.bias
+
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.float64
+    # double backward: the gradient of a gradient
+    hvp = []
+    for f in (layer, ref):
+        (gx,) = torch.autograd.grad(f(x).pow(2).sum(), [x], create_graph=True)
+        hvp.append(torch.autograd.grad(gx.sum(), [x, *layer.parameters()]))
+    for a, b in zip(*hvp, strict=True):
+        torch.testing.assert_close(a, b)
+    # vmap over a leading axis, and forward-mode AD
+    xs = x.detach()
+    torch.testing.assert_close(torch.func.vmap(layer)(xs), ref(xs))
+    t = torch.randn(xs.shape, dtype=torch.float64, generator=g)
+    out, tangent = torch.func.jvp(layer, (xs,), (t,))
+    out_r, tangent_r = torch.func.jvp(ref, (xs,), (t,))
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(tangent, tangent_r)

@@ -16,8 +16,8 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 LINEARS: dict[str, type[StructuredLinear]] = {}
@@ -175,10 +175,12 @@ def polar_(w: Tensor) -> None:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's."""
+    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region (which, like
+    autocast, leaves fp64 alone), else x's."""
     dev = x.device.type
     if (
         x.is_floating_point()
+        and x.dtype != torch.float64
         and torch.amp.is_autocast_available(dev)  # not on the meta device
         and torch.is_autocast_enabled(dev)
     ):
@@ -233,6 +235,31 @@ def _transpose_rows(x: Tensor, a: int, b: int) -> Tensor:
     return y
 
 
+def _block_diag_composable(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """The same product from composable ops (no out=): for torch.func transforms and forward AD."""
+    nb, q, p = w.shape
+    y = torch.einsum("tkp,kqp->tkq", x.reshape(-1, nb, p), w).reshape(-1, nb * q)
+    return y if bias is None else y + bias
+
+
+def _block_diag_bwd_composable(dy: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dw) from composable ops: differentiable, for a backward that records a graph."""
+    nb, q, p = w.shape
+    dyb, xb = dy.reshape(-1, nb, q), x.reshape(-1, nb, p)
+    return torch.einsum("tkq,kqp->tkp", dyb, w).reshape(x.shape), torch.einsum(
+        "tkq,tkp->kqp", dyb, xb
+    )
+
+
+def _needs_composable_ops(*ts: Tensor | None) -> bool:
+    """Under torch.func transforms (vmap, jvp, grad) or with forward-AD dual tensors: the fast
+    paths write into out= buffers, which neither supports."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        return True
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
 def _block_diag_setup(ctx, inputs: tuple, output: Tensor) -> None:
     x, w, bias = inputs
     ctx.save_for_backward(x, w)
@@ -242,7 +269,10 @@ def _block_diag_setup(ctx, inputs: tuple, output: Tensor) -> None:
 def _block_diag_grad(ctx, dy: Tensor, bwd=_block_diag_bwd) -> tuple:
     x, w = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad
-    dx, dw = bwd(dy, x, w, need_dx, need_dw)
+    if torch.is_grad_enabled():  # backward(create_graph=True): a differentiable backward
+        dx, dw = _block_diag_bwd_composable(dy, x, w)
+    else:
+        dx, dw = bwd(dy, x, w, need_dx, need_dw)
     db = dy.sum(0) if ctx.has_bias and need_db else None
     return dx if need_dx else None, dw if need_dw else None, db
 
@@ -257,7 +287,7 @@ class _BlockDiagFn(torch.autograd.Function):
         return _block_diag_fwd(x, w, bias)
 
     setup_context = staticmethod(_block_diag_setup)
-    backward = staticmethod(once_differentiable(_block_diag_grad))
+    backward = staticmethod(_block_diag_grad)
 
 
 class _TransposeRowsFn(torch.autograd.Function):
@@ -327,6 +357,8 @@ def transpose_within_rows(x: Tensor, a: int, b: int) -> Tensor:
     y[t, j*a + i] = x[t, i*b + j]. One copy."""
     if torch.compiler.is_compiling():
         return _transpose_rows_op(x, a, b)
+    if _needs_composable_ops(x):
+        return x.reshape(-1, a, b).transpose(1, 2).reshape(-1, b * a)
     if torch.is_grad_enabled() and x.requires_grad:
         return _TransposeRowsFn.apply(x, a, b)
     return _transpose_rows(x, a, b)
@@ -337,7 +369,8 @@ def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tenso
     bias (B*q,) -> (..., B*q), block k of the output from block k of the input.
 
     Inside autocast the operands are cast to the autocast dtype first (through autograd, so the
-    gradients reach the fp32 parameters), as autocast does for mm."""
+    gradients reach the fp32 parameters), as autocast does for mm. Double backward, torch.func
+    transforms and forward AD work (through composable ops, slower)."""
     nb, q, p = w.shape
     lead = x.shape[:-1]
     dtype = compute_dtype(x)
@@ -346,6 +379,8 @@ def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tenso
     b = None if bias is None else bias.to(dtype)
     if torch.compiler.is_compiling():
         y = _block_diag_op(x2, w2, b)
+    elif _needs_composable_ops(x2, w2, b):
+        y = _block_diag_composable(x2, w2, b)
     elif torch.is_grad_enabled() and (x2.requires_grad or w2.requires_grad or bias is not None
                                       and bias.requires_grad):
         y = _BlockDiagFn.apply(x2, w2, b)
