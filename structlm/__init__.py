@@ -11,47 +11,42 @@ The Python API (every CLI subcommand calls one of these):
     model, cfg = structlm.load_model("runs/bd")
     text = structlm.Generator.load("runs/bd").generate("ROMEO:", max_new_tokens=50)
     structlm.param_groups(cfg.model), structlm.flops_per_token(cfg.model)
+
+`import structlm` is light: each name is imported from its module on first use, so the training
+loop, the benchmarks and matplotlib load only when something needs them.
 """
 
-from structlm.bench import bench_decode, bench_ffn, bench_kernel, bench_train
-from structlm.checkpoint import load_model
-from structlm.config import (
-    PRESETS,
-    DataConfig,
-    LinearSpec,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    SGTConfig,
-    TrainConfig,
-    from_dict,
-    to_dict,
-)
-from structlm.data import Batches, prepare
-from structlm.evaluate import evaluate
-from structlm.flops import flops_per_token, param_groups, tokens_for_budget, train_flops
-from structlm.generate import Generator
-from structlm.linear import (
-    LINEARS,
-    GuidedLinear,
-    PreMergedLinear,
-    StructuredLinear,
-    build_linear,
-    choose_hparams,
-    merge_linears,
-    premerge,
-    register,
-)
-from structlm.model import GPT, KVCache
-from structlm.train import Summary, train
+from __future__ import annotations
 
-__all__ = [
-    "PRESETS", "RunConfig", "ModelConfig", "LinearSpec", "DataConfig", "OptimConfig", "TrainConfig",
-    "SGTConfig", "to_dict", "from_dict",
-    "LINEARS", "StructuredLinear", "register", "build_linear", "choose_hparams",
-    "GuidedLinear", "PreMergedLinear", "merge_linears", "premerge",
-    "GPT", "KVCache", "load_model", "Generator",
-    "prepare", "Batches", "train", "Summary", "evaluate",
-    "param_groups", "flops_per_token", "train_flops", "tokens_for_budget",
-    "bench_kernel", "bench_ffn", "bench_train", "bench_decode",
-]
+import importlib
+
+_EXPORTS = {  # public name -> the module that defines it
+    "structlm.config": ("PRESETS", "RunConfig", "ModelConfig", "DataConfig", "OptimConfig",
+                        "TrainConfig", "SGTConfig", "to_dict", "from_dict"),
+    "structlm.linear": ("LinearSpec", "LINEARS", "StructuredLinear", "register", "unregister",
+                        "build_linear", "choose_hparams", "GuidedLinear", "PreMergedLinear",
+                        "wrap_guided", "unwrap_guided", "merge_linears", "premerge", "unmerge",
+                        "replace_modules"),
+    "structlm.model": ("GPT", "KVCache"),
+    "structlm.checkpoint": ("load_model",),
+    "structlm.generate": ("Generator",),
+    "structlm.data": ("prepare", "Batches"),
+    "structlm.training": ("train", "Summary"),
+    "structlm.evaluate": ("evaluate",),
+    "structlm.flops": ("param_groups", "flops_per_token", "train_flops", "tokens_for_budget"),
+    "structlm.bench": ("bench_kernel", "bench_ffn", "bench_train", "bench_decode"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'structlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

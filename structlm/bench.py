@@ -1,190 +1,41 @@
-"""Benchmarks: careful timing, pre-merge crossover calibration, decoding latency.
+"""Benchmarks: the suite `structlm bench NAME` runs, and the table the CLI reads (`BENCHMARKS`).
 
-Methodology (PERF_NOTES): warm up, interleave the variants being compared, repeat, report medians
-(and min/max) and ratios measured within one run; synchronise on accelerators. Every function
-returns rows (dicts with their full context: device, dtype, torch version, shapes, kind, ms,
-tokens/s) for JSONL output.
+    peak       square-matmul throughput (the roofline)
+    kernel     each structured op vs its dense matrix and vs a dense matmul of the same FLOPs
+    ffn        a whole FFN per structure at 63% / 32% vs dense, over widths and token counts
+    train      a training step of the dense and the structured model (MFU against peak)
+    prefill    whole-model forward throughput
+    decode     per-token decode latency: dense, structured, pre-merged
+    maxbatch   the largest decode batch that fits, and its throughput
+    crossover  where pre-merge stops paying off, per layer shape (cached for generation)
+
+Methodology (structlm.timing): warm up, interleave the variants, repeat, report medians and ratios
+from one run. Every function returns rows (dicts with their full context: device, dtype, torch
+version, shapes, kind, ms, tokens/s) for JSONL output. Which structures are timed comes from the
+registry: every registered kind with a budget rule, at its own `bench_fractions`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from structlm.config import LinearSpec, ModelConfig
-from structlm.linear import build_linear
-from structlm.linear.base import StructuredLinear
-from structlm.linear.guided import layer_key, premerge, unmerge
+from structlm.config import ModelConfig
+from structlm.flops import ffn_params, flops_per_token
+from structlm.linear.merge import cache_path, premerge, thresholds_for, unmerge
+from structlm.linear.registry import LinearSpec, build_linear, choose_hparams, linear_class
+from structlm.linear.registry import structured_kinds as registered_kinds
+from structlm.model import GPT, MLP
+from structlm.timing import context, median_ms, time_interleaved
 from structlm.utils import autocast, synchronize
-
-# pre-merge below 16 tokens per call when uncalibrated (the paper's example)
-DEFAULT_MAX_DENSE_TOKENS = 16
-TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-
-def device_name(device: torch.device) -> str:
-    """A stable name for the hardware a timing belongs to."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} x{torch.get_num_threads()} threads"
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 7,
-    min_time: float = 0.02, warmup: int = 2,
-) -> dict[str, list[float]]:
-    """Seconds per call of each fn, interleaved: every repetition runs every variant once (in
-    rotating order), each timed over enough inner calls to last `min_time`. Returns
-    {name: [seconds per call]}."""
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        n, t = 1, 0.0
-        while True:  # calibrate the inner loop count
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            synchronize(device)
-            t = time.perf_counter() - t0
-            if t >= min_time or n >= 1 << 16:
-                break
-            n *= 2
-        inner[name] = n
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, n = fns[name], inner[name]
-            synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            synchronize(device)
-            out[name].append((time.perf_counter() - t0) / n)
-    return out
-
-
-def context(device: torch.device, dtype: torch.dtype | None) -> dict:
-    return {"device": device_name(device),
-            "dtype": str(dtype or torch.float32).replace("torch.", ""), "torch": torch.__version__}
-
-
-# --- pre-merge crossover --------------------------------------------------------------------------
-
-
-def cache_path() -> Path:
-    root = os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm"
-    return Path(root) / "premerge.json"
-
-
-def crossover_key(layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None) -> str:
-    """Cache key: a threshold is valid only for this device, dtype, torch version, kind, shape and
-    hp."""
-    c = context(device, dtype)
-    return json.dumps([c["device"], c["dtype"], c["torch"], *map(str, layer_key(layer))])
-
-
-def load_cache() -> dict[str, int]:
-    p = cache_path()
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def save_cache(cache: dict[str, int]) -> None:
-    p = cache_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    tmp.replace(p)
-
-
-@torch.no_grad()
-def calibrate_layer(
-    layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None,
-    tokens: tuple[int, ...] = TOKEN_GRID, reps: int = 5,
-) -> tuple[int, list[dict]]:
-    """Time the structured path against the merged dense matrix at each token count.
-
-    Returns (threshold, rows): the merged path is used below `threshold` tokens. The threshold is
-    the smallest measured count from which the structured path is faster (or within 5%) at every
-    larger count (1 if it always is, one past the grid if it never is)."""
-    layer = layer.to(device).eval()
-    merged = layer.to_dense()
-    bias = layer.bias
-    rows, faster = [], []
-    for T in tokens:
-        x = torch.randn(T, layer.d_in, device=device)
-        with autocast(device, dtype):
-            times = time_interleaved(
-                {"structured": lambda x=x: layer(x),
-                 "merged": lambda x=x: torch.nn.functional.linear(x, merged, bias)},
-                device, reps=reps, min_time=0.01,
-            )
-        s, m = statistics.median(times["structured"]), statistics.median(times["merged"])
-        faster.append(s <= 1.05 * m)  # a tie within timing noise goes to the path with fewer FLOPs
-        rows.append({"bench": "crossover", **context(device, dtype), "kind": layer.kind,
-                     "d_in": layer.d_in, "d_out": layer.d_out, **layer.hp, "tokens": T,
-                     "structured_ms": 1e3 * s, "merged_ms": 1e3 * m, "speedup": m / s})
-    threshold = tokens[-1] * 2
-    for i in range(len(tokens) - 1, -1, -1):
-        if not faster[i]:
-            break
-        threshold = tokens[i]
-    return threshold, rows
-
-
-def thresholds_for(
-    model: nn.Module, device: torch.device, dtype: torch.dtype | None, calibrate: bool = False,
-    progress: bool = False,
-) -> tuple[dict[tuple, int], list[dict]]:
-    """Pre-merge thresholds for every distinct structured layer of `model`: from the cache, measured
-    when `calibrate` (and cached), else DEFAULT_MAX_DENSE_TOKENS. Returns
-    ({layer_key: threshold}, rows)."""
-    cache = load_cache()
-    out, rows, changed = {}, [], False
-    layers = {layer_key(m): m for m in model.modules()
-              if isinstance(m, StructuredLinear) and m.kind != "dense"}
-    for key, layer in layers.items():
-        ck = crossover_key(layer, device, dtype)
-        if ck in cache and not calibrate:
-            out[key] = cache[ck]
-        elif calibrate:
-            if progress:
-                print(f"calibrating {layer.kind} {layer.d_in}->{layer.d_out} {layer.hp} ...",
-                      flush=True)
-            out[key], r = calibrate_layer(layer, device, dtype)
-            rows += r
-            cache[ck] = out[key]
-            changed = True
-        else:
-            out[key] = DEFAULT_MAX_DENSE_TOKENS
-    if changed:
-        save_cache(cache)
-    return out, rows
-
 
 # --- decoding -------------------------------------------------------------------------------------
 
@@ -220,8 +71,6 @@ def bench_decode(
 ) -> list[dict]:
     """Per-token decode latency of the dense model, the structured model, and the structured model
     with pre-merge, all with identical non-FFN layers; variants interleaved per repetition."""
-    from structlm.model import GPT
-
     torch.manual_seed(0)
     structured = GPT(cfg).to(device).eval()
     dense_cfg = dataclasses.replace(cfg, ffn=LinearSpec())
@@ -252,10 +101,6 @@ def bench_decode(
 # --- the suite: peak, kernel, ffn, train, prefill, maxbatch ---------------------------------------
 
 
-def _median_ms(ts: list[float]) -> tuple[float, float, float]:
-    return 1e3 * statistics.median(ts), 1e3 * min(ts), 1e3 * max(ts)
-
-
 @torch.no_grad()
 def bench_peak(device: torch.device, dtype: torch.dtype | None, quick: bool = False) -> list[dict]:
     """Measured square-matmul throughput: the roofline every other figure is compared with."""
@@ -266,7 +111,7 @@ def bench_peak(device: torch.device, dtype: torch.dtype | None, quick: bool = Fa
         o = torch.empty(n, n, device=device, dtype=a.dtype)
         ts = time_interleaved({"mm": lambda: torch.mm(a, b, out=o)},  # noqa: B023
                               device, reps=3 if quick else 5)["mm"]
-        ms, lo, hi = _median_ms(ts)
+        ms, lo, hi = median_ms(ts)
         rows.append({"bench": "peak", **context(device, dtype), "n": n, "ms": ms, "ms_min": lo,
                      "ms_max": hi, "gflops": 2 * n**3 / (ms * 1e-3) / 1e9})
     return rows
@@ -276,33 +121,48 @@ def peak_gflops(rows: list[dict]) -> float:
     return max(r["gflops"] for r in rows if r["bench"] == "peak")
 
 
-KERNEL_SHAPES = [  # (kind, d_in, d_out, hp): the FFN shapes of the paper's widths at 32% / 63%
-    ("lowrank", 1024, 4096, {"rank": 256}), ("lowrank", 4096, 1024, {"rank": 256}),
-    ("blockdense", 1024, 4096, {"rank": 384, "nblocks": 4}),
-    ("blockdense", 4096, 1024, {"rank": 384, "nblocks": 4}),
-    ("blockshuffle", 1024, 4096, {"nblocks": 4}), ("blockshuffle", 4096, 1024, {"nblocks": 4}),
-    ("blockshuffle", 1024, 4096, {"nblocks": 2}), ("blockshuffle", 4096, 1024, {"nblocks": 2}),
-]
+def kernel_specs(width: int, kinds: list[str] | None = None) -> list[tuple[int, int, LinearSpec]]:
+    """(d_in, d_out, spec) of the FFN layers (width -> 4 width -> width) of every structure at each
+    of its `bench_fractions` (at width 1024: LowRank R=256, BlockDense R=384 B=4, BlockShuffle B=4
+    and B=2)."""
+    shapes = [(width, 4 * width), (4 * width, width)]
+    out = []
+    for kind in kinds or structured_kinds():
+        for f in linear_class(kind).bench_fractions:
+            spec = choose_hparams(kind, shapes, f)
+            out += [(n, m, spec) for n, m in shapes]
+    return out
+
+
+def structured_kinds() -> list[str]:
+    """The registered structures a budget rule can size (the ones benchmarks compare)."""
+    out = []
+    for kind in registered_kinds():
+        try:
+            linear_class(kind).budget([(64, 256), (256, 64)], 0.5)
+        except ValueError:
+            continue
+        out.append(kind)
+    return out
 
 
 def bench_kernel(
     device: torch.device, dtype: torch.dtype | None, tokens: int = 4096, quick: bool = False,
-    backward: bool = False,
+    backward: bool = False, kinds: list[str] | None = None,
 ) -> list[dict]:
-    """Each structured op against its dense equivalent and against a dense matmul of the same FLOPs.
+    """Each structured op against its dense equivalent and against a dense matmul of the same FLOPs
+    (the FFN shapes of width 1024, or 256 with `quick`; `kinds` limits the structures).
 
     `efficiency` = same-FLOP dense time / op time: the share of dense-matmul throughput the op
     reaches."""
-    shapes = [(k, n // 4, m // 4, {h: v // 4 if h == "rank" else v for h, v in hp.items()})
-              for k, n, m, hp in KERNEL_SHAPES] if quick else KERNEL_SHAPES
     tokens = 256 if quick else tokens
     rows = []
-    for kind, d_in, d_out, hp in shapes:
-        layer = build_linear(LinearSpec(kind, **hp), d_in, d_out, bias=False, device=device)
+    for d_in, d_out, spec in kernel_specs(256 if quick else 1024, kinds):
+        layer = build_linear(spec, d_in, d_out, bias=False, device=device)
         # the dense weights take gradients as the structured factors do: fwd+bwd is three GEMM
         # passes (y, dx, dW) for every variant
         w_dense = layer.to_dense().requires_grad_(backward)
-        flops = 2 * tokens * layer.weight_params(d_in, d_out, **hp)
+        flops = tokens * layer.flops_per_token()
         # (T, d_in) @ (d_in, k_same): same FLOPs
         k_same = max(1, round(flops / (2 * tokens * d_in)))
         w_same = torch.randn(k_same, d_in, device=device, requires_grad=backward)
@@ -322,20 +182,14 @@ def bench_kernel(
         t = time_interleaved(fns, device, reps=3 if quick else 7)
         s, d, same = (statistics.median(t[k]) for k in ("structured", "dense", "same_flops"))
         mult = 3 if backward else 1
-        rows.append({"bench": "kernel", **context(device, dtype), "kind": kind, "d_in": d_in,
-                     "d_out": d_out, **hp, "tokens": tokens,
+        rows.append({"bench": "kernel", **context(device, dtype), "kind": spec.kind,
+                     "d_in": d_in, "d_out": d_out, **spec.hparams(), "tokens": tokens,
                      "pass": "fwd+bwd" if backward else "fwd",
                      "ms": 1e3 * s, "dense_ms": 1e3 * d, "same_flops_ms": 1e3 * same,
                      "gflops": mult * flops / s / 1e9, "speedup": d / s,
-                     "ideal": d_in * d_out / layer.weight_params(d_in, d_out, **hp),
+                     "ideal": 2 * d_in * d_out / layer.flops_per_token(),
                      "efficiency": same / s})
     return rows
-
-
-def _mlp(cfg: ModelConfig, device):
-    from structlm.model import MLP
-
-    return MLP(cfg, layer=1).to(device)
 
 
 def bench_ffn(
@@ -343,24 +197,23 @@ def bench_ffn(
     widths: tuple[int, ...] = (768, 1024, 1536, 2048),
     tokens: tuple[int, ...] = (1, 16, 256, 4096), backward: bool = False, quick: bool = False,
     fractions: tuple[float, ...] = (0.63, 0.32), compile: bool = False,
+    kinds: list[str] | None = None,
 ) -> list[dict]:
     """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%,
     against dense (every variant torch.compile'd with compile=True).
 
     Variants are interleaved per (width, tokens); `ideal` is the parameter (= FLOP) ratio."""
-    from structlm.linear import choose_hparams
-
     if quick:
         widths, tokens = (256,), (16, 256)
     rows = []
     for d in widths:
         specs = {"dense": LinearSpec()}
         for f in fractions:
-            for kind in ("lowrank", "blockdense", "blockshuffle"):
+            for kind in kinds or structured_kinds():
                 specs[f"{kind}-{round(f * 100)}"] = choose_hparams(
                     kind, [(d, 4 * d), (4 * d, d)], f
                 )
-        mlps = {name: _mlp(ModelConfig(d_model=d, d_ff=4 * d, n_head=1, ffn=spec), device)
+        mlps = {name: MLP(ModelConfig(d_model=d, d_ff=4 * d, n_head=1, ffn=spec), 1).to(device)
                 for name, spec in specs.items()}
         params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1)
                   for name, m in mlps.items()}
@@ -383,7 +236,7 @@ def bench_ffn(
                                      reps=3 if quick else 5)
             base = statistics.median(t["dense"])
             for name, ts in t.items():
-                ms, lo, hi = _median_ms(ts)
+                ms, lo, hi = median_ms(ts)
                 rows.append({"bench": "ffn", **context(device, dtype), "compiled": compile,
                              "variant": name,
                              "kind": specs[name].kind, **specs[name].hparams(), "width": d,
@@ -402,8 +255,6 @@ def bench_train(
     """Training-step throughput (forward + backward + AdamW) of the dense and the structured model,
     interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py).
     compile=True times torch.compile'd models (compiled during the warm-up step)."""
-    from structlm.flops import flops_per_token
-    from structlm.model import GPT
 
     cfgs = {"dense": dataclasses.replace(cfg, ffn=LinearSpec()), "structured": cfg}
     models = {k: GPT(cfgs[k]).to(device) for k in kinds}
@@ -425,7 +276,7 @@ def bench_train(
     base = statistics.median(t[kinds[0]])
     rows = []
     for k, ts in t.items():
-        ms, lo, hi = _median_ms(ts)
+        ms, lo, hi = median_ms(ts)
         fpt = 3 * flops_per_token(cfgs[k], seq)["total"]
         achieved = fpt * batch * seq / (ms * 1e-3) / 1e9
         rows.append({"bench": "train", **context(device, dtype), "compiled": compile,
@@ -444,8 +295,6 @@ def bench_prefill(
     seq: int = 256, reps: int = 5,
 ) -> list[dict]:
     """Whole-model forward throughput on (batch, seq) inputs, dense vs structured, interleaved."""
-    from structlm.model import GPT
-
     models = {"dense": GPT(dataclasses.replace(cfg, ffn=LinearSpec())).to(device).eval(),
               "structured": GPT(cfg).to(device).eval()}
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -461,7 +310,7 @@ def bench_prefill(
     base = statistics.median(t["dense"])
     return [{"bench": "prefill", **context(device, dtype), "variant": k,
              "kind": models[k].cfg.ffn.kind, "d_model": cfg.d_model, "batch": batch, "seq": seq,
-             "ms": _median_ms(ts)[0], "tokens_per_s": batch * seq / statistics.median(ts),
+             "ms": median_ms(ts)[0], "tokens_per_s": batch * seq / statistics.median(ts),
              "speedup": base / statistics.median(ts)}
             for k, ts in t.items()]
 
@@ -471,8 +320,8 @@ def decode_step(
     model: nn.Module, batch: int, gen: int, device: torch.device, dtype: torch.dtype | None,
 ) -> Callable[[], None]:
     """A closure running one decode step of `batch` sequences at the last position of a full
-    `gen`-token KV cache, as the paper measures throughput (SPEC §7.5). Allocates the cache now, so
-    an out-of-memory error surfaces here."""
+    `gen`-token KV cache, as the paper measures throughput (docs/method.md §7.5). Allocates the
+    cache now, so an out-of-memory error surfaces here."""
     c = model.cfg
     cache = model.make_cache(gen)
     for layer in range(c.n_layer):
@@ -496,9 +345,7 @@ def bench_maxbatch(
 ) -> list[dict]:
     """The largest decode batch that fits (linear search from `start` in `step`s until out of memory
     or `max_batch`, as the paper's cac_batch.py), and the decode throughput at that batch
-    (SPEC §7.5)."""
-    from structlm.model import GPT
-
+    (docs/method.md §7.5)."""
     rows = []
     for variant, c in (("dense", dataclasses.replace(cfg, ffn=LinearSpec())), ("structured", cfg)):
         model = GPT(c).to(device).eval()
@@ -527,13 +374,9 @@ def plot_rows(
     facet: str | None = None,
 ) -> None:
     """One line per `group` value of y against x (matplotlib, Agg); one panel per `facet` value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(dict.fromkeys(r[facet] for r in rows)) if facet else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4.5), squeeze=False)
+    fig = Figure(figsize=(5 * len(panels) + 1, 4.5))  # no pyplot: no global backend state
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         sub = [r for r in rows if facet is None or r[facet] == panel]
         for g in dict.fromkeys(r[group] for r in sub):
@@ -548,4 +391,107 @@ def plot_rows(
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)
+
+
+# --- the table `structlm bench` reads ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The options every benchmark draws from (the CLI's flags)."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    quick: bool = False  # small shapes, few repetitions
+    backward: bool = False  # kernel/ffn: forward + backward
+    compile: bool = False  # ffn/train: torch.compile every variant
+    widths: tuple[int, ...] = (768, 1024, 1536, 2048)  # ffn
+    tokens: tuple[int, ...] = (1, 16, 256, 4096)  # ffn; kernel: the last one
+    batch: int | None = None  # decode/train/prefill
+    seq: int = 256  # train/prefill
+    prompt: int = 32  # decode
+    gen: int = 32  # decode/maxbatch
+    reps: int = 5
+    max_batch: int = 4096  # maxbatch
+    calibrate: bool = False  # decode: calibrate pre-merge first
+    kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    run: Callable[[BenchOptions, ModelConfig], list[dict]]
+    columns: tuple[str, ...]  # what the printed table shows
+    plot: tuple[str, str, str] = ("batch", "tokens_per_s", "variant")  # x, y, one line per
+    facet: str | None = None  # one panel per value of this column
+    notes: Callable[[list[dict]], list[str]] | None = None  # lines printed after the table
+
+
+def quick_model(cfg: ModelConfig) -> ModelConfig:
+    """A 2-layer d=128 model of the same kind, at the same share of the dense FFN parameters."""
+    small = dataclasses.replace(
+        cfg, n_layer=2, d_model=128, d_ff=512, n_head=4, n_kv_head=None, attn_dim=None,
+        vocab_size=1024, dense_ffn_layers=(0,), ffn=LinearSpec(),
+    )
+    if cfg.ffn.kind == small.ffn.kind:
+        return small
+    share = ffn_params(dataclasses.replace(cfg, dense_ffn_layers=()), bias=False) / ffn_params(
+        dataclasses.replace(cfg, dense_ffn_layers=(), ffn=LinearSpec()), bias=False)
+    spec = choose_hparams(cfg.ffn.kind, [(n, m) for _, n, m in small.ffn_shapes()], share)
+    return dataclasses.replace(small, ffn=spec)
+
+
+def _crossover(o: BenchOptions, m: ModelConfig) -> list[dict]:
+    thresholds, rows = thresholds_for(GPT(m), o.device, o.dtype, calibrate=True, progress=True)
+    for r in rows:
+        r["threshold"] = next(t for k, t in thresholds.items() if k[:3] == (r["kind"], r["d_in"],
+                                                                            r["d_out"]))
+    return rows
+
+
+def _crossover_notes(rows: list[dict]) -> list[str]:
+    seen = {(r["kind"], r["d_in"], r["d_out"]): r["threshold"] for r in rows}
+    return [f"pre-merge {k} {n}->{m}: merged dense below {t} tokens per call"
+            for (k, n, m), t in seen.items()] + [f"cached in {cache_path()}"]
+
+
+def _peak_of(o: BenchOptions) -> float:
+    return max(r["gflops"] for r in bench_peak(o.device, o.dtype, quick=True))
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "peak": Benchmark(
+        lambda o, m: bench_peak(o.device, o.dtype, o.quick),
+        ("n", "ms", "gflops"), plot=("n", "gflops", "dtype")),
+    "kernel": Benchmark(
+        lambda o, m: bench_kernel(o.device, o.dtype, o.tokens[-1], o.quick, o.backward,
+                                  kinds=o.kinds),
+        ("kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms",
+         "speedup", "ideal", "efficiency"), plot=("tokens", "efficiency", "kind")),
+    "ffn": Benchmark(
+        lambda o, m: bench_ffn(o.device, o.dtype, o.widths, o.tokens, o.backward, o.quick,
+                               compile=o.compile, kinds=o.kinds),
+        ("variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal"),
+        plot=("tokens", "speedup", "variant"), facet="width"),
+    "train": Benchmark(
+        lambda o, m: bench_train(quick_model(m) if o.quick else m, o.device, o.dtype,
+                                 o.batch or 8, 32 if o.quick else o.seq, 2 if o.quick else o.reps,
+                                 _peak_of(o), compile=o.compile),
+        ("variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu", "speedup")),
+    "prefill": Benchmark(
+        lambda o, m: bench_prefill(quick_model(m) if o.quick else m, o.device, o.dtype,
+                                   o.batch or 4, 32 if o.quick else o.seq, o.reps),
+        ("variant", "batch", "seq", "ms", "tokens_per_s", "speedup")),
+    "decode": Benchmark(
+        lambda o, m: bench_decode(quick_model(m) if o.quick else m, o.device, o.dtype,
+                                  o.batch or 1, o.prompt, 8 if o.quick else o.gen,
+                                  2 if o.quick else o.reps, o.calibrate),
+        ("variant", "batch", "ms_per_token", "ms_min", "ms_max", "tokens_per_s", "vs_dense")),
+    "maxbatch": Benchmark(
+        lambda o, m: bench_maxbatch(quick_model(m) if o.quick else m, o.device, o.dtype, o.gen,
+                                    32 if o.quick else 256, 32 if o.quick else 256,
+                                    64 if o.quick else o.max_batch),
+        ("variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit")),
+    "crossover": Benchmark(
+        _crossover, ("kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"),
+        plot=("tokens", "speedup", "d_out"), facet="d_in", notes=_crossover_notes),
+}

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, verified, self-describing (DESIGN §4.12).
+"""Checkpoints: atomic, verified, self-describing.
 
     run_dir/checkpoints/step_000200/
         model.safetensors   weights of the unwrapped, uncompiled model
@@ -21,9 +21,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model
 from torch import nn
 
 from structlm.config import RunConfig, load_run_config, save_json, to_dict
+from structlm.model import GPT
 from structlm.utils import file_sha256
 
 FORMAT_VERSION = 1
@@ -57,8 +61,6 @@ def save(
     step: int, state: dict, keep_last: int = 2,
 ) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its directory."""
-    from safetensors.torch import save_model
-
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -144,19 +146,19 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return None
 
 
-def load_state(ckpt: Path, verify: bool = True) -> dict:
-    """The training state of a checkpoint (verified against its manifest unless the caller did)."""
-    if verify:
-        globals()["verify"](ckpt)
+def load_state(ckpt: Path, verified: bool = False) -> dict:
+    """The training state of a checkpoint, verified against its manifest first unless the caller
+    already did (`verified`)."""
+    if not verified:
+        verify(ckpt)
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
     """Load weights strictly; shape or name mismatches are refused with the checkpoint named."""
-    from safetensors.torch import load_model
-
     try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        missing, unexpected = load_safetensors(model, str(ckpt / "model.safetensors"),
+                                               strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model: {e}") from None
     if missing or unexpected:
@@ -192,8 +194,6 @@ def config_diff(a: RunConfig, b: RunConfig, paths=("model", "data", "optim")) ->
 def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
     """Rebuild GPT from a run directory's newest checkpoint (or a checkpoint directory) for
     eval/serving."""
-    from structlm.model import GPT
-
     path = Path(run_dir)
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
@@ -207,8 +207,6 @@ def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
             f"{path} holds no complete checkpoint; train it first (structlm train)"
         )
     cfg = load_run_config(str(ckpt / "config.json"))
-    from safetensors import safe_open
-
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         if any(k.endswith(".guide") for k in f.keys()):  # noqa: SIM118 (safe_open has no __iter__)
             raise CheckpointError(

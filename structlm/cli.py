@@ -16,14 +16,26 @@ its type, default and comment; unknown flags and bad types are refused before an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from structlm.config import DEFAULT_PRESET, PRESETS, LinearSpec, RunConfig, load_run_config
-from structlm.utils import reuse_freed_memory
+import tyro
+
+from structlm.bench import BENCHMARKS, BenchOptions, plot_rows
+from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
+from structlm.data import prepare
+from structlm.evaluate import evaluate_run
+from structlm.generate import Generator
+from structlm.info import format_info, model_info
+from structlm.linear.registry import LINEARS
+from structlm.report import report as report_runs
+from structlm.scaling import FORMS, X_KEYS
+from structlm.scaling import report as scaling_report
+from structlm.sweep import SweepConfig, load_sweep, run_sweep
+from structlm.training import train
+from structlm.utils import autocast_dtype, autodetect_device, reuse_freed_memory
 
 
 def parse_run_config(
@@ -34,8 +46,6 @@ def parse_run_config(
     `--preset NAME` or `--config FILE` picks the starting RunConfig; every `--a.b.c value` then
     overrides it.
     """
-    import tyro
-
     extra.add_argument("--resume", default=None,
                        help="continue the run in this directory") if resume else None
     extra.add_argument("--preset", default=None,
@@ -75,8 +85,6 @@ def _switch_ffn_kind(base: RunConfig, args: list[str]) -> None:
     """When `--model.ffn.kind` changes the kind, drop the preset's hyper-parameters the new kind
     does not take (so `--model.ffn.kind blockshuffle --model.ffn.nblocks 4` works on a LowRank
     preset)."""
-    from structlm.linear import LINEARS
-
     kind = None
     for i, a in enumerate(args):
         if a.startswith("--model.ffn.kind="):
@@ -84,101 +92,28 @@ def _switch_ffn_kind(base: RunConfig, args: list[str]) -> None:
         elif a == "--model.ffn.kind" and i + 1 < len(args):
             kind = args[i + 1]
     if kind in LINEARS and kind != base.model.ffn.kind:
-        used = LINEARS[kind].hparams
-        ffn = base.model.ffn
-        ffn.kind = kind
-        ffn.rank = ffn.rank if "rank" in used else None
-        ffn.nblocks = ffn.nblocks if "nblocks" in used else None
-
-
-def format_count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
+        base.model.ffn = base.model.ffn.with_kind(kind)
 
 
 def cmd_info(argv: list[str]) -> None:
-    """Parameter and FLOP table of a preset plus overrides (the paper's accounting, SPEC §3.6)."""
-    from structlm.flops import flops_per_token, guide_params, param_groups, train_flops
-
+    """Parameter and FLOP table of a preset plus overrides (the paper's accounting)."""
     p = argparse.ArgumentParser(prog="structlm info", add_help=False)
     p.add_argument("--tokens", type=float, default=None,
                    help="training tokens, for total training FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     cfg, ns = parse_run_config("structlm info", argv, p)
-    m = cfg.model
-    groups = param_groups(m)
-    fpt = flops_per_token(m, cfg.seq_len)
-    out = {
-        "params_total": groups["total"],
-        "params_ffn": groups["ffn_matrix"],
-        "params_matrix": groups["matrix"],
-        "params_non_embedding": groups["non_embedding"],
-        "param_groups": groups,
-        "flops_per_token": fpt["total"],
-        "flops_per_token_groups": fpt,
-        "seq_len": cfg.seq_len,
-        "ffn": {"kind": m.ffn.kind, **m.ffn.hparams(),
-                "dense_ffn_layers": list(m.dense_ffn_layers)},
-    }
-    if ns.tokens is not None:
-        out["tokens"] = ns.tokens
-        out["train_flops"] = train_flops(m, ns.tokens, cfg.seq_len)
-    if cfg.train.sgt.mode != "off":
-        from structlm.sgt import make_plan
-        from structlm.train import total_steps
-
-        per_step = cfg.train.batch_size * cfg.seq_len
-        base = int(ns.tokens // per_step) if ns.tokens is not None else total_steps(cfg)
-        plan = make_plan(cfg.train.sgt, m, base, per_step, cfg.seq_len)
-        out["sgt"] = {**dataclasses.asdict(plan), "guide_params": guide_params(m)}
-        out["train_flops"] = plan.train_flops
-    if ns.json:
-        print(json.dumps(out))
-        return
-    kv = f", {m.kv_heads} kv" if m.kv_heads != m.n_head else ""
-    hp = "".join(f" {k}={v}" for k, v in m.ffn.hparams().items())
-    print(
-        f"model: d_model={m.d_model} n_layer={m.n_layer} heads={m.n_head}{kv} "
-        f"attn_dim={m.attention_dim} "
-        f"d_ff={m.d_ff} vocab={m.vocab_size} seq={cfg.seq_len} {m.act}/{m.norm}/{m.pos_emb}"
-    )
-    print(f"ffn:   {m.ffn.kind}{hp} (dense in blocks {list(m.dense_ffn_layers)})\n")
-    print(f"{'parameters':<22}{'count':>16}{'':>10}")
-    for k in ("embedding", "position", "attention", "ffn", "norms", "lm_head", "total",
-              "non_embedding"):
-        if groups[k] or k in ("total", "ffn"):
-            print(f"{k:<22}{groups[k]:>16,}{format_count(groups[k]):>10}")
-    print(f"{'ffn matrices':<22}{groups['ffn_matrix']:>16,}"
-          f"{format_count(groups['ffn_matrix']):>10}")
-    print(f"\n{'forward FLOPs/token':<22}{'count':>16}")
-    for k, v in fpt.items():
-        print(f"{k:<22}{v:>16,}{format_count(v):>10}")
-    if "sgt" in out:
-        p = out["sgt"]
-        print(f"\nself-guided training ({p['mode']}): S={p['base_steps']} steps, "
-              f"G={p['guided_steps']} guided (ratio {p['ratio']:.3f}), {p['total_steps']} steps in "
-              f"all, guides {p['guide_params']:,} params")
-        print(f"training FLOPs: {p['train_flops']:.3e} with SGT vs {p['dense_train_flops']:.3e} "
-              f"for the dense model at S steps ({p['train_flops'] / p['dense_train_flops']:.4f}x)")
-    elif ns.tokens is not None:
-        print(f"\ntraining FLOPs for {format_count(ns.tokens)} tokens: "
-              f"{out['train_flops']:.3e} (3 x forward)")
+    info = model_info(cfg, ns.tokens)
+    print(json.dumps(info) if ns.json else format_info(cfg, info))
 
 
 def cmd_prepare(argv: list[str]) -> None:
     """Tokenize a corpus into data_dir (train.bin, val.bin, tokenizer.json, meta.json)."""
-    from structlm.data import prepare
-
     cfg, _ = parse_run_config("structlm prepare", argv, argparse.ArgumentParser(add_help=False))
     prepare(cfg.data)
 
 
 def cmd_train(argv: list[str]) -> None:
     """Train (or resume) a run; prints the validation perplexity and how to generate from it."""
-    from structlm.train import train
-
     p = argparse.ArgumentParser(prog="structlm train", add_help=False)
     cfg, _ = parse_run_config("structlm train", argv, p, resume=True)
     s = train(cfg)
@@ -193,12 +128,6 @@ def cmd_train(argv: list[str]) -> None:
 def cmd_eval(argv: list[str]) -> None:
     """Loss and perplexity of a trained run on its validation split, another prepared dir, or a text
     file."""
-    from structlm.checkpoint import load_model
-    from structlm.data import eval_batches, load_meta, load_tokens, resolve_data_dir
-    from structlm.evaluate import evaluate
-    from structlm.generate import run_tokenizer_path
-    from structlm.utils import autocast_dtype, autodetect_device, file_sha256
-
     p = argparse.ArgumentParser(prog="structlm eval", description=cmd_eval.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     g = p.add_mutually_exclusive_group()
@@ -213,42 +142,19 @@ def cmd_eval(argv: list[str]) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
-    device = autodetect_device(a.device)
-    model, cfg = load_model(a.run_dir, device)
-    tok_path = run_tokenizer_path(a.run_dir)
-    if a.text:
-        from structlm.data import encode_text_file, load_tokenizer
-
-        tokens = encode_text_file(a.text, load_tokenizer(tok_path))
-        source = a.text
-    else:
-        data_dir = Path(a.data) if a.data else resolve_data_dir(cfg.data)
-        meta = load_meta(data_dir)
-        if meta["tokenizer_sha256"] != file_sha256(tok_path):
-            raise ValueError(
-                f"{data_dir} was tokenized with a different tokenizer than the run {a.run_dir}; "
-                "evaluate on data prepared with the run's tokenizer "
-                "(--data.tokenizer RUN/tokenizer.json)"
-            )
-        tokens = load_tokens(data_dir, a.split)
-        source = f"{data_dir} ({a.split})"
-    seq = cfg.seq_len
     max_tokens = int(a.max_tokens) if a.max_tokens else None
-    n_batches = -(-min(len(tokens) - 1, max_tokens or len(tokens)) // (seq * a.batch_size))
-    res = evaluate(
-        model, eval_batches(tokens, seq, a.batch_size, max_tokens), device,
-        autocast_dtype(device, a.dtype), progress=sys.stderr.isatty(), total=n_batches,
-    )
+    res = evaluate_run(a.run_dir, data=a.data, text=a.text, split=a.split,
+                       batch_size=a.batch_size, max_tokens=max_tokens, device=a.device,
+                       dtype=a.dtype, progress=sys.stderr.isatty())
     if a.json:
-        print(json.dumps({"source": source, **res}))
+        print(json.dumps(res))
     else:
-        print(f"{source}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens")
+        print(f"{res['source']}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | "
+              f"{res['tokens']:,} tokens")
 
 
 def cmd_generate(argv: list[str]) -> None:
     """Sample text from a trained run with the KV cache, streaming tokens to the terminal."""
-    from structlm.generate import Generator
-
     p = argparse.ArgumentParser(prog="structlm generate", description=cmd_generate.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start of a document)")
@@ -279,21 +185,7 @@ def cmd_generate(argv: list[str]) -> None:
             print("-" * 40)
 
 
-BENCH_COLUMNS = {  # what each benchmark's table shows
-    "peak": ["n", "ms", "gflops"],
-    "kernel": ["kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms",
-               "speedup", "ideal", "efficiency"],
-    "ffn": ["variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal"],
-    "train": ["variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu",
-              "speedup"],
-    "prefill": ["variant", "batch", "seq", "ms", "tokens_per_s", "speedup"],
-    "decode": ["variant", "batch", "ms_per_token", "ms_min", "ms_max", "tokens_per_s", "vs_dense"],
-    "maxbatch": ["variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit"],
-    "crossover": ["kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"],
-}
-
-
-def print_rows(rows: list[dict], cols: list[str]) -> None:
+def print_rows(rows: list[dict], cols: tuple[str, ...]) -> None:
     cols = [c for c in cols if any(c in r for r in rows)]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
@@ -302,16 +194,7 @@ def print_rows(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(cell(r.get(c)).rjust(w) for c, w in zip(cols, widths, strict=True)))
 
 
-def cmd_bench(argv: list[str]) -> None:
-    """Benchmarks (tables, JSON rows, plots); model benchmarks take a preset plus --model.*
-    overrides."""
-    from structlm import bench
-    from structlm.utils import autocast_dtype, autodetect_device
-
-    if not argv or argv[0] not in BENCH_COLUMNS:
-        raise ValueError(f"structlm bench needs one of {list(BENCH_COLUMNS)}, "
-                         "e.g. `structlm bench ffn --quick`")
-    sub, argv = argv[0], argv[1:]
+def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"structlm bench {sub}", add_help=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
@@ -324,7 +207,8 @@ def cmd_bench(argv: list[str]) -> None:
                    help="ffn/train: torch.compile every variant (compiled in the warm-up)")
     p.add_argument("--widths", default="768,1024,1536,2048", help="ffn: comma-separated widths")
     p.add_argument("--tokens", default="1,16,256,4096",
-                   help="ffn: token counts; kernel: the first one")
+                   help="ffn: token counts; kernel: the last one")
+    p.add_argument("--kinds", nargs="+", default=None, help="kernel/ffn: only these structures")
     p.add_argument("--batch", type=int, default=None, help="decode/train/prefill: batch size")
     p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
     p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
@@ -333,59 +217,40 @@ def cmd_bench(argv: list[str]) -> None:
     p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true",
                    help="decode: calibrate pre-merge thresholds first")
-    cfg, ns = parse_run_config(f"structlm bench {sub}", argv, p)
-    device = autodetect_device(ns.device)
-    dtype = autocast_dtype(device, ns.dtype)
-    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
-    m = cfg.model
-    if ns.quick and sub in ("train", "prefill", "decode", "maxbatch"):
-        m = dataclasses.replace(m, n_layer=2, d_model=128, d_ff=512, n_head=4, vocab_size=1024,
-                                ffn=LinearSpec("lowrank", rank=32))
-    if sub == "peak":
-        rows = bench.bench_peak(device, dtype, ns.quick)
-    elif sub == "kernel":
-        rows = bench.bench_kernel(device, dtype, ints(ns.tokens)[-1], ns.quick, ns.backward)
-    elif sub == "ffn":
-        rows = bench.bench_ffn(device, dtype, ints(ns.widths), ints(ns.tokens), ns.backward,
-                               ns.quick, compile=ns.compile)
-    elif sub == "train":
-        peak = bench.peak_gflops(bench.bench_peak(device, dtype, quick=True))
-        rows = bench.bench_train(m, device, dtype, ns.batch or 8, 32 if ns.quick else ns.seq,
-                                 2 if ns.quick else ns.reps, peak, compile=ns.compile)
-    elif sub == "prefill":
-        rows = bench.bench_prefill(m, device, dtype, ns.batch or 4, 32 if ns.quick else ns.seq,
-                                   ns.reps)
-    elif sub == "decode":
-        rows = bench.bench_decode(m, device, dtype, ns.batch or 1, ns.prompt,
-                                  8 if ns.quick else ns.gen, 2 if ns.quick else ns.reps,
-                                  ns.calibrate)
-    elif sub == "maxbatch":
-        limit = 64 if ns.quick else ns.max_batch
-        rows = bench.bench_maxbatch(m, device, dtype, ns.gen, 32 if ns.quick else 256,
-                                    32 if ns.quick else 256, limit)
-    else:  # crossover
-        from structlm.model import GPT
+    return p
 
-        thresholds, rows = bench.thresholds_for(GPT(m), device, dtype, calibrate=True,
-                                                progress=True)
-    print_rows(rows, BENCH_COLUMNS[sub])
-    if sub == "crossover":
-        for key, t in thresholds.items():
-            print(f"pre-merge {key}: merged dense below {t} tokens per call")
-        print(f"cached in {bench.cache_path()}")
+
+def cmd_bench(argv: list[str]) -> None:
+    """Benchmarks (tables, JSON rows, plots); model benchmarks take a preset plus --model.*
+    overrides."""
+    if not argv or argv[0] not in BENCHMARKS:
+        raise ValueError(f"structlm bench needs one of {list(BENCHMARKS)}, "
+                         "e.g. `structlm bench ffn --quick`")
+    sub, argv = argv[0], argv[1:]
+    cfg, ns = parse_run_config(f"structlm bench {sub}", argv, _bench_parser(sub))
+    for kind in ns.kinds or ():
+        if kind not in LINEARS:
+            raise ValueError(f"--kinds {kind}: unknown kind; choose from {sorted(LINEARS)}")
+    device = autodetect_device(ns.device)
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    opts = BenchOptions(
+        device, autocast_dtype(device, ns.dtype), quick=ns.quick, backward=ns.backward,
+        compile=ns.compile, widths=ints(ns.widths), tokens=ints(ns.tokens), batch=ns.batch,
+        seq=ns.seq, prompt=ns.prompt, gen=ns.gen, reps=ns.reps, max_batch=ns.max_batch,
+        calibrate=ns.calibrate, kinds=tuple(ns.kinds) if ns.kinds else None,
+    )
+    bench = BENCHMARKS[sub]
+    rows = bench.run(opts, cfg.model)
+    print_rows(rows, bench.columns)
+    for line in bench.notes(rows) if bench.notes else ():
+        print(line)
     if ns.json:
         with open(ns.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     if ns.plot:
-        how = {"ffn": ("tokens", "speedup", "variant"), "kernel": ("tokens", "efficiency", "kind"),
-               "crossover": ("tokens", "speedup", "d_out"), "peak": ("n", "gflops", "dtype")}
-        x, y, g = how.get(sub, ("batch", "tokens_per_s", "variant"))
         title = f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})"
-        facet = {"ffn": "width", "crossover": "d_in"}.get(sub)
-        bench.plot_rows(rows, ns.plot, x, y, g, title, facet=facet)
+        plot_rows(rows, ns.plot, *bench.plot, title, facet=bench.facet)
         print(f"plot: {ns.plot}")
-
 
 
 def _bool(text: str) -> bool:
@@ -398,8 +263,6 @@ def _bool(text: str) -> bool:
 
 def cmd_sweep(argv: list[str]) -> None:
     """Plan and run a grid of runs (sizes x structures x SGT) under one token-budget rule."""
-    from structlm.sweep import SweepConfig, load_sweep, run_sweep
-
     p = argparse.ArgumentParser(
         prog="structlm sweep",
         description="Train a grid of runs; finished runs are skipped, interrupted ones resumed. "
@@ -434,8 +297,6 @@ def cmd_sweep(argv: list[str]) -> None:
 
 def cmd_scaling(argv: list[str]) -> None:
     """Fit loss-vs-FLOPs (or params) scaling laws per family of finished runs (bootstrap CIs)."""
-    from structlm.scaling import FORMS, X_KEYS, report
-
     p = argparse.ArgumentParser(
         prog="structlm scaling",
         description="Fit L = A*C^-b and L = E + A*C^-b per family (dense, lowrank-32%, ...) to "
@@ -449,14 +310,12 @@ def cmd_scaling(argv: list[str]) -> None:
     p.add_argument("--json", default=None, help="write the fits here")
     p.add_argument("--plot", default=None, help="draw loss vs x with the fits (PNG)")
     ns = p.parse_args(argv)
-    report(ns.runs, x=ns.x, forms=ns.forms, n_boot=ns.bootstrap, seed=ns.seed,
-           json_path=ns.json, png=ns.plot)
+    scaling_report(ns.runs, x=ns.x, forms=ns.forms, n_boot=ns.bootstrap, seed=ns.seed,
+                   json_path=ns.json, png=ns.plot)
 
 
 def cmd_report(argv: list[str]) -> None:
     """The paper's Table 1 / 2 layout (params, FFN params, tokens, FLOPs, PPL, decode tokens/s)."""
-    from structlm.report import report
-
     p = argparse.ArgumentParser(prog="structlm report",
                                 description="Tabulate finished runs as Markdown and CSV.")
     p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
@@ -467,7 +326,8 @@ def cmd_report(argv: list[str]) -> None:
     p.add_argument("--md", default=None, help="write the Markdown table here")
     p.add_argument("--csv", default=None, help="write the CSV here")
     ns = p.parse_args(argv)
-    report(ns.runs, decode_batch=ns.decode_batch, gen=ns.gen, md=ns.md, csv_path=ns.csv)
+    report_runs(ns.runs, decode_batch=ns.decode_batch, gen=ns.gen, md=ns.md, csv_path=ns.csv)
+
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prepare": cmd_prepare,

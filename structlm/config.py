@@ -5,9 +5,10 @@ into `--a.b.c` flags with these comments as help. Validation lives in `__post_in
 `ValueError` naming the field path and the fix. Derived values are properties, so a serialised
 config holds no redundant state.
 
-This module imports nothing from structlm at import time. `ModelConfig.__post_init__` asks the
-structured-linear registry to check the FFN hyper-parameters (a call-time import), so that a bad
-rank or block count fails when the config is built, not after minutes of work.
+`LinearSpec` (which linear map the FFN uses) lives with the registry of kinds in
+`structlm.linear.registry` and is re-exported here; `ModelConfig.__post_init__` asks that registry
+to check the FFN hyper-parameters, so that a bad rank or block count fails when the config is
+built, not after minutes of work. Imports go one way: config -> linear, never back.
 """
 
 from __future__ import annotations
@@ -20,25 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from structlm.linear.registry import DENSE, LinearSpec, check_spec, structured_kinds
 
-@dataclass
-class LinearSpec:
-    """Which linear map the FFN layers use, and its hyper-parameters."""
-
-    kind: str = "dense"  # dense | lowrank | blockshuffle | blockdense (structlm.linear.LINEARS)
-    rank: int | None = None  # lowrank, blockdense: inner dimension R
-    nblocks: int | None = None  # blockshuffle, blockdense: number of diagonal blocks B
-    # default (the paper's per kind) | fixed | xavier | svd (lowrank) | ortho (block kinds)
-    init: str = "default"
-
-    def hparams(self) -> dict[str, int]:
-        """The set hyper-parameters as constructor kwargs (None ones left out)."""
-        return {k: v for k, v in (("rank", self.rank), ("nblocks", self.nblocks)) if v is not None}
+__all__ = [
+    "LinearSpec", "ModelConfig", "DataConfig", "OptimConfig", "SGTConfig", "TrainConfig",
+    "RunConfig", "PRESETS", "DEFAULT_PRESET", "to_dict", "from_dict", "save_json",
+    "load_run_config",
+]
 
 
 @dataclass
 class ModelConfig:
-    """A pre-LN decoder-only transformer whose FFN linears are built from `ffn` (SPEC §3)."""
+    """A pre-LN decoder-only transformer whose FFN linears are built from `ffn`
+    (docs/method.md §3)."""
 
     vocab_size: int = 32000  # tokenizer vocabulary size
     block_size: int = 1024  # maximum context length (sequence length)
@@ -92,8 +87,6 @@ class ModelConfig:
                 f"model.dense_ffn_layers={list(self.dense_ffn_layers)} names blocks {bad} outside "
                 f"0..{self.n_layer - 1}"
             )
-        from structlm.linear import check_spec  # call-time import: config imports nothing at load
-
         for name, d_in, d_out in self.ffn_shapes():
             try:
                 check_spec(self.ffn, d_in, d_out)
@@ -276,10 +269,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.train.sgt.mode != "off" and self.model.ffn.kind == "dense":
+        if self.train.sgt.mode != "off" and self.model.ffn.kind == DENSE:
             raise ValueError(
-                "train.sgt.mode needs a structured FFN "
-                "(model.ffn.kind lowrank/blockshuffle/blockdense)"
+                "train.sgt.mode needs a structured FFN (model.ffn.kind one of "
+                f"{structured_kinds()})"
             )
         seq = self.train.seq_len
         if seq is not None and not 0 < seq <= self.model.block_size:

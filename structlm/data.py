@@ -21,6 +21,7 @@ sequentially as the reference does (SPEC §6.2), so resume, DDP ranks and replay
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import itertools
@@ -135,8 +136,6 @@ def _source_files(source: str) -> tuple[list[Path], bool]:
             )
         return files, False
     if _is_glob(source):
-        import glob
-
         files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
         if not files:
             raise FileNotFoundError(f"the pattern {source!r} matches no files; check --data.source")
@@ -272,8 +271,59 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     if _matches(out, fingerprint):
         print(f"reusing prepared data at {out}", flush=True)
         return out
+    # read everything once before writing anything: empty corpora and bad JSONL lines fail here
+    docs, chars, split_of = _split_documents(cfg, files, builtin, progress, t0)
+    n_val = int(split_of.is_val.sum())
+    tok = load_tokenizer(tok_path) if tok_path else None
+    if tok is not None and eot_id(tok) is None:
+        raise ValueError(
+            f"the tokenizer {tok_path} defines none of the end-of-text tokens "
+            f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
+    try:
+        if tok is None:
+            tok = _bpe_tokenizer(cfg, docs, split_of, chars, progress)
+            tok.save(str(tmp / "tokenizer.json"))
+        else:
+            shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
+        print(f"prepare: tokenizing {sum(chars) / 1e6:.1f}M characters", flush=True)
+        t1 = time.time()
+        counts = _write_splits(docs(), split_of, tok, eot_id(tok), token_dtype(vocab), tmp,
+                               sum(chars), progress)
+        print(f"prepare: tokenized ({time.time() - t1:.1f} s)", flush=True)
+        meta = {
+            "version": META_VERSION, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
+            "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "source": f"{cfg.source} ({len(files)} {'plays' if builtin else 'file(s)'})",
+            "n_docs": {"train": len(chars) - n_val, "val": n_val},
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "eot_id": eot_id(tok), "fingerprint": fingerprint,
+        }
+        if cfg.tokenizer_chars is not None:
+            meta["tokenizer_chars"] = cfg.tokenizer_chars
+        if not _publish(tmp, out, meta, fingerprint):
+            return out  # a concurrent prepare finished first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"prepared {out}: train {counts['train']:,} tokens ({len(chars) - n_val} docs) | "
+        f"val {counts['val']:,} tokens ({n_val} docs) | vocab {vocab:,} | {time.time() - t0:.1f} s",
+        flush=True,
+    )
+    return out
 
-    # Read everything once before writing anything: empty corpora and bad JSONL lines fail here.
+
+def _split_documents(
+    cfg: DataConfig, files: list[Path], builtin: bool, progress: bool, t0: float
+) -> tuple[Callable[[], Iterator[Iterable[str]]], array, _Splits]:
+    """(documents, characters per non-empty document, the seeded train/val split). A corpus of
+    one document is cut into contiguous parts first, which then are its documents."""
     docs: Callable[[], Iterator[Iterable[str]]]
     docs = functools.partial(_documents, files, builtin, cfg.text_field)
     print(f"prepare: reading {len(files)} file(s) of {cfg.source}", flush=True)
@@ -294,79 +344,49 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     n_val = min(len(idx) - 1, max(1, round(len(idx) * cfg.val_fraction)))
     is_val = np.zeros(len(idx), dtype=bool)  # per non-empty document, in stream order
     is_val[np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val]] = True
-    split_of = _Splits(np.asarray(idx, dtype=np.int64), is_val)
-    n_chars = sum(chars)
     print(
-        f"prepare: {len(idx):,} documents, {n_chars / 1e6:.1f}M characters "
+        f"prepare: {len(idx):,} documents, {sum(chars) / 1e6:.1f}M characters "
         f"({time.time() - t0:.1f} s); {n_val:,} held out for val",
         flush=True,
     )
-    tok = load_tokenizer(tok_path) if tok_path else None
-    if tok is not None and eot_id(tok) is None:
-        raise ValueError(
-            f"the tokenizer {tok_path} defines none of the end-of-text tokens "
-            f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
-        )
+    return docs, chars, _Splits(np.asarray(idx, dtype=np.int64), is_val)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
-    try:
-        if tok is None:
-            train_chars = sum(c for c, v in zip(chars, is_val.tolist(), strict=True) if not v)
-            share = min(1.0, (cfg.tokenizer_chars or train_chars) / train_chars)
-            sample = f"{share:.1%} of " if share < 1 else ""
-            print(
-                f"prepare: training a byte-level BPE (vocab {cfg.vocab_size:,}) on {sample}the "
-                f"{train_chars / 1e6:.1f}M train characters",
-                flush=True,
-            )
-            t1 = time.time()
-            fed = _Ticker("prepare: BPE input", math.ceil(share * train_chars), not progress)
-            train_text = _bpe_texts(docs(), split_of, chars, share, fed)
-            tok = _train_bpe(train_text, cfg.vocab_size, progress)
-            tok.save(str(tmp / "tokenizer.json"))
-            print(f"prepare: BPE trained ({time.time() - t1:.1f} s)", flush=True)
-        else:
-            shutil.copyfile(tok_path, tmp / "tokenizer.json")
-        vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
-        eot = eot_id(tok)
-        dtype = token_dtype(vocab)
-        print(f"prepare: tokenizing {n_chars / 1e6:.1f}M characters", flush=True)
-        t1 = time.time()
-        counts = _write_splits(docs(), split_of, tok, eot, dtype, tmp, n_chars, progress)
-        print(f"prepare: tokenized ({time.time() - t1:.1f} s)", flush=True)
-        meta = {
-            "version": META_VERSION, "vocab_size": vocab, "dtype": dtype.name,
-            "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "source": f"{cfg.source} ({len(files)} {'plays' if builtin else 'file(s)'})",
-            "n_docs": {"train": len(idx) - n_val, "val": n_val},
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"), "split_seed": cfg.seed,
-            "val_fraction": cfg.val_fraction, "eot_id": eot, "fingerprint": fingerprint,
-        }
-        if cfg.tokenizer_chars is not None:
-            meta["tokenizer_chars"] = cfg.tokenizer_chars
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.rename(tmp, out)  # atomic; replaces `out` only if it is an empty directory
-        except OSError:
-            if _matches(out, fingerprint):  # a concurrent prepare finished first
-                print(f"reusing prepared data at {out}", flush=True)
-                return out
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def _bpe_tokenizer(
+    cfg: DataConfig, docs: Callable[[], Iterator[Iterable[str]]], split_of: _Splits,
+    chars: array, progress: bool,
+) -> Tokenizer:
+    """A byte-level BPE trained on (the same leading share of) every train document."""
+    train_chars = sum(c for c, v in zip(chars, split_of.is_val.tolist(), strict=True) if not v)
+    share = min(1.0, (cfg.tokenizer_chars or train_chars) / train_chars)
+    sample = f"{share:.1%} of " if share < 1 else ""
     print(
-        f"prepared {out}: train {counts['train']:,} tokens ({len(idx) - n_val} docs) | "
-        f"val {counts['val']:,} tokens ({n_val} docs) | vocab {vocab:,} | {time.time() - t0:.1f} s",
+        f"prepare: training a byte-level BPE (vocab {cfg.vocab_size:,}) on {sample}the "
+        f"{train_chars / 1e6:.1f}M train characters",
         flush=True,
     )
-    return out
+    t1 = time.time()
+    fed = _Ticker("prepare: BPE input", math.ceil(share * train_chars), not progress)
+    tok = _train_bpe(_bpe_texts(docs(), split_of, chars, share, fed), cfg.vocab_size, progress)
+    print(f"prepare: BPE trained ({time.time() - t1:.1f} s)", flush=True)
+    return tok
+
+
+def _publish(tmp: Path, out: Path, meta: dict, fingerprint: str) -> bool:
+    """Write meta.json and rename tmp to out (atomic; replaces `out` only if it is an empty
+    directory). False when a concurrent prepare of the same inputs got there first."""
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if _matches(out, fingerprint):
+            print(f"reusing prepared data at {out}", flush=True)
+            return False
+        raise
+    return True
 
 
 def _fingerprint(cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Path | None) -> str:
@@ -540,6 +560,17 @@ def _write_splits(
 # --- reading prepared data ------------------------------------------------------------------------
 
 
+def check_tokenizer(data_dir: str | Path, meta: dict, sha256: str | None, whose: str,
+                    fix: str) -> None:
+    """Refuse prepared data whose tokenizer is not the one `whose` (a run or a checkpoint) was
+    trained with; `fix` says what to do instead."""
+    if meta["tokenizer_sha256"] != sha256:
+        raise ValueError(
+            f"the data in {data_dir} was tokenized with a different tokenizer than {whose} was "
+            f"trained with; {fix}"
+        )
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared dir; a missing or bad one raises naming the path and the fix."""
     d = Path(data_dir)
@@ -562,6 +593,15 @@ def load_meta(data_dir: str | Path) -> dict:
             + again
         )
     return meta
+
+
+def run_tokenizer_path(run_dir: str | Path) -> Path:
+    """The run's tokenizer.json (copied into the run directory at training; also found from a
+    checkpoint)."""
+    for d in (Path(run_dir), Path(run_dir).parent.parent):
+        if (d / "tokenizer.json").exists():
+            return d / "tokenizer.json"
+    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; was it trained by structlm train?")
 
 
 def load_tokenizer(data_dir_or_file: str | Path) -> Tokenizer:

@@ -6,7 +6,7 @@ Conventions (SPEC §3.6, which reproduces the paper's Tables 1 and 2 exactly):
 * Forward FLOPs per token at sequence length T:
       2*L*(attn_dim*d [Q] + attn_dim*d [O] + 2*hd*n_kv*d [K, V])   attention projections
     + 2*L*(2*T*attn_dim)                             QK^T and AV, full T^2 (no causal halving)
-    + 2*(FFN matrix params)                          every structured kind: 2 x weight params
+    + FFN linears: each kind's weight_flops         2 x weight params for every shipped kind
     + 2*vocab*d                                      the LM head (the embedding lookup is free)
 * Training FLOPs = 3 x forward (backward = 2 x forward) x tokens.
 The paper's "model size" counts matrices only (`matrix_params`); `param_groups` counts every
@@ -16,15 +16,26 @@ parameter and equals `sum(p.numel() for p in GPT(cfg).parameters())`.
 from __future__ import annotations
 
 from structlm.config import ModelConfig
-from structlm.linear import LINEARS
+from structlm.linear.registry import DENSE, linear_class
 
 
 def ffn_layer_params(cfg: ModelConfig, layer: int, *, bias: bool | None = None) -> int:
     """Parameters of block `layer`'s FFN (fc1 + fc2); matrices only when bias=False."""
     spec = cfg.ffn_spec(layer)
-    cls = LINEARS[spec.kind]
+    cls = linear_class(spec.kind)
     b = cfg.bias if bias is None else bias
     return sum(cls.count_params(n, m, bias=b, **spec.hparams()) for _, n, m in cfg.ffn_shapes())
+
+
+def ffn_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of all FFN linears: each kind's `weight_flops` (2 x its weight
+    parameters for every shipped kind)."""
+    total = 0
+    for i in range(cfg.n_layer):
+        spec = cfg.ffn_spec(i)
+        cls = linear_class(spec.kind)
+        total += sum(cls.weight_flops(n, m, **spec.hparams()) for _, n, m in cfg.ffn_shapes())
+    return total
 
 
 def ffn_params(cfg: ModelConfig, *, bias: bool | None = None) -> int:
@@ -77,7 +88,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
     f = {
         "attention": 2 * L * (2 * ad * d + 2 * kv * d),
         "attention_scores": 2 * L * (2 * T * ad),
-        "ffn": 2 * ffn_params(cfg, bias=False),
+        "ffn": ffn_flops(cfg),
         "lm_head": 2 * cfg.vocab_size * d,
     }
     f["total"] = sum(f.values())
@@ -97,7 +108,7 @@ def tokens_for_budget(cfg: ModelConfig, flops: float, seq_len: int | None = None
 def guide_params(cfg: ModelConfig) -> int:
     """Parameters of the dense guides self-guided training adds: d_in*d_out per structured FFN
     linear."""
-    structured = sum(cfg.ffn_spec(i).kind != "dense" for i in range(cfg.n_layer))
+    structured = sum(cfg.ffn_spec(i).kind != DENSE for i in range(cfg.n_layer))
     return structured * sum(n * m for _, n, m in cfg.ffn_shapes())
 
 

@@ -14,17 +14,10 @@ from pathlib import Path
 import torch
 
 from structlm.checkpoint import load_model
-from structlm.data import eot_id, load_tokenizer
+from structlm.data import eot_id, load_tokenizer, run_tokenizer_path
+from structlm.linear.merge import premerge as premerge_model
+from structlm.linear.merge import thresholds_for
 from structlm.utils import autocast, autocast_dtype, autodetect_device
-
-
-def run_tokenizer_path(run_dir: str | Path) -> Path:
-    """The run's tokenizer.json (copied into the run directory at training; also found from a
-    checkpoint)."""
-    for d in (Path(run_dir), Path(run_dir).parent.parent):
-        if (d / "tokenizer.json").exists():
-            return d / "tokenizer.json"
-    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; was it trained by structlm train?")
 
 
 class Generator:
@@ -50,11 +43,8 @@ class Generator:
         amp = autocast_dtype(dev, dtype)
         model, cfg = load_model(run_dir, dev)
         if premerge:
-            from structlm.bench import thresholds_for
-            from structlm.linear.guided import premerge as wrap
-
             thresholds, _ = thresholds_for(model, dev, amp, calibrate)
-            wrap(model, thresholds)
+            premerge_model(model, thresholds)
         return cls(model, cfg, load_tokenizer(run_tokenizer_path(run_dir)), dev, amp)
 
     def encode(self, prompt: str) -> list[int]:

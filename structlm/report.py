@@ -21,8 +21,12 @@ from pathlib import Path
 
 import torch
 
+from structlm.bench import decode_step
 from structlm.config import ModelConfig, from_dict
+from structlm.model import GPT
 from structlm.scaling import collect
+from structlm.timing import time_interleaved
+from structlm.utils import autocast_dtype, autodetect_device
 
 COLUMNS = [  # (key, header)
     ("run", "run"), ("family", "family"), ("matrix_params", "model size (M)"),
@@ -55,10 +59,6 @@ def measure_decode(
 ) -> None:
     """Fill rows' decode_tokens_per_s in place: the best over `batches` of the median of `reps`
     interleaved repetitions (all runs timed together at each batch)."""
-    from structlm.bench import decode_step, time_interleaved
-    from structlm.model import GPT
-    from structlm.utils import autocast_dtype, autodetect_device
-
     dev = autodetect_device(device)
     amp = autocast_dtype(dev, dtype)
     for batch in batches:

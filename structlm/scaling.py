@@ -34,7 +34,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from structlm.config import LinearSpec, ModelConfig, from_dict
 from structlm.flops import ffn_layer_params
@@ -384,15 +387,10 @@ def predict(fit: dict, x: np.ndarray) -> np.ndarray:
 def plot(rows: list[dict], fits: list[dict], png: str, x: str = "train_flops") -> None:
     """Loss vs x on log-log axes: points and fitted curves (power solid, saturating dashed) per
     family, the legend giving b and its CI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
-
     fams = sorted({r["family"] for r in rows})
-    colours = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(7, 4.5))  # no pyplot: no global backend state in the user's process
+    ax = fig.subplots()
     for i, fam in enumerate(fams):
         col = colours(i % 10)
         xs = np.array([r[x] for r in rows if r["family"] == fam], dtype=float)
@@ -419,7 +417,6 @@ def plot(rows: list[dict], fits: list[dict], png: str, x: str = "train_flops") -
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    plt.close(fig)
 
 
 def _g(v: Any) -> str:

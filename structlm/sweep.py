@@ -34,10 +34,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from structlm.config import PRESETS, LinearSpec, RunConfig, from_dict, load_run_config, to_dict
 from structlm.flops import param_groups, train_flops
-from structlm.linear import choose_hparams
-from structlm.sgt import make_plan
+from structlm.linear.registry import DENSE, choose_hparams, structured_kinds
+from structlm.training import train
+from structlm.training.optim import total_steps
+from structlm.training.rundir import check_run_dir
+from structlm.training.sgt import make_plan
+from structlm.utils import is_tty
 
 _SIZE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")  # LxD or LxDhH: layers, width, heads
 
@@ -53,7 +59,7 @@ class SweepConfig:
     set: tuple[str, ...] = ()
     # model sizes "LxD" (layers x width, d_ff = 4*D, D/64 heads) or "LxDhH"; empty = the base size
     sizes: tuple[str, ...] = ()
-    # "dense" or "KIND:FRACTION" (lowrank, blockdense, blockshuffle), hparams by the paper's rule
+    # "dense" or "KIND:FRACTION" (KIND a registered structure), hparams by its budget rule
     structures: tuple[str, ...] = ("dense", "lowrank:0.63", "lowrank:0.32")
     sgt: tuple[bool, ...] = (False,)  # self-guided training off/on for each structured run
     tokens_per_param: float | None = None  # budget: tokens = ratio x params
@@ -170,16 +176,16 @@ def parse_size(size: str) -> tuple[int, int, int]:
 def parse_structure(text: str) -> tuple[str, float]:
     """'dense' -> ('dense', 1.0); 'lowrank:0.32' -> ('lowrank', 0.32)."""
     kind, _, frac = text.partition(":")
-    if kind == "dense" and not frac:
-        return "dense", 1.0
+    if kind == DENSE and not frac:
+        return DENSE, 1.0
     try:
         f = float(frac)
     except ValueError:
         f = -1.0
-    if kind not in ("lowrank", "blockdense", "blockshuffle") or not 0 < f < 1:
+    if kind not in structured_kinds() or not 0 < f < 1:
         raise ValueError(
-            f"bad structure {text!r}: write dense or KIND:FRACTION with KIND lowrank, blockdense "
-            "or blockshuffle and 0 < FRACTION < 1 (e.g. lowrank:0.32)"
+            f"bad structure {text!r}: write dense or KIND:FRACTION with KIND one of "
+            f"{', '.join(structured_kinds())} and 0 < FRACTION < 1 (e.g. lowrank:0.32)"
         )
     return kind, f
 
@@ -196,7 +202,7 @@ def _sized(base: RunConfig, size: str | None, spec: LinearSpec) -> RunConfig:
 
 
 def _name(size: str | None, kind: str, frac: float, sgt: bool) -> str:
-    what = "dense" if kind == "dense" else f"{kind}{round(100 * frac)}"
+    what = DENSE if kind == DENSE else f"{kind}{round(100 * frac)}"
     return "-".join([p for p in (size, what) if p] + (["sgt"] if sgt else []))
 
 
@@ -212,7 +218,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
         for size in sizes:
             dense = _sized(base, size, LinearSpec())
             for kind, frac in structures:
-                for sgt in sgts if kind != "dense" else (False,):
+                for sgt in sgts if kind != DENSE else (False,):
                     name = _name(size, kind, frac, sgt)
                     if name not in runs:
                         runs[name] = _plan_one(sweep, dense, size, kind, frac, sgt, name)
@@ -226,7 +232,7 @@ def _plan_one(
     m = dense.model
     spec = choose_hparams(kind, [(n, k) for _, n, k in m.ffn_shapes()], frac)
     cfg = _sized(dense, None, spec)
-    if kind != "dense" and all(i in m.dense_ffn_layers for i in range(m.n_layer)):
+    if kind != DENSE and all(i in m.dense_ffn_layers for i in range(m.n_layer)):
         raise ValueError(
             f"run {name}: model.dense_ffn_layers={list(m.dense_ffn_layers)} keeps every FFN of "
             f"this {m.n_layer}-layer model dense, so it would not be {kind}; use more layers or "
@@ -250,8 +256,6 @@ def _plan_one(
     if sgt:
         t.sgt = dataclasses.replace(t.sgt, mode="fixedflop", match_flops="dense", reduce_flop=True)
     cfg = from_dict(RunConfig, to_dict(cfg))  # validate the whole config once more
-    from structlm.train import total_steps
-
     per_step = t.batch_size * cfg.seq_len
     try:
         base_steps = total_steps(cfg)
@@ -297,11 +301,6 @@ def format_plan(runs: list[PlannedRun]) -> str:
 
 def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
     """Plan, then train every run not yet done, in order; returns the summaries (dicts)."""
-    from tqdm import tqdm
-
-    from structlm.train import check_run_dir, train
-    from structlm.utils import is_tty
-
     runs = plan_sweep(sweep)
     print(format_plan(runs), flush=True)
     for r in runs:  # refuse a directory holding another run before training anything

@@ -6,7 +6,7 @@ import torch
 from structlm import checkpoint
 from structlm.config import PRESETS
 from structlm.model import GPT
-from structlm.train import make_optimizer
+from structlm.training.optim import make_optimizer
 
 
 @pytest.fixture

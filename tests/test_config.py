@@ -45,7 +45,8 @@ def test_to_dict_is_plain_json():
     d = to_dict(PRESETS["tiny"]())
     assert set(d) == {"model", "data", "optim", "train"}
     assert d["model"]["dense_ffn_layers"] == [0]  # tuples become lists
-    assert d["model"]["ffn"] == {"kind": "lowrank", "rank": 16, "nblocks": None, "init": "default"}
+    assert d["model"]["ffn"] == {"kind": "lowrank", "rank": 16, "nblocks": None, "init": "default",
+                                 "params": {}}
 
 
 @pytest.mark.parametrize(

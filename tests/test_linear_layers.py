@@ -12,15 +12,16 @@ from linear_cases import layer_shapes, small_hparams
 from structlm.config import LinearSpec
 from structlm.linear import (
     LINEARS,
-    BlockDenseLinear,
-    BlockShuffleLinear,
-    LowRankLinear,
     StructuredLinear,
     build_linear,
     check_spec,
     choose_hparams,
     register,
+    unregister,
 )
+from structlm.linear.blockdense import BlockDenseLinear
+from structlm.linear.blockshuffle import BlockShuffleLinear
+from structlm.linear.lowrank import LowRankLinear
 
 KINDS = sorted(LINEARS)
 PAPER_INIT = {"dense": "fixed", "lowrank": "svd", "blockdense": "ortho", "blockshuffle": "ortho"}
@@ -365,24 +366,36 @@ def test_duplicate_registration_raises():
     before = dict(LINEARS)
 
     class Impostor(StructuredLinear):
-        pass
+        kind = "lowrank"
 
     with pytest.raises(ValueError, match=r"kind 'lowrank' is already registered"):
-        register("lowrank")(Impostor)
+        register(Impostor)
     assert before == LINEARS and LINEARS["lowrank"] is LowRankLinear
 
 
-def test_register_new_kind():
+def test_register_new_kind_explicitly():
     assert "scaled" not in LINEARS
 
-    @register("scaled")
     class ScaledLinear(StructuredLinear):
+        kind = "scaled"
+
+    assert "scaled" not in LINEARS  # defining a class registers nothing: registration is a call
+    try:
+        assert register(ScaledLinear) is ScaledLinear and LINEARS["scaled"] is ScaledLinear
+        register(ScaledLinear)  # registering the same class again is harmless
+    finally:
+        unregister("scaled")
+    assert "scaled" not in LINEARS
+
+
+def test_register_refuses_classes_without_a_kind_or_interface():
+    class Nameless(StructuredLinear):
         pass
 
-    try:
-        assert LINEARS["scaled"] is ScaledLinear and ScaledLinear.kind == "scaled"
-    finally:
-        LINEARS.pop("scaled", None)
+    with pytest.raises(ValueError, match="has no `kind`"):
+        register(Nameless)
+    with pytest.raises(TypeError, match="not a StructuredLinear subclass"):
+        register(torch.nn.Linear)
 
 
 # --- budgets (SPEC §2.1) --------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_matmul_non_contiguous_input(kind):
 )
 def test_blockshuffle_fast_path_both_shuffle_branches(d_in, d_out, nblocks):
     """q % nblocks == 0 takes the one-copy shuffle, else the general one; both = reference."""
-    from structlm.linear import blockshuffle_matmul, blockshuffle_matmul_reference
+    from structlm.linear.blockshuffle import blockshuffle_matmul, blockshuffle_matmul_reference
 
     p, o = d_in // nblocks, d_out // nblocks
     q = min(p, o)
@@ -146,7 +146,7 @@ def test_block_layers_with_bias_equal_reference(kind, d_in, d_out, hp, needs):
 
 
 def test_block_diag_matmul_values_grads_and_strided_input():
-    from structlm.linear.base import block_diag_matmul
+    from structlm.linear.kernels import block_diag_matmul
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -162,7 +162,7 @@ def test_block_diag_matmul_values_grads_and_strided_input():
 
 
 def test_transpose_within_rows():
-    from structlm.linear.base import transpose_within_rows
+    from structlm.linear.kernels import transpose_within_rows
 
     x = torch.arange(2 * 6, dtype=torch.float64).view(2, 6).requires_grad_()
     y = transpose_within_rows(x, 2, 3)  # each row [[0 1 2] [3 4 5]] -> [[0 3] [1 4] [2 5]]

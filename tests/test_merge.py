@@ -4,10 +4,10 @@ threshold, refresh after weight changes, no second copy in checkpoints, cache ke
 import pytest
 import torch
 
-from structlm import bench
 from structlm.config import LinearSpec, ModelConfig
 from structlm.linear import LINEARS, build_linear
-from structlm.linear.guided import PreMergedLinear, merge_linears, premerge, unmerge
+from structlm.linear import merge as pm
+from structlm.linear.merge import PreMergedLinear, merge_linears, premerge, unmerge
 from structlm.model import GPT
 
 SPECS = {
@@ -86,22 +86,22 @@ def test_calibration_picks_a_threshold_and_the_cache_key_tracks_its_context(tmp_
     monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path))
     layer = build_linear(SPECS["lowrank"], 64, 256)
     cpu = torch.device("cpu")
-    t, rows = bench.calibrate_layer(layer, cpu, None, tokens=(1, 64), reps=1)
+    t, rows = pm.calibrate_layer(layer, cpu, None, tokens=(1, 64), reps=1)
     assert len(rows) == 2 and {"structured_ms", "merged_ms"} <= set(rows[0])
-    key32 = bench.crossover_key(layer, cpu, None)
-    assert key32 != bench.crossover_key(layer, cpu, torch.bfloat16)  # dtype is part of the key
+    key32 = pm.crossover_key(layer, cpu, None)
+    assert key32 != pm.crossover_key(layer, cpu, torch.bfloat16)  # dtype is part of the key
     other = build_linear(LinearSpec("lowrank", rank=16), 64, 256)
-    assert key32 != bench.crossover_key(other, cpu, None)  # so are the hyper-parameters
+    assert key32 != pm.crossover_key(other, cpu, None)  # so are the hyper-parameters
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
-    assert key32 != bench.crossover_key(layer, cpu, None)  # and the torch version
+    assert key32 != pm.crossover_key(layer, cpu, None)  # and the torch version
     monkeypatch.undo()
     monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path))
     model = GPT(tiny("lowrank"))
-    th, _ = bench.thresholds_for(model, cpu, None)
-    assert set(th.values()) == {bench.DEFAULT_MAX_DENSE_TOKENS}  # nothing cached yet: the default
-    bench.save_cache({bench.crossover_key(m, cpu, None): 5 for m in model.modules()
+    th, _ = pm.thresholds_for(model, cpu, None)
+    assert set(th.values()) == {pm.DEFAULT_MAX_DENSE_TOKENS}  # nothing cached yet: the default
+    pm.save_cache({pm.crossover_key(m, cpu, None): 5 for m in model.modules()
                       if isinstance(m, LINEARS["lowrank"])})
-    th, _ = bench.thresholds_for(model, cpu, None)
+    th, _ = pm.thresholds_for(model, cpu, None)
     assert set(th.values()) == {5}
 
 
@@ -123,9 +123,9 @@ def test_calibration_threshold_is_where_the_structured_path_wins_from_then_on(
         fast = next(calls)
         return {"structured": [1.0 if fast else 2.0], "merged": [1.5]}
 
-    monkeypatch.setattr(bench, "time_interleaved", fake)
+    monkeypatch.setattr(pm, "time_interleaved", fake)
     layer = build_linear(SPECS["lowrank"], 32, 64)
-    t, _ = bench.calibrate_layer(layer, torch.device("cpu"), None, tokens=(1, 2, 4, 8))
+    t, _ = pm.calibrate_layer(layer, torch.device("cpu"), None, tokens=(1, 2, 4, 8))
     assert t == threshold
 
 

@@ -8,7 +8,8 @@ import torch
 from linear_cases import small_hparams
 
 from structlm.config import LinearSpec, ModelConfig
-from structlm.linear import LINEARS, DenseLinear
+from structlm.linear import LINEARS
+from structlm.linear.dense import DenseLinear
 from structlm.model import GPT, KVCache, apply_rope, rope_angles, sample
 
 KINDS = sorted(LINEARS)

@@ -13,14 +13,16 @@ from structlm.config import PRESETS, LinearSpec, SGTConfig, from_dict, to_dict
 from structlm.linear import LINEARS, build_linear
 from structlm.linear.guided import (
     GuidedLinear,
+    guide_parameters,
     guided_layers,
     set_guide,
     unwrap_guided,
     wrap_guided,
 )
 from structlm.model import GPT
-from structlm.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
-from structlm.train import lr_at, train
+from structlm.training import train
+from structlm.training.optim import lr_at
+from structlm.training.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
 
 # isort: split
 from test_train import CORPUS, tiny_cfg  # the tests directory is on sys.path under pytest
@@ -75,7 +77,8 @@ def test_unwrap_leaves_the_outputs_of_a_model_at_alpha_zero_unchanged():
     set_guide(model, 0.0)
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
     before, _ = model(idx)
-    guides = unwrap_guided(model)
+    guides = guide_parameters(model)
+    assert unwrap_guided(model) is model
     after, _ = model(idx)
     torch.testing.assert_close(before, after)
     assert guides and not guided_layers(model)
@@ -218,7 +221,7 @@ def test_training_removes_guides_and_their_optimizer_state(corpus, tmp_path):
 @pytest.mark.parametrize("crash_at", [5, 7, 15])
 def test_resume_reproduces_the_uninterrupted_sgt_run(corpus, tmp_path, monkeypatch, crash_at):
     train(_sgt_cfg(corpus, tmp_path / "a"))
-    T = importlib.import_module("structlm.train")  # the module (structlm.train is the function)
+    T = importlib.import_module("structlm.training.loop")
 
     def crash(step, *a):
         if step == crash_at:

@@ -17,7 +17,8 @@ import torch
 from structlm import checkpoint
 from structlm.config import PRESETS, LinearSpec, ModelConfig, from_dict, to_dict
 from structlm.model import GPT
-from structlm.train import lr_at, train
+from structlm.training import train
+from structlm.training.optim import lr_at
 
 CORPUS = "\n\n".join(
     f"Act {i}. {name}: {line}"
@@ -103,7 +104,7 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
     """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same
     losses."""
     train(tiny_cfg(corpus, tmp_path / "a"))
-    T = importlib.import_module("structlm.train")  # the module (structlm.train is the function)
+    T = importlib.import_module("structlm.training.loop")
 
     real = T.lr_at
 

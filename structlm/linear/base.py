@@ -1,13 +1,17 @@
-"""The one extension seam: `StructuredLinear`, the interface every FFN linear map shares, and its
-registry.
+"""`StructuredLinear`: the interface every FFN linear map shares. A kind is one subclass in one
+module of this package, and declares on its class everything the rest of structlm asks of it:
 
-A structured linear layer computes `y = x @ W.T + b` with `W: (d_out, d_in)` stored in factored form
-and never materialised in training. Subclasses implement `matmul` (no bias), `weight_params` (a pure
-parameter formula) and `_post_init` (the paper's factor-specific init); everything else is shared
-here.
+    kind, hparams, check()          its name, hyper-parameter names and their validation
+    weight_params(), weight_flops() parameters and forward FLOPs per token (pure, no tensors)
+    budget()                        hyper-parameters for a share of the dense parameters
+    post_inits, default_init        its inits beyond the plain draw (`_post_init` applies them)
+    matmul(), to_dense()            the map itself (bias folded into the last GEMM) and its matrix
+    paper_guide_init()              what the reference code initialised an SGT guide to
+    bench_fractions                 the budgets `structlm bench kernel` times it at
 
-Adding a structure is one new file with a `@register("name")` class. Modelled on HazyResearch/fly
-`src/models/layers/structured_linear.py` (forward = matmul + bias, dense weight via the identity).
+A structured layer computes `y = x @ W.T + b` with `W: (d_out, d_in)` stored in factored form and
+never materialised in training. Modelled on HazyResearch/fly's structured_linear.py (forward =
+matmul + bias, the dense weight via the identity). Registration is in `structlm.linear.registry`.
 """
 
 from __future__ import annotations
@@ -16,43 +20,22 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.utils.flop_counter import register_flop_formula
-
-LINEARS: dict[str, type[StructuredLinear]] = {}
-
-
-def register(name: str):
-    """Class decorator: add a StructuredLinear subclass to LINEARS under `name` (one name per
-    structure)."""
-
-    def deco(cls: type[StructuredLinear]) -> type[StructuredLinear]:
-        if name in LINEARS:
-            raise ValueError(
-                f"structured linear kind {name!r} is already registered by {LINEARS[name]}"
-            )
-        cls.kind = name
-        LINEARS[name] = cls
-        return cls
-
-    return deco
 
 
 class StructuredLinear(nn.Module):
     """y = x @ W.T + b with W of shape (d_out, d_in) in factored form.
 
-    Constructors take plain typed keyword arguments (rank, nblocks), `init`/`init_std` for the
-    initial draw, and `device`/`dtype` factory kwargs; they validate the hyper-parameters before
-    allocating any tensor.
+    Constructors take plain typed keyword arguments (the kind's `hparams`), `init`/`init_std` for
+    the initial draw, and `device`/`dtype` factory kwargs; they validate the hyper-parameters
+    before allocating any tensor.
     """
 
-    kind: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # the registry name (set on every registered subclass)
     hparams: ClassVar[tuple[str, ...]] = ()  # names of the hyper-parameters this kind takes
     post_inits: ClassVar[tuple[str, ...]] = ()  # kind-specific inits beyond fixed/xavier
     default_init: ClassVar[str] = "fixed"  # what init="default" means (the paper's choice)
-    # matmul(x, bias) folds the bias into its last GEMM (one pass over the output instead of two)
-    fuses_bias: ClassVar[bool] = False
+    bench_fractions: ClassVar[tuple[float, ...]] = (0.32,)  # budgets `bench kernel` times
 
     def __init__(
         self, d_in: int, d_out: int, *, bias: bool = True, device=None, dtype=None
@@ -64,16 +47,33 @@ class StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    # --- subclass API ---------------------------------------------------------------------------
-    def matmul(self, x: Tensor) -> Tensor:
-        """(..., d_in) -> (..., d_out), without the bias. Kinds with `fuses_bias` take an optional
-        second argument, the bias, and add it inside their last GEMM."""
+    # --- what a kind implements -----------------------------------------------------------------
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """(..., d_in) -> (..., d_out); `bias` (d_out,), when given, is added inside the last
+        GEMM (one pass over the output instead of two)."""
         raise NotImplementedError  # abstract: every registered subclass overrides it
 
     @classmethod
     def weight_params(cls, d_in: int, d_out: int, **hp: int) -> int:
         """Number of weight (matrix/block) parameters; pure, no tensors."""
         raise NotImplementedError  # abstract: every registered subclass overrides it
+
+    @classmethod
+    def weight_flops(cls, d_in: int, d_out: int, **hp: int) -> int:
+        """Forward FLOPs per token (2 per multiply-add, bias ignored). Every shipped kind applies
+        each weight once per token, so 2 x its weight parameters; a kind that reuses weights
+        overrides this."""
+        return 2 * cls.weight_params(d_in, d_out, **hp)
+
+    @classmethod
+    def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
+        """The hyper-parameters that give layers `shapes` [(d_in, d_out), ...] about `fraction` of
+        their dense weight parameters, all shapes counted together (`given` fixes some of them,
+        e.g. nblocks). Kinds without a rule refuse."""
+        raise ValueError(
+            f"kind {cls.kind!r} has no parameter budget rule; set its hyper-parameters "
+            f"({', '.join(cls.hparams) or 'none'}) instead of a fraction"
+        )
 
     def weights(self) -> list[Tensor]:
         """The weight tensors (not the bias), in the order of the math."""
@@ -82,14 +82,15 @@ class StructuredLinear(nn.Module):
     def _post_init(self, init: str, std: float) -> None:
         """Kind-specific re-initialisation after the plain draw (svd, ortho)."""
 
+    @torch.no_grad()
+    def paper_guide_init(self) -> Tensor:
+        """The dense guide the reference code started self-guided training from (d_out, d_in):
+        the layer's own matrix unless a kind overrides it."""
+        return self.to_dense()
+
     # --- shared ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self.bias is not None and self.fuses_bias:
-            return self.matmul(x, self.bias)
-        y = self.matmul(x)
-        # the bias in y's dtype, as nn.Linear does: under autocast y is bf16, and adding the fp32
-        # bias as is would promote the output to fp32
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.matmul(x, self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
@@ -106,14 +107,12 @@ class StructuredLinear(nn.Module):
     @classmethod
     def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
         """Raise ValueError, naming the field and the fix, if the shape or hyper-parameters are
-        invalid."""
+        invalid. Kinds extend it with their own constraints."""
         for name, v in (("d_in", d_in), ("d_out", d_out)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v} must be a positive integer")
         for name, v in hp.items():
-            if name not in cls.hparams:
-                if v is None:
-                    continue
+            if name not in cls.hparams and v is not None:
                 raise ValueError(f"{name}={v} is not used by kind {cls.kind!r}; remove it")
         for name in cls.hparams:
             v = hp.get(name)
@@ -139,15 +138,14 @@ class StructuredLinear(nn.Module):
         return cls.weight_params(d_in, d_out, **hp) + (d_out if bias else 0)
 
     def flops_per_token(self) -> int:
-        """Forward FLOPs per token (multiply-adds x 2, bias ignored): 2 x weight params for every
-        kind."""
-        return 2 * self.weight_params(self.d_in, self.d_out, **self.hp)
+        """Forward FLOPs per token of this layer (bias ignored)."""
+        return self.weight_flops(self.d_in, self.d_out, **self.hp)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "default", std: float = 0.02) -> None:
-        """Re-initialise (SPEC §1.6): bias 0; every weight N(0, std^2) ('fixed') or N(0, 1/fan_in)
-        ('xavier'); then the kind's post-init ('svd', 'ortho'), which 'default' selects for each
-        kind."""
+        """Re-initialise (docs/method.md §1.6): bias 0; every weight N(0, std^2) ('fixed') or
+        N(0, 1/fan_in) ('xavier'); then the kind's post-init ('svd', 'ortho'), which 'default'
+        selects for each kind."""
         self.check_init(init)
         init = self.default_init if init == "default" else init
         if self.bias is not None:
@@ -161,229 +159,3 @@ class StructuredLinear(nn.Module):
     def extra_repr(self) -> str:
         hp = "".join(f", {k}={v}" for k, v in self.hp.items())
         return f"d_in={self.d_in}, d_out={self.d_out}{hp}, bias={self.bias is not None}"
-
-
-def polar_(w: Tensor) -> None:
-    """Replace each matrix in `w` (..., m, n) by its polar factor U V^T (all singular values 1), in
-    place."""
-    wide = w.to(torch.promote_types(w.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
-    u, _, vh = torch.linalg.svd(wide, full_matrices=False)
-    w.copy_(u @ vh)
-
-
-# --- the block-diagonal product both block kinds use ----------------------------------------------
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region (which, like
-    autocast, leaves fp64 alone), else x's."""
-    dev = x.device.type
-    if (
-        x.is_floating_point()
-        and x.dtype != torch.float64
-        and torch.amp.is_autocast_available(dev)  # not on the meta device
-        and torch.is_autocast_enabled(dev)
-    ):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
-# Row-layout block-diagonal product: y[:, k*q:(k+1)*q] = x[:, k*p:(k+1)*p] @ w[k].T (+ b).
-# One mm per block that reads its operands and writes its result as column slices of the
-# (T, features) activations: GEMMs take a row stride as it is, so nothing is transposed or copied,
-# forward or backward. (bmm wants block-major (B, T, p) operands: the transposes around it, and the
-# copies CPU bf16 bmm makes of strided operands in autograd's backward, cost as much as the
-# products did; BENCHMARKS.md.)
-# Each op is a plain function, run eagerly through a small autograd.Function, and registered as a
-# custom op for torch.compile, which cannot trace an mm into a strided out= (and generated a 2-3x
-# slower copy for the shuffle). Eager skips the custom-op wrapper: it costs ~40 us a call, which
-# made a 1-token BlockShuffle FFN 30% slower.
-
-
-def _block_diag_fwd(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    nb, q, p = w.shape
-    y = x.new_empty(x.shape[0], nb * q)  # (T, B*q)
-    for k in range(nb):
-        xk, yk = x[:, k * p:(k + 1) * p], y[:, k * q:(k + 1) * q]  # (T, p), (T, q) views
-        if bias is None:
-            torch.mm(xk, w[k].t(), out=yk)
-        else:
-            torch.addmm(bias[k * q:(k + 1) * q], xk, w[k].t(), out=yk)
-    return y
-
-
-def _block_diag_bwd(
-    dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool
-) -> tuple[Tensor, Tensor]:
-    """(dx, dw); an unneeded one comes back empty."""
-    nb, q, p = w.shape
-    dy = dy.contiguous()  # (T, B*q); a column stride other than 1 would make every mm copy
-    dx = x.new_empty(x.shape if need_dx else (0,))  # (T, B*p)
-    dw = w.new_empty(w.shape if need_dw else (0,))  # (B, q, p)
-    for k in range(nb):
-        dyk, xk = dy[:, k * q:(k + 1) * q], x[:, k * p:(k + 1) * p]
-        if need_dw:
-            torch.mm(dyk.t(), xk, out=dw[k])  # (q, T) @ (T, p)
-        if need_dx:
-            torch.mm(dyk, w[k], out=dx[:, k * p:(k + 1) * p])  # (T, q) @ (q, p)
-    return dx, dw
-
-
-def _transpose_rows(x: Tensor, a: int, b: int) -> Tensor:
-    y = x.new_empty(x.shape[0], b * a)  # always a new tensor: a custom op's output may not alias
-    y.view(-1, b, a).copy_(x.view(-1, a, b).transpose(1, 2))
-    return y
-
-
-def _block_diag_composable(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """The same product from composable ops (no out=): for torch.func transforms and forward AD."""
-    nb, q, p = w.shape
-    y = torch.einsum("tkp,kqp->tkq", x.reshape(-1, nb, p), w).reshape(-1, nb * q)
-    return y if bias is None else y + bias
-
-
-def _block_diag_bwd_composable(dy: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx, dw) from composable ops: differentiable, for a backward that records a graph."""
-    nb, q, p = w.shape
-    dyb, xb = dy.reshape(-1, nb, q), x.reshape(-1, nb, p)
-    return torch.einsum("tkq,kqp->tkp", dyb, w).reshape(x.shape), torch.einsum(
-        "tkq,tkp->kqp", dyb, xb
-    )
-
-
-def _needs_composable_ops(*ts: Tensor | None) -> bool:
-    """Under torch.func transforms (vmap, jvp, grad) or with forward-AD dual tensors: the fast
-    paths write into out= buffers, which neither supports."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if active is not None and active():
-        return True
-    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in ts)
-
-
-def _block_diag_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, w, bias = inputs
-    ctx.save_for_backward(x, w)
-    ctx.has_bias = bias is not None
-
-
-def _block_diag_grad(ctx, dy: Tensor, bwd=_block_diag_bwd) -> tuple:
-    x, w = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # backward(create_graph=True): a differentiable backward
-        dx, dw = _block_diag_bwd_composable(dy, x, w)
-    else:
-        dx, dw = bwd(dy, x, w, need_dx, need_dw)
-    db = dy.sum(0) if ctx.has_bias and need_db else None
-    return dx if need_dx else None, dw if need_dw else None, db
-
-
-def _transpose_rows_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    _, ctx.a, ctx.b = inputs
-
-
-class _BlockDiagFn(torch.autograd.Function):
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-        return _block_diag_fwd(x, w, bias)
-
-    setup_context = staticmethod(_block_diag_setup)
-    backward = staticmethod(_block_diag_grad)
-
-
-class _TransposeRowsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(x: Tensor, a: int, b: int) -> Tensor:
-        return _transpose_rows(x, a, b)
-
-    setup_context = staticmethod(_transpose_rows_setup)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
-        return _TransposeRowsFn.apply(dy, ctx.b, ctx.a), None, None
-
-
-# the same three functions as custom ops, for torch.compile
-_block_diag_op = torch.library.custom_op(
-    "structlm::block_diag_mm", _block_diag_fwd, mutates_args=()
-)
-_block_diag_bwd_op = torch.library.custom_op(
-    "structlm::block_diag_mm_backward", _block_diag_bwd, mutates_args=()
-)
-_transpose_rows_op = torch.library.custom_op(
-    "structlm::transpose_within_rows", _transpose_rows, mutates_args=()
-)
-
-
-@_block_diag_op.register_fake
-def _(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[0] * w.shape[1])
-
-
-@_block_diag_bwd_op.register_fake
-def _(dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape if need_dx else (0,)), w.new_empty(w.shape if need_dw else (0,))
-
-
-@_transpose_rows_op.register_fake
-def _(x: Tensor, a: int, b: int) -> Tensor:
-    return x.new_empty(x.shape[0], b * a)
-
-
-_block_diag_op.register_autograd(
-    lambda ctx, dy: _block_diag_grad(ctx, dy, bwd=_block_diag_bwd_op),
-    setup_context=_block_diag_setup,
-)
-_transpose_rows_op.register_autograd(
-    lambda ctx, dy: (_transpose_rows_op(dy, ctx.b, ctx.a), None, None),
-    setup_context=_transpose_rows_setup,
-)
-
-
-@register_flop_formula(torch.ops.structlm.block_diag_mm)
-def _block_diag_flops(x_shape, w_shape, bias_shape, out_shape=None, **kwargs) -> int:
-    """2 per multiply-add, bias ignored: what FlopCounterMode counts for the mm's inside."""
-    return 2 * x_shape[0] * w_shape[0] * w_shape[1] * w_shape[2]
-
-
-@register_flop_formula(torch.ops.structlm.block_diag_mm_backward)
-def _block_diag_bwd_flops(
-    dy_shape, x_shape, w_shape, need_dx, need_dw, out_shape=None, **kwargs
-) -> int:
-    return (int(need_dx) + int(need_dw)) * _block_diag_flops(x_shape, w_shape, None)
-
-
-def transpose_within_rows(x: Tensor, a: int, b: int) -> Tensor:
-    """x (T, a*b), each row read as an (a, b) matrix -> (T, b*a), each row that matrix transposed:
-    y[t, j*a + i] = x[t, i*b + j]. One copy."""
-    if torch.compiler.is_compiling():
-        return _transpose_rows_op(x, a, b)
-    if _needs_composable_ops(x):
-        return x.reshape(-1, a, b).transpose(1, 2).reshape(-1, b * a)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _TransposeRowsFn.apply(x, a, b)
-    return _transpose_rows(x, a, b)
-
-
-def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """blockdiag(w) applied to the last axis of x, plus bias: x (..., B*p), w (B, q, p),
-    bias (B*q,) -> (..., B*q), block k of the output from block k of the input.
-
-    Inside autocast the operands are cast to the autocast dtype first (through autograd, so the
-    gradients reach the fp32 parameters), as autocast does for mm. Double backward, torch.func
-    transforms and forward AD work (through composable ops, slower)."""
-    nb, q, p = w.shape
-    lead = x.shape[:-1]
-    dtype = compute_dtype(x)
-    x2 = x.reshape(-1, nb * p).to(dtype)
-    w2 = w.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    if torch.compiler.is_compiling():
-        y = _block_diag_op(x2, w2, b)
-    elif _needs_composable_ops(x2, w2, b):
-        y = _block_diag_composable(x2, w2, b)
-    elif torch.is_grad_enabled() and (x2.requires_grad or w2.requires_grad or bias is not None
-                                      and bias.requires_grad):
-        y = _BlockDiagFn.apply(x2, w2, b)
-    else:  # inference: no graph to record, skip autograd.Function's call overhead
-        y = _block_diag_fwd(x2, w2, b)
-    return y.view(*lead, nb * q)

@@ -1,4 +1,4 @@
-"""BlockDense: a block-diagonal projection to rank R, then a dense R -> M map (SPEC §1.3).
+"""BlockDense: a block-diagonal projection to rank R, then a dense R -> M map (docs/method.md §1.3).
 
     x (N) = [x_0 | x_1 | ... | x_{B-1}]          B contiguous chunks of p = N/B
              |      |            |
@@ -17,11 +17,15 @@ Init 'ortho' (default): every block and the dense `up` are replaced by their pol
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, block_diag_matmul, polar_, register
+from structlm.linear.base import StructuredLinear
+from structlm.linear.factors import dense_weights, polar_, rank_step
+from structlm.linear.kernels import block_diag_matmul
 
 
 def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:
@@ -41,11 +45,11 @@ def blockdense_matmul(
     return F.linear(h, up, bias)  # (..., M)
 
 
-@register("blockdense")
 class BlockDenseLinear(StructuredLinear):
     """y = up(blockdiag(x)) + b; blkdiag: (nblocks, rank/nblocks, d_in/nblocks), up: (d_out, rank).
     """
 
+    kind = "blockdense"
     hparams = ("rank", "nblocks")
     post_inits = ("ortho",)
     default_init = "ortho"
@@ -62,8 +66,6 @@ class BlockDenseLinear(StructuredLinear):
         self.blkdiag = nn.Parameter(torch.empty(blk, device=device, dtype=dtype))
         self.up = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
-
-    fuses_bias = True
 
     def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return blockdense_matmul(x, self.blkdiag, self.up, bias)
@@ -94,6 +96,17 @@ class BlockDenseLinear(StructuredLinear):
     @classmethod
     def weight_params(cls, d_in: int, d_out: int, *, rank: int, nblocks: int) -> int:
         return rank * d_in // nblocks + d_out * rank
+
+    @classmethod
+    def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
+        """B given, else 4 for power-of-two widths and 2 otherwise (the paper's choice per size);
+        R = f * sum(N*M) / sum(M + N/B), rounded down to a multiple of B and of the rank step
+        (2d/3, d/3 at B=2; 0.75d, 0.375d at B=4)."""
+        d = min(x for s in shapes for x in s)
+        nb = given.get("nblocks") or (4 if d & (d - 1) == 0 else 2)
+        step = math.lcm(rank_step(shapes), nb)
+        rank = int(fraction * dense_weights(shapes) / sum(m + n / nb for n, m in shapes))
+        return {"rank": max(rank // step * step, nb), "nblocks": nb}
 
     def _post_init(self, init: str, std: float) -> None:
         polar_(self.blkdiag)

@@ -1,5 +1,6 @@
 """BlockShuffle = Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride
-permutation (SPEC §1.4; the channel ordering is bit-exact with the paper's reference code).
+permutation (docs/method.md §1.4; the channel ordering is bit-exact with the paper's reference
+code).
 
     W x = P_out  blockdiag(blkdiag2)  P_mid  blockdiag(blkdiag1)  x
 
@@ -19,16 +20,14 @@ Init 'ortho' (default): every block of both factors is replaced by its polar fac
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from structlm.linear.base import (
-    StructuredLinear,
-    block_diag_matmul,
-    polar_,
-    register,
-    transpose_within_rows,
-)
+from structlm.linear.base import StructuredLinear
+from structlm.linear.factors import dense_weights, polar_
+from structlm.linear.kernels import block_diag_matmul, transpose_within_rows
 
 
 def shuffle_indices(nblocks: int, q: int) -> Tensor:
@@ -42,7 +41,7 @@ def unshuffle_indices(nblocks: int, s: int) -> Tensor:
 
 
 def blockshuffle_matmul_reference(x: Tensor, blkdiag1: Tensor, blkdiag2: Tensor) -> Tensor:
-    """The four steps of SPEC §1.4 literally, with explicit gathers.
+    """The four steps of docs/method.md §1.4 literally, with explicit gathers.
 
     x: (..., N), blkdiag1: (B, q, p) with N = B*p, blkdiag2: (B, s, q) -> (..., B*s).
     """
@@ -74,7 +73,6 @@ def blockshuffle_matmul(
     return y.view(*lead, nb * s)
 
 
-@register("blockshuffle")
 class BlockShuffleLinear(StructuredLinear):
     """= Monarch (Dao et al. 2022) with two block-diagonal factors and a fixed stride permutation.
 
@@ -82,9 +80,11 @@ class BlockShuffleLinear(StructuredLinear):
     q = min(d_in, d_out)/nblocks.
     """
 
+    kind = "blockshuffle"
     hparams = ("nblocks",)
     post_inits = ("ortho",)
     default_init = "ortho"
+    bench_fractions = (0.32, 0.63)  # B = 4 and B = 2 at the paper's widths
 
     def __init__(
         self, d_in: int, d_out: int, *, nblocks: int, bias: bool = True, init: str = "default",
@@ -99,8 +99,6 @@ class BlockShuffleLinear(StructuredLinear):
         self.blkdiag1 = nn.Parameter(torch.empty(nblocks, q, p, device=device, dtype=dtype))
         self.blkdiag2 = nn.Parameter(torch.empty(nblocks, o, q, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
-
-    fuses_bias = True
 
     def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return blockshuffle_matmul(x, self.blkdiag1, self.blkdiag2, bias)
@@ -119,6 +117,21 @@ class BlockShuffleLinear(StructuredLinear):
     @classmethod
     def weight_params(cls, d_in: int, d_out: int, *, nblocks: int) -> int:
         return min(d_in, d_out) * (d_in + d_out) // nblocks
+
+    @classmethod
+    def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
+        """B = sum(min(N,M)(N+M)) / (f * sum(N*M)), the nearest block count dividing every
+        dimension (2 and 4 for the paper's 63% and 32%)."""
+        ideal = sum(min(n, m) * (n + m) for n, m in shapes) / (fraction * dense_weights(shapes))
+        dims = [d for s in shapes for d in s]
+        valid = [b for b in range(1, min(dims) + 1) if all(d % b == 0 for d in dims)]
+        return {"nblocks": min(valid, key=lambda b: (abs(math.log(b / ideal)), b))}
+
+    @torch.no_grad()
+    def paper_guide_init(self) -> Tensor:
+        """The reference code's guide: the product of the two block-diagonals WITHOUT the shuffle
+        permutations (docs/method.md §4.3), which is not the layer's map."""
+        return torch.block_diag(*self.blkdiag2) @ torch.block_diag(*self.blkdiag1)  # (M, N)
 
     def _post_init(self, init: str, std: float) -> None:
         polar_(self.blkdiag1)

@@ -1,7 +1,7 @@
 """Dense baseline: the plain `W: (d_out, d_in)` matrix behind the same interface as the structured
 kinds.
 
-    params = MACs per token = d_in * d_out                                         (SPEC §1.1)
+    params = MACs per token = d_in * d_out                                  (docs/method.md §1.1)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, register
+from structlm.linear.base import StructuredLinear
 
 
 def dense_matmul_reference(x: Tensor, weight: Tensor) -> Tensor:
@@ -22,9 +22,10 @@ def dense_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     return F.linear(x, weight, bias)
 
 
-@register("dense")
 class DenseLinear(StructuredLinear):
     """nn.Linear with the StructuredLinear interface (fixed N(0, 0.02^2) init, bias 0)."""
+
+    kind = "dense"
 
     def __init__(
         self, d_in: int, d_out: int, *, bias: bool = True, init: str = "default",
@@ -36,8 +37,6 @@ class DenseLinear(StructuredLinear):
         self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
 
-    fuses_bias = True
-
     def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return dense_matmul(x, self.weight, bias)
 
@@ -48,3 +47,7 @@ class DenseLinear(StructuredLinear):
     @classmethod
     def weight_params(cls, d_in: int, d_out: int) -> int:
         return d_in * d_out
+
+    @classmethod
+    def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
+        return {}  # no hyper-parameters: the dense map is the 100% every fraction refers to

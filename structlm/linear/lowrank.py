@@ -1,4 +1,4 @@
-"""LowRank: `W ~= U V` with a bottleneck of size R (SPEC §1.2).
+"""LowRank: `W ~= U V` with a bottleneck of size R (docs/method.md §1.2).
 
       x (N) --down V: (R, N)--> h (R) --up U: (M, R)--> y (M)
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from structlm.linear.base import StructuredLinear, register
+from structlm.linear.base import StructuredLinear
+from structlm.linear.factors import dense_weights, rank_step
 
 
 def lowrank_matmul_reference(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
@@ -32,10 +33,10 @@ def lowrank_matmul(x: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = No
     return F.linear(F.linear(x, down), up, bias)  # (..., R) -> (..., M)
 
 
-@register("lowrank")
 class LowRankLinear(StructuredLinear):
     """y = up(down(x)) + b, down: (rank, d_in), up: (d_out, rank)."""
 
+    kind = "lowrank"
     hparams = ("rank",)
     post_inits = ("svd",)
     default_init = "svd"
@@ -51,8 +52,6 @@ class LowRankLinear(StructuredLinear):
         self.down = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
         self.up = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype))
         self.reset_parameters(init, init_std)
-
-    fuses_bias = True
 
     def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return lowrank_matmul(x, self.down, self.up, bias)
@@ -75,6 +74,14 @@ class LowRankLinear(StructuredLinear):
     @classmethod
     def weight_params(cls, d_in: int, d_out: int, *, rank: int) -> int:
         return rank * (d_in + d_out)
+
+    @classmethod
+    def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
+        """R = f * sum(N*M) / sum(N+M), rounded down to the rank step (d/2 and d/4 for the
+        paper's 63% and 32% FFNs)."""
+        g = rank_step(shapes)
+        rank = int(fraction * dense_weights(shapes) / sum(n + m for n, m in shapes)) // g * g
+        return {"rank": max(rank, 1)}
 
     def _post_init(self, init: str, std: float) -> None:
         w0 = torch.randn(self.d_out, self.d_in, device=self.down.device, dtype=torch.float32) * std

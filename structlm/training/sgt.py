@@ -1,8 +1,8 @@
-"""Self-guided training bookkeeping (SPEC §4): the alpha schedule, the step plan, the reduce_flop
-draws.
+"""Self-guided training in a run (docs/method.md §4): the alpha schedule, the step plan, the
+reduce_flop draws, and the guided phase itself (`GuidePhase`: enter, alpha per micro-step, leave).
 
-Pure functions of the config and the step, so a resumed or distributed run makes exactly the same
-choices.
+The schedule, plan and draws are pure functions of the config and the step, so a resumed or
+distributed run makes exactly the same choices.
 
     fixedstep:  steps [0, G) guided, [G, S) plain                                 total S
     fixedflop:  steps [0, G) guided, [G, S) plain, [S, S+G) replay batches 0..G-1  total S + G
@@ -18,13 +18,23 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
 from structlm.config import LinearSpec, ModelConfig, SGTConfig
 from structlm.flops import flops_per_token, sgt_train_flops
+from structlm.linear.guided import (
+    guide_parameters,
+    guided_layers,
+    set_guide,
+    unwrap_guided,
+    wrap_guided,
+)
+from structlm.training.optim import drop_params
 
 
 def guide_alpha(step: int, guided_steps: int, schedule: str = "cosine") -> float:
-    """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (SPEC §4.2); 0
+    """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (docs/method.md §4.2); 0
     afterwards."""
     if step >= guided_steps:
         return 0.0
@@ -94,7 +104,51 @@ def make_plan(
 
 
 def guide_draws(seed: int, step: int, micro: int, n_layers: int, alpha: float) -> list[bool]:
-    """reduce_flop: which guides run in this forward, each with probability alpha (SPEC §4.4).
+    """reduce_flop: which guides run in this forward, each with probability alpha (method §4.4).
     Seeded by (seed, step, micro) so every DDP rank and every resumed run draws the same."""
     u = np.random.default_rng([seed, step, micro, 7]).random(n_layers)
     return [bool(x < alpha) for x in u]
+
+
+class GuidePhase:
+    """The guided phase of one run: the guides exist from `enter` until the step after which alpha
+    is 0, when `leave_if_done` removes them and their optimizer state. Outside the phase (or with
+    SGT off) every method is a no-op."""
+
+    def __init__(self, plan: SGTPlan, cfg: SGTConfig, seed: int) -> None:
+        self.plan, self.cfg, self.seed = plan, cfg, seed
+        self.active = False
+
+    def enter(self, model: nn.Module, step: int) -> None:
+        """Wrap the structured layers in guides if `step` is inside the guided phase."""
+        if self.plan.guided(step):
+            wrap_guided(model, self.cfg.guide_init)
+            self.active = True
+
+    def before_forward(self, model: nn.Module, step: int, micro: int) -> None:
+        """Set alpha (and under reduce_flop, which guides run) for this micro-step's forward."""
+        if not self.active:
+            return
+        alpha = guide_alpha(step, self.plan.guided_steps, self.cfg.schedule)
+        draws = None
+        if self.cfg.reduce_flop:
+            draws = guide_draws(self.seed, step, micro, len(guided_layers(model)), alpha)
+        set_guide(model, alpha, draws)
+
+    def before_eval(self, model: nn.Module, step: int) -> None:
+        """Mid-phase evaluation: every guide on, at the alpha of the next step."""
+        if self.active:
+            set_guide(model, guide_alpha(step, self.plan.guided_steps, self.cfg.schedule))
+
+    def leave_if_done(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, done: int
+    ) -> bool:
+        """After `done` steps: if alpha is 0 from here, drop the guides and their AdamW state;
+        returns True when it did (the caller re-wraps DDP/compile around the changed model)."""
+        if not self.active or self.plan.guided(done):
+            return False
+        guides = guide_parameters(model)
+        unwrap_guided(model)
+        drop_params(optimizer, guides)
+        self.active = False
+        return True

@@ -1,0 +1,223 @@
+"""Pre-merge (docs/method.md §5): a structured map with no nonlinearity between its factors equals
+one dense matrix W = f(I)^T, and for calls with few tokens (decoding) that one GEMM is often faster.
+
+    premerge(model, thresholds)   structured layers -> PreMergedLinear (factors + merged W)
+    unmerge(model)                the inverse
+    merge_linears(model)          a copy with every structured layer an nn.Linear holding W
+    thresholds_for(model, ...)    the token count below which each layer shape uses W: measured
+                                  (`calibrate_layer`, cached per device/dtype/torch) or the default
+
+`PreMergedLinear` dispatches on the number of tokens in each call:
+
+    tokens <  max_dense_tokens  ->  x W^T + b   (one GEMM: best when latency/memory bound)
+    tokens >= max_dense_tokens  ->  f(x) + b    (fewer FLOPs: best for large batches)
+
+The merged W is a non-persistent buffer (never saved in checkpoints), rebuilt whenever the factors
+change (in-place updates by an optimizer or `load_state_dict` bump the tensors' version counters).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from structlm.linear.base import StructuredLinear
+from structlm.linear.convert import Patterns, Wrapper, is_structured, replace_modules
+from structlm.timing import context, time_interleaved
+from structlm.utils import autocast
+
+# pre-merge below 16 tokens per call when uncalibrated (the paper's example)
+DEFAULT_MAX_DENSE_TOKENS = 16
+TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class PreMergedLinear(Wrapper):
+    """A structured layer plus its merged dense matrix; dispatches on the token count of each
+    call."""
+
+    def __init__(self, structured: StructuredLinear, max_dense_tokens: int) -> None:
+        super().__init__()
+        self.structured = structured
+        self.max_dense_tokens = max_dense_tokens
+        self.register_buffer("merged", torch.empty(0), persistent=False)
+        self._versions: tuple[int, ...] | None = None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the merged matrix from the factors, in their dtype (never under autocast)."""
+        w = self.structured.weights()[0]
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
+        self._versions = self._current_versions()
+
+    def _current_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.structured.parameters())
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.numel() // x.shape[-1]
+        if tokens >= self.max_dense_tokens or (self.training and torch.is_grad_enabled()):
+            return self.structured(x)  # large calls, and training: gradients must reach the factors
+        if self._versions != self._current_versions() or self.merged.device != x.device:
+            self.refresh()
+        return F.linear(x, self.merged, self.structured.bias)
+
+    def unwrap(self) -> StructuredLinear:
+        return self.structured
+
+    def extra_repr(self) -> str:
+        return f"max_dense_tokens={self.max_dense_tokens}"
+
+
+def layer_key(m: StructuredLinear) -> tuple:
+    """What a pre-merge threshold depends on besides the device: the kind, the shape, the
+    hyper-parameters."""
+    return (m.kind, m.d_in, m.d_out, tuple(sorted(m.hp.items())))
+
+
+def premerge(
+    model: nn.Module, max_dense_tokens: int | dict[tuple, int], *,
+    include: Patterns = None, exclude: Patterns = None,
+) -> nn.Module:
+    """Wrap every structured (non-dense) StructuredLinear in a PreMergedLinear, in place.
+    `max_dense_tokens` is one threshold, or a dict keyed by `layer_key(layer)` (from
+    `thresholds_for`); returns the model."""
+
+    def wrap(_: str, m: nn.Module) -> nn.Module | None:
+        if not is_structured(m):
+            return None
+        t = max_dense_tokens
+        return PreMergedLinear(m, t if isinstance(t, int) else t[layer_key(m)])
+
+    replace_modules(model, wrap, include, exclude)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `premerge`, in place."""
+    replace_modules(model, lambda _, m: m.unwrap() if isinstance(m, PreMergedLinear) else None)
+    return model
+
+
+def merge_linears(
+    model: nn.Module, *, include: Patterns = None, exclude: Patterns = None
+) -> nn.Module:
+    """A copy of `model` in which every structured (non-dense) StructuredLinear is an nn.Linear
+    holding `to_dense()` (same dtype and device)."""
+    model = copy.deepcopy(model)
+
+    def to_linear(_: str, m: nn.Module) -> nn.Module | None:
+        if isinstance(m, PreMergedLinear):
+            m = m.unwrap()
+        if not is_structured(m):
+            return None
+        w = m.weights()[0]
+        lin = nn.Linear(m.d_in, m.d_out, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(m.to_dense())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        return lin
+
+    replace_modules(model, to_linear, include, exclude)
+    return model
+
+
+# --- calibration: where the merged matrix stops paying off ----------------------------------------
+
+
+def cache_path() -> Path:
+    root = os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm"
+    return Path(root) / "premerge.json"
+
+
+def crossover_key(layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None) -> str:
+    """Cache key: a threshold is valid only for this device, dtype, torch version, kind, shape and
+    hp."""
+    c = context(device, dtype)
+    return json.dumps([c["device"], c["dtype"], c["torch"], *map(str, layer_key(layer))])
+
+
+def load_cache() -> dict[str, int]:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def save_cache(cache: dict[str, int]) -> None:
+    p = cache_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(p)
+
+
+@torch.no_grad()
+def calibrate_layer(
+    layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None,
+    tokens: tuple[int, ...] = TOKEN_GRID, reps: int = 5,
+) -> tuple[int, list[dict]]:
+    """Time the structured path against the merged dense matrix at each token count.
+
+    Returns (threshold, rows): the merged path is used below `threshold` tokens. The threshold is
+    the smallest measured count from which the structured path is faster (or within 5%) at every
+    larger count (1 if it always is, one past the grid if it never is)."""
+    layer = layer.to(device).eval()
+    merged = layer.to_dense()
+    bias = layer.bias
+    rows, faster = [], []
+    for T in tokens:
+        x = torch.randn(T, layer.d_in, device=device)
+        with autocast(device, dtype):
+            times = time_interleaved(
+                {"structured": lambda x=x: layer(x),
+                 "merged": lambda x=x: F.linear(x, merged, bias)},
+                device, reps=reps, min_time=0.01,
+            )
+        s, m = statistics.median(times["structured"]), statistics.median(times["merged"])
+        faster.append(s <= 1.05 * m)  # a tie within timing noise goes to the path with fewer FLOPs
+        rows.append({"bench": "crossover", **context(device, dtype), "kind": layer.kind,
+                     "d_in": layer.d_in, "d_out": layer.d_out, **layer.hp, "tokens": T,
+                     "structured_ms": 1e3 * s, "merged_ms": 1e3 * m, "speedup": m / s})
+    threshold = tokens[-1] * 2
+    for i in range(len(tokens) - 1, -1, -1):
+        if not faster[i]:
+            break
+        threshold = tokens[i]
+    return threshold, rows
+
+
+def thresholds_for(
+    model: nn.Module, device: torch.device, dtype: torch.dtype | None, calibrate: bool = False,
+    progress: bool = False,
+) -> tuple[dict[tuple, int], list[dict]]:
+    """Pre-merge thresholds for every distinct structured layer of `model`: from the cache, measured
+    when `calibrate` (and cached), else DEFAULT_MAX_DENSE_TOKENS. Returns
+    ({layer_key: threshold}, rows)."""
+    cache = load_cache()
+    out, rows, changed = {}, [], False
+    layers = {layer_key(m): m for m in model.modules() if is_structured(m)}
+    for key, layer in layers.items():
+        ck = crossover_key(layer, device, dtype)
+        if ck in cache and not calibrate:
+            out[key] = cache[ck]
+        elif calibrate:
+            if progress:
+                print(f"calibrating {layer.kind} {layer.d_in}->{layer.d_out} {layer.hp} ...",
+                      flush=True)
+            out[key], r = calibrate_layer(layer, device, dtype)
+            rows += r
+            cache[ck] = out[key]
+            changed = True
+        else:
+            out[key] = DEFAULT_MAX_DENSE_TOKENS
+    if changed:
+        save_cache(cache)
+    return out, rows

@@ -1,0 +1,71 @@
+"""The optimizer and its schedule (docs/method.md §6.3): AdamW, linear warm-up then cosine decay,
+the number of steps a budget buys, and removing parameters (SGT's guides) mid-run."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from structlm.config import OptimConfig, RunConfig
+from structlm.flops import tokens_for_budget
+
+
+def total_steps(cfg: RunConfig) -> int:
+    """Optimizer steps from the budget: steps, tokens (int(tokens / tokens_per_step)) or training
+    FLOPs."""
+    t = cfg.train
+    per_step = t.batch_size * cfg.seq_len
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        tokens = t.max_tokens
+    elif t.max_flops is not None:
+        tokens = tokens_for_budget(cfg.model, t.max_flops, cfg.seq_len)
+    else:
+        raise ValueError("no training budget: set --train.max_steps, --train.max_tokens or "
+                         "--train.max_flops")
+    steps = int(tokens // per_step)
+    if steps < 1:
+        raise ValueError(f"the budget gives {tokens:.3g} tokens, less than one step of "
+                         f"{per_step} tokens")
+    return steps
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up over warmup_frac of the steps to cfg.lr, then cosine to min_lr_ratio * lr."""
+    warmup = int(cfg.warmup_frac * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    floor = cfg.min_lr_ratio * cfg.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; decay on every parameter as in the paper, or (decay_all=False) only on >=2-D
+    tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_all:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def drop_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Remove `params` and their state (AdamW moments) from `optimizer`, freeing that memory."""
+    ids = {id(p) for p in params}
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    for p in params:
+        optimizer.state.pop(p, None)
