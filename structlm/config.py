@@ -153,7 +153,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay (SPEC §6.3)."""
+    """AdamW with linear warm-up and cosine decay (docs/method.md §6.3)."""
 
     lr: float = 6e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
@@ -176,7 +176,7 @@ class OptimConfig:
 
 @dataclass
 class SGTConfig:
-    """Self-guided training (SPEC §4): a dense guide mixed into every structured FFN layer,
+    """Self-guided training (docs/method.md §4): a dense guide mixed into every structured FFN layer,
     alpha 1 -> 0."""
 
     # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches
@@ -327,7 +327,7 @@ def load_run_config(path: str) -> RunConfig:
 
 
 # --- presets --------------------------------------------------------------------------------------
-# The paper's sizes (SPEC §3.2, §6.3): vocab 32000, sequence 1024, global batch 512 x 1024 tokens.
+# The paper's sizes (docs/method.md §3.2, §6.3): vocab 32000, sequence 1024, global batch 512 x 1024 tokens.
 # Variants derive by mutation:
 # `cfg = PRESETS["paper-m"](); cfg.model.ffn = LinearSpec("lowrank", rank=256)`.
 

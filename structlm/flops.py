@@ -1,6 +1,6 @@
 """Exact parameter and FLOP accounting as pure functions of a ModelConfig (no model is built).
 
-Conventions (SPEC §3.6, which reproduces the paper's Tables 1 and 2 exactly):
+Conventions (docs/method.md §3.6, which reproduces the paper's Tables 1 and 2 exactly):
 * FLOPs count 2 per multiply-add of a matrix product; biases, norms, activations and softmax are
   ignored.
 * Forward FLOPs per token at sequence length T:
@@ -75,7 +75,7 @@ def param_groups(cfg: ModelConfig) -> dict[str, int]:
 
 
 def matrix_params(cfg: ModelConfig) -> int:
-    """The paper's model size (SPEC §3.6): attention and FFN matrices plus the (tied) embedding
+    """The paper's model size (docs/method.md §3.6): attention and FFN matrices plus the (tied) embedding
     once."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return attention_params(cfg, bias=False) + ffn_params(cfg, bias=False) + emb
@@ -96,7 +96,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, i
 
 
 def train_flops(cfg: ModelConfig, tokens: float, seq_len: int | None = None) -> float:
-    """Training FLOPs for `tokens` tokens: 3 x forward (SPEC §3.6)."""
+    """Training FLOPs for `tokens` tokens: 3 x forward (docs/method.md §3.6)."""
     return 3.0 * flops_per_token(cfg, seq_len)["total"] * tokens
 
 
@@ -116,7 +116,7 @@ def sgt_train_flops(
     cfg: ModelConfig, total_steps: int, guide_forwards: float, tokens_per_step: int,
     seq_len: int | None = None,
 ) -> float:
-    """Training FLOPs of a self-guided run (SPEC §4.5): the structured model for `total_steps`, plus
+    """Training FLOPs of a self-guided run (docs/method.md §4.5): the structured model for `total_steps`, plus
     the guides for `guide_forwards` step-equivalents (G without reduce_flop; the expected sum of
     alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
     f_struct = flops_per_token(cfg, seq_len)["total"]

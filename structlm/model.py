@@ -1,4 +1,4 @@
-"""The GPT model: a pre-LN decoder-only transformer whose FFN linears are structured (SPEC §3).
+"""The GPT model: a pre-LN decoder-only transformer whose FFN linears are structured (docs/method.md §3).
 
     idx -> wte (+ wpe) -> [ Block x n_layer ] -> ln_f -> lm_head (tied to wte) -> logits
 
@@ -8,7 +8,7 @@
 The model is built structured from its config: `dense_ffn_layers` blocks get dense FFNs, the others
 the `cfg.ffn` kind. It knows nothing of training, data or distribution; `KVCache` gives incremental
 decoding whose logits equal those of full recomputation (the cache attends to keys 0..offset
-inclusive, fixing SPEC §3.4's bug).
+inclusive, fixing docs/method.md §3.4's bug).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from structlm.linear import build_linear
 
 
 def rope_angles(cfg: ModelConfig, start: int, T: int, device) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, head_dim) for positions start..start+T-1 (SPEC §3.3, Megatron
+    """cos, sin of shape (T, head_dim) for positions start..start+T-1 (docs/method.md §3.3, Megatron
     layout)."""
     hd = cfg.head_dim
     exponents = torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd
@@ -207,8 +207,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_dense(self, std: float) -> None:
-        """SPEC §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth scaling.
-        Structured FFN layers initialised themselves at construction (SPEC §1.6)."""
+        """docs/method.md §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth scaling.
+        Structured FFN layers initialised themselves at construction (docs/method.md §1.6)."""
         for m in self.modules():
             if isinstance(m, nn.Linear | nn.Embedding):
                 m.weight.normal_(0.0, std)

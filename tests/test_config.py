@@ -20,7 +20,7 @@ from structlm.config import (
 from structlm.flops import flops_per_token, param_groups
 from structlm.model import GPT
 
-PAPER_SIZES = {  # SPEC §3.2 / §6.3: d_model, n_layer, n_head, head_dim, lr, tokens
+PAPER_SIZES = {  # docs/method.md §3.2 / §6.3: d_model, n_layer, n_head, head_dim, lr, tokens
     "paper-s": (768, 12, 12, 64, 6e-4, 2.2e9),
     "paper-m": (1024, 24, 16, 64, 3e-4, 6.7e9),
     "paper-l": (1536, 24, 12, 128, 2.5e-4, 14.58e9),
@@ -234,7 +234,7 @@ def test_paper_presets_match_the_spec(name):
 
 @pytest.mark.parametrize(
     "name, d_ff, attn_dim, n_head, n_kv_head, ffn, tokens",
-    [  # SPEC §10 item 59
+    [  # Table 2 of the paper, docs/method.md §8.5
         ("wide-m", 4864, 512, 8, 4, LinearSpec("lowrank", rank=512), 10.58e9),
         ("wide-l", 7424, 768, 12, 4, LinearSpec("lowrank", rank=768), 23.36e9),
         ("gqa-m", 4864, None, 16, 4, LinearSpec(), 6.7e9),

@@ -19,7 +19,7 @@ from structlm.linear import LINEARS
 from structlm.model import GPT
 
 KINDS = sorted(LINEARS)
-TOKENS_PER_STEP = 512 * 1024  # the paper's global batch (SPEC §6.3)
+TOKENS_PER_STEP = 512 * 1024  # the paper's global batch (docs/method.md §6.3)
 
 GRID = {  # tiny configs covering every term of param_groups
     "default": {},
@@ -96,7 +96,7 @@ def test_param_groups_total_equals_model_numel(kind, opts):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("opts", [{}, GRID["everything"]], ids=["default", "everything"])
 def test_matrix_params_count_matrices_and_one_embedding(kind, opts):
-    """SPEC §3.6: the paper's model size counts >= 2-D weights (a tied embedding once); no biases,
+    """docs/method.md §3.6: the paper's model size counts >= 2-D weights (a tied embedding once); no biases,
     norms or
     position table."""
     cfg = tiny_cfg(kind, **opts)
@@ -161,7 +161,7 @@ def test_flops_per_token_uses_seq_len():
     }
 
 
-# --- SPEC §3.6 / §8.1: Table 1 (Transformer-xl, 25.5B tokens) -------------------------------------
+# --- docs/method.md §3.6 / §8.1: Table 1 (Transformer-xl, 25.5B tokens) -------------------------------------
 
 TABLE_1 = [  # (kind, hp, model size M, FFN size M, training FLOPs)
     ("dense", {}, 1274, 805, 2.10e20),
@@ -185,13 +185,13 @@ def test_table_1(kind, hp, size, ffn, flops):
 
 
 def test_xl_dense_flops_per_token():
-    """SPEC §3.6: xl dense is 2748.3 MFLOP per token; 1273.5M matrix parameters."""
+    """docs/method.md §3.6: xl dense is 2748.3 MFLOP per token; 1273.5M matrix parameters."""
     cfg = paper_cfg("paper-xl")
     assert round(flops_per_token(cfg)["total"] / 1e6, 1) == 2748.3
     assert millions(param_groups(cfg)["matrix"], 1) == 1273.5
 
 
-# --- SPEC §8.2: computed sizes and FLOPs for s, m, l ----------------------------------------------
+# --- docs/method.md §8.2: computed sizes and FLOPs for s, m, l ----------------------------------------------
 
 LR, BS, BD = "lowrank", "blockshuffle", "blockdense"
 SECTION_8_2_CASES = [  # (size, kind, hp, model params M, FFN params M, train FLOPs)
@@ -235,7 +235,7 @@ def _section_8_2_params_cases():
         if case[0] == "s" and case[3] == 90.1:
             marks = pytest.mark.xfail(
                 strict=True,
-                reason="SPEC §8.2 prints 90.1M, but the exact matrix count is 90,046,464 = 90.0M; "
+                reason="docs/method.md §8.2 prints 90.1M, but the exact matrix count is 90,046,464 = 90.0M; "
                 "90.1 = 109.5 - 56.6 + 37.2 adds rounded figures "
                 "(see test_section_8_2_s63_exact_count)",
             )
@@ -282,7 +282,7 @@ def test_section_8_2_s63_exact_count(kind, hp):
     )
 
 
-# --- SPEC §8.5: Table 2 (wide & structured) -------------------------------------------------------
+# --- docs/method.md §8.5: Table 2 (wide & structured) -------------------------------------------------------
 
 TABLE_2 = [  # (preset, #Param M, training FLOPs, tokens B)
     ("paper-m", 335, 1.55e19, 6.7),

@@ -77,7 +77,7 @@ def test_count_params_equals_numel(kind, data, bias):
 
 @pytest.mark.parametrize(
     "kind, hp, formula",
-    [  # SPEC §1.5 (paper Fig. 2): params = MACs per token
+    [  # docs/method.md §1.5 (paper Fig. 2): params = MACs per token
         ("dense", {}, lambda n, m: n * m),
         ("lowrank", {"rank": 8}, lambda n, m: (n + m) * 8),
         ("blockshuffle", {"nblocks": 4}, lambda n, m: min(n, m) * (n + m) // 4),
@@ -121,7 +121,7 @@ def _block_diag_by_loops(blocks: torch.Tensor) -> torch.Tensor:
 
 @given(data=st.data())
 def test_blockshuffle_to_dense_equals_permutation_formula(data):
-    """SPEC §5: W = P_out · blockdiag(blkdiag2) · P_mid · blockdiag(blkdiag1), with permutations
+    """docs/method.md §5: W = P_out · blockdiag(blkdiag2) · P_mid · blockdiag(blkdiag1), with permutations
     from the index formulas (P_mid h)[j·q + i] = h[i·B + j] and y[i·B + j] = u[j·s + i]."""
     d_in, d_out, hp = data.draw(layer_shapes("blockshuffle"))
     layer = BlockShuffleLinear(d_in, d_out, **hp, init="fixed", dtype=torch.float64)
@@ -149,7 +149,7 @@ def test_blockshuffle_mixes_every_input_block_into_every_output_block():
 
 @given(data=st.data())
 def test_blockdense_to_dense_equals_up_times_blockdiag(data):
-    """SPEC §1.3: W = up · blockdiag(blkdiag), contiguous input chunks, no shuffle."""
+    """docs/method.md §1.3: W = up · blockdiag(blkdiag), contiguous input chunks, no shuffle."""
     d_in, d_out, hp = data.draw(layer_shapes("blockdense"))
     layer = BlockDenseLinear(d_in, d_out, **hp, init="fixed", dtype=torch.float64)
     assert layer.blkdiag.shape == (
@@ -183,7 +183,7 @@ def test_init_fixed_std(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_init_xavier_std(kind):
-    """'xavier': every weight ~ N(0, 1/fan_in), fan_in = the tensor's last dimension (SPEC §1.6)."""
+    """'xavier': every weight ~ N(0, 1/fan_in), fan_in = the tensor's last dimension (docs/method.md §1.6)."""
     layer = LINEARS[kind](256, 512, **small_hparams(kind, 256, 512), init="xavier")
     for w in layer.weights():
         # >= 32k samples per tensor: 5% relative is > 10 sigma of the sample std
@@ -204,7 +204,7 @@ def test_init_default_is_the_papers(kind):
 
 @pytest.mark.parametrize("d_in, d_out, rank", [(32, 96, 8), (96, 32, 16), (48, 48, 48)])
 def test_lowrank_svd_init_is_best_rank_r_approximation(d_in, d_out, rank):
-    """SPEC §1.6: down/up are the balanced truncated SVD of a N(0, 0.02^2) draw W0, made right after
+    """docs/method.md §1.6: down/up are the balanced truncated SVD of a N(0, 0.02^2) draw W0, made right after
     the plain draw of the factors; re-seeding reproduces W0."""
     torch.manual_seed(123)
     layer = LowRankLinear(d_in, d_out, rank=rank, init="svd", init_std=0.02)
@@ -348,7 +348,7 @@ def test_bad_init_in_constructor_raises(kind):
 
 
 def test_blockdense_d_out_need_not_divide_nblocks():
-    """BlockDense constrains only d_in and rank by nblocks (SPEC §1.3), not d_out."""
+    """BlockDense constrains only d_in and rank by nblocks (docs/method.md §1.3), not d_out."""
     layer = BlockDenseLinear(8, 10, rank=4, nblocks=4)
     assert layer(torch.randn(3, 8)).shape == (3, 10)
 
@@ -398,7 +398,7 @@ def test_register_refuses_classes_without_a_kind_or_interface():
         register(torch.nn.Linear)
 
 
-# --- budgets (SPEC §2.1) --------------------------------------------------------------------------
+# --- budgets (docs/method.md §2.1) --------------------------------------------------------------------------
 
 # d: {(kind, share): hparams}, from experiment/basic.sh
 PAPER_HPARAMS = {
