@@ -176,7 +176,8 @@ class OptimConfig:
 
 @dataclass
 class SGTConfig:
-    """Self-guided training (docs/method.md §4): a dense guide mixed into every structured FFN layer,
+    """Self-guided training (docs/method.md §4): a dense guide mixed into every structured FFN
+    layer,
     alpha 1 -> 0."""
 
     # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches
@@ -327,7 +328,8 @@ def load_run_config(path: str) -> RunConfig:
 
 
 # --- presets --------------------------------------------------------------------------------------
-# The paper's sizes (docs/method.md §3.2, §6.3): vocab 32000, sequence 1024, global batch 512 x 1024 tokens.
+# The paper's sizes (docs/method.md §3.2, §6.3): vocab 32000, sequence 1024, global batch
+# 512 x 1024 tokens.
 # Variants derive by mutation:
 # `cfg = PRESETS["paper-m"](); cfg.model.ffn = LinearSpec("lowrank", rank=256)`.
 

@@ -75,7 +75,8 @@ def param_groups(cfg: ModelConfig) -> dict[str, int]:
 
 
 def matrix_params(cfg: ModelConfig) -> int:
-    """The paper's model size (docs/method.md §3.6): attention and FFN matrices plus the (tied) embedding
+    """The paper's model size (docs/method.md §3.6): attention and FFN matrices plus the (tied)
+    embedding
     once."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return attention_params(cfg, bias=False) + ffn_params(cfg, bias=False) + emb
@@ -116,7 +117,8 @@ def sgt_train_flops(
     cfg: ModelConfig, total_steps: int, guide_forwards: float, tokens_per_step: int,
     seq_len: int | None = None,
 ) -> float:
-    """Training FLOPs of a self-guided run (docs/method.md §4.5): the structured model for `total_steps`, plus
+    """Training FLOPs of a self-guided run (docs/method.md §4.5): the structured model for
+    `total_steps`, plus
     the guides for `guide_forwards` step-equivalents (G without reduce_flop; the expected sum of
     alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
     f_struct = flops_per_token(cfg, seq_len)["total"]

@@ -1,4 +1,5 @@
-"""The GPT model: a pre-LN decoder-only transformer whose FFN linears are structured (docs/method.md §3).
+"""The GPT model: a pre-LN decoder-only transformer whose FFN linears are structured
+(docs/method.md §3).
 
     idx -> wte (+ wpe) -> [ Block x n_layer ] -> ln_f -> lm_head (tied to wte) -> logits
 
@@ -207,7 +208,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_dense(self, std: float) -> None:
-        """docs/method.md §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth scaling.
+        """docs/method.md §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth
+        scaling.
         Structured FFN layers initialised themselves at construction (docs/method.md §1.6)."""
         for m in self.modules():
             if isinstance(m, nn.Linear | nn.Embedding):

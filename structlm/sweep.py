@@ -16,7 +16,8 @@ Budget rules (exactly one):
 * flops: every run gets the same training-FLOP budget (iso-FLOP; structured runs see more tokens);
 * tokens: the same explicit number of tokens for every run.
 Self-guided runs (sgt=true) always get the dense model's tokens for their size and solve the guided
-steps so their training FLOPs equal the dense model's (docs/method.md §4.5, fixedflop + reduce_flop, as in
+steps so their training FLOPs equal the dense model's (docs/method.md §4.5, fixedflop +
+reduce_flop, as in
 the paper's SGT runs).
 
 A sweep file is TOML: the SweepConfig fields at the top level, and optionally several [[grid]]

@@ -46,7 +46,8 @@ def small_hparams(kind: str, d_in: int, d_out: int) -> dict[str, int]:
 
 
 def matmul_pair(kind: str):
-    """The kind's (`<kind>_matmul`, `<kind>_matmul_reference`), by the naming rule every kind module follows."""
+    """The kind's (`<kind>_matmul`, `<kind>_matmul_reference`), by the naming rule every kind
+    module follows."""
     module = sys.modules[LINEARS[kind].__module__]
     return getattr(module, f"{kind}_matmul"), getattr(module, f"{kind}_matmul_reference")
 

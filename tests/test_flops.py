@@ -96,7 +96,8 @@ def test_param_groups_total_equals_model_numel(kind, opts):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("opts", [{}, GRID["everything"]], ids=["default", "everything"])
 def test_matrix_params_count_matrices_and_one_embedding(kind, opts):
-    """docs/method.md §3.6: the paper's model size counts >= 2-D weights (a tied embedding once); no biases,
+    """docs/method.md §3.6: the paper's model size counts >= 2-D weights (a tied embedding once);
+    no biases,
     norms or
     position table."""
     cfg = tiny_cfg(kind, **opts)
@@ -161,7 +162,7 @@ def test_flops_per_token_uses_seq_len():
     }
 
 
-# --- docs/method.md §3.6 / §8.1: Table 1 (Transformer-xl, 25.5B tokens) -------------------------------------
+# --- docs/method.md §3.6 / §8.1: Table 1 (Transformer-xl, 25.5B tokens) ---------------------------
 
 TABLE_1 = [  # (kind, hp, model size M, FFN size M, training FLOPs)
     ("dense", {}, 1274, 805, 2.10e20),
@@ -191,7 +192,7 @@ def test_xl_dense_flops_per_token():
     assert millions(param_groups(cfg)["matrix"], 1) == 1273.5
 
 
-# --- docs/method.md §8.2: computed sizes and FLOPs for s, m, l ----------------------------------------------
+# --- docs/method.md §8.2: computed sizes and FLOPs for s, m, l ------------------------------------
 
 LR, BS, BD = "lowrank", "blockshuffle", "blockdense"
 SECTION_8_2_CASES = [  # (size, kind, hp, model params M, FFN params M, train FLOPs)
@@ -235,7 +236,7 @@ def _section_8_2_params_cases():
         if case[0] == "s" and case[3] == 90.1:
             marks = pytest.mark.xfail(
                 strict=True,
-                reason="docs/method.md §8.2 prints 90.1M, but the exact matrix count is 90,046,464 = 90.0M; "
+                reason="the paper prints 90.1M, but the exact matrix count is 90,046,464 = 90.0M; "
                 "90.1 = 109.5 - 56.6 + 37.2 adds rounded figures "
                 "(see test_section_8_2_s63_exact_count)",
             )
@@ -282,7 +283,7 @@ def test_section_8_2_s63_exact_count(kind, hp):
     )
 
 
-# --- docs/method.md §8.5: Table 2 (wide & structured) -------------------------------------------------------
+# --- docs/method.md §8.5: Table 2 (wide & structured) ---------------------------------------------
 
 TABLE_2 = [  # (preset, #Param M, training FLOPs, tokens B)
     ("paper-m", 335, 1.55e19, 6.7),

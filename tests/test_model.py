@@ -103,7 +103,8 @@ def test_attention_projection_shapes():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_dense_init(tie):
-    """docs/method.md §3.5: linears and embeddings N(0, 0.02^2), biases 0, norms 1 / 0; tied lm_head."""
+    """docs/method.md §3.5: linears and embeddings N(0, 0.02^2), biases 0, norms 1 / 0; tied
+    lm_head."""
     model = GPT(tiny_cfg(tie_embeddings=tie, vocab_size=4096))
     assert (model.lm_head.weight is model.wte.weight) == tie
     # 131k samples: 5% relative is > 10 sigma of the sample std

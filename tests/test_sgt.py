@@ -113,7 +113,8 @@ def _plan(size, spec, **sgt):
 
 @pytest.mark.parametrize(
     "size, ratio, steps, total, flops, dense",
-    [  # docs/method.md §4.5: LowRank 32% fixedflop with reduce_flop; steps S -> S+G and FLOPs vs dense
+    # docs/method.md §4.5: LowRank 32% fixedflop with reduce_flop; steps S -> S+G and FLOPs vs dense
+    [
         ("s", 0.30, 4196, 5454, 1.693e18, 1.695e18),
         ("m", 0.38, 12779, 17635, 1.548e19, 1.548e19),
         ("l", 0.41, 27809, 39210, 7.016e19, 7.034e19),
@@ -155,7 +156,8 @@ def test_fixedflop_plan_replays_the_first_guided_batches():
     # the guides add the dense FFN's FLOPs for G steps (all of them without reduce_flop) ...
     guide = 3 * 524288 * 2 * 11 * 2 * 768 * 3072  # 11 structured blocks x fc1+fc2 guides
     assert fixed.train_flops - off.train_flops == pytest.approx(guide * G, rel=1e-12)
-    # ... and docs/method.md §4.5's "+25% of dense-FFN FLOPs" with ratio 0.5 and reduce_flop (mean alpha 1/2)
+    # ... and docs/method.md §4.5's "+25% of dense-FFN FLOPs" with ratio 0.5 and reduce_flop
+    # (mean alpha 1/2)
     halved = _plan("s", LinearSpec("lowrank", rank=192), mode="fixedstep", ratio=0.5,
                    reduce_flop=True)
     assert (halved.train_flops - off.train_flops) / (guide * S) == pytest.approx(0.25, abs=1e-3)
