@@ -177,8 +177,7 @@ class OptimConfig:
 @dataclass
 class SGTConfig:
     """Self-guided training (docs/method.md §4): a dense guide mixed into every structured FFN
-    layer,
-    alpha 1 -> 0."""
+    layer, alpha 1 -> 0."""
 
     # fixedstep: guide in the first G of S steps; fixedflop: S + G steps, the first G batches
     # replayed without the guide at the end

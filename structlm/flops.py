@@ -76,8 +76,7 @@ def param_groups(cfg: ModelConfig) -> dict[str, int]:
 
 def matrix_params(cfg: ModelConfig) -> int:
     """The paper's model size (docs/method.md §3.6): attention and FFN matrices plus the (tied)
-    embedding
-    once."""
+    embedding once."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return attention_params(cfg, bias=False) + ffn_params(cfg, bias=False) + emb
 
@@ -118,9 +117,8 @@ def sgt_train_flops(
     seq_len: int | None = None,
 ) -> float:
     """Training FLOPs of a self-guided run (docs/method.md §4.5): the structured model for
-    `total_steps`, plus
-    the guides for `guide_forwards` step-equivalents (G without reduce_flop; the expected sum of
-    alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
+    `total_steps`, plus the guides for `guide_forwards` step-equivalents (G without reduce_flop;
+    the expected sum of alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
     f_struct = flops_per_token(cfg, seq_len)["total"]
     f_guide = 2 * guide_params(cfg)
     return 3.0 * tokens_per_step * (f_struct * total_steps + f_guide * guide_forwards)

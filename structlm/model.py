@@ -209,8 +209,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def _init_dense(self, std: float) -> None:
         """docs/method.md §3.5: nn.Linear and embeddings N(0, std^2), biases 0, norms 1/0; no depth
-        scaling.
-        Structured FFN layers initialised themselves at construction (docs/method.md §1.6)."""
+        scaling. Structured FFN layers initialised themselves at construction (§1.6)."""
         for m in self.modules():
             if isinstance(m, nn.Linear | nn.Embedding):
                 m.weight.normal_(0.0, std)

@@ -17,8 +17,7 @@ Budget rules (exactly one):
 * tokens: the same explicit number of tokens for every run.
 Self-guided runs (sgt=true) always get the dense model's tokens for their size and solve the guided
 steps so their training FLOPs equal the dense model's (docs/method.md §4.5, fixedflop +
-reduce_flop, as in
-the paper's SGT runs).
+reduce_flop, as in the paper's SGT runs).
 
 A sweep file is TOML: the SweepConfig fields at the top level, and optionally several [[grid]]
 tables, each overriding sizes / structures / sgt for a sub-grid (e.g. BlockShuffle at two sizes).

@@ -97,9 +97,7 @@ def test_param_groups_total_equals_model_numel(kind, opts):
 @pytest.mark.parametrize("opts", [{}, GRID["everything"]], ids=["default", "everything"])
 def test_matrix_params_count_matrices_and_one_embedding(kind, opts):
     """docs/method.md §3.6: the paper's model size counts >= 2-D weights (a tied embedding once);
-    no biases,
-    norms or
-    position table."""
+    no biases, norms or position table."""
     cfg = tiny_cfg(kind, **opts)
     model = GPT(cfg)
     matrices = sum(

@@ -122,8 +122,8 @@ def _block_diag_by_loops(blocks: torch.Tensor) -> torch.Tensor:
 @given(data=st.data())
 def test_blockshuffle_to_dense_equals_permutation_formula(data):
     """docs/method.md §1.4: W = P_out · blockdiag(blkdiag2) · P_mid · blockdiag(blkdiag1), with
-    permutations
-    from the index formulas (P_mid h)[j·q + i] = h[i·B + j] and y[i·B + j] = u[j·s + i]."""
+    permutations from the index formulas (P_mid h)[j·q + i] = h[i·B + j] and
+    y[i·B + j] = u[j·s + i]."""
     d_in, d_out, hp = data.draw(layer_shapes("blockshuffle"))
     layer = BlockShuffleLinear(d_in, d_out, **hp, init="fixed", dtype=torch.float64)
     B = hp["nblocks"]
@@ -207,8 +207,7 @@ def test_init_default_is_the_papers(kind):
 @pytest.mark.parametrize("d_in, d_out, rank", [(32, 96, 8), (96, 32, 16), (48, 48, 48)])
 def test_lowrank_svd_init_is_best_rank_r_approximation(d_in, d_out, rank):
     """docs/method.md §1.6: down/up are the balanced truncated SVD of a N(0, 0.02^2) draw W0, made
-    right after
-    the plain draw of the factors; re-seeding reproduces W0."""
+    right after the plain draw of the factors; re-seeding reproduces W0."""
     torch.manual_seed(123)
     layer = LowRankLinear(d_in, d_out, rank=rank, init="svd", init_std=0.02)
     torch.manual_seed(123)  # replay the layer's draws: down, up (overwritten), then W0
