@@ -118,7 +118,8 @@ def sgt_train_flops(
 ) -> float:
     """Training FLOPs of a self-guided run (docs/method.md §4.5): the structured model for
     `total_steps`, plus the guides for `guide_forwards` step-equivalents (G without reduce_flop;
-    the expected sum of alpha over the guided steps with it, ~G/2 for either schedule). 3 x forward, as everywhere."""
+    the expected sum of alpha over the guided steps with it, ~G/2 for either
+    schedule). 3 x forward, as everywhere."""
     f_struct = flops_per_token(cfg, seq_len)["total"]
     f_guide = 2 * guide_params(cfg)
     return 3.0 * tokens_per_step * (f_struct * total_steps + f_guide * guide_forwards)
