@@ -23,18 +23,8 @@ from structlm.data import (
 )
 from structlm.utils import file_sha256
 
-LINES = [
-    "ROMEO: But soft, what light through yonder window breaks?",
-    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
-    "MERCUTIO: A plague on both your houses, they have made worms' meat of me.",
-    "HAMLET: To be, or not to be, that is the question.",
-]
-
-
-def doc_text(i: int, n_lines: int = 12) -> str:
-    """A small document that differs from its siblings."""
-    lines = (f"Scene {i}.{k}. {LINES[(i + k) % len(LINES)]}" for k in range(n_lines))
-    return "\n\n".join(lines) + "\n"
+# isort: split
+from conftest import doc_text  # the tests directory is on sys.path under pytest
 
 
 def cfg_for(source, out, **kw) -> DataConfig:
@@ -133,55 +123,47 @@ def test_prepare_with_given_tokenizer_reproduces_ids(tmp_path):
 # --- determinism, reuse, refusal, errors ----------------------------------------------------------
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(doc_text(i))
-    return d
-
-
-def test_prepare_is_deterministic(corpus, tmp_path):
-    a = prepare(cfg_for(corpus, tmp_path / "a"), progress=False)
-    b = prepare(cfg_for(corpus, tmp_path / "b"), progress=False)
+def test_prepare_is_deterministic(fresh_corpus, tmp_path):
+    a = prepare(cfg_for(fresh_corpus, tmp_path / "a"), progress=False)
+    b = prepare(cfg_for(fresh_corpus, tmp_path / "b"), progress=False)
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert load_meta(a) == load_meta(b)
 
 
-def test_prepare_reuses_matching_data_without_rewriting(corpus, tmp_path, capsys):
-    out = prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+def test_prepare_reuses_matching_data_without_rewriting(fresh_corpus, tmp_path, capsys):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     assert "prepared" in capsys.readouterr().out
-    assert prepare(cfg_for(corpus, tmp_path / "out"), progress=False) == out
+    assert prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False) == out
     assert "reusing prepared data at" in capsys.readouterr().out
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
 
 
-def test_prepare_refuses_a_directory_holding_other_data(corpus, tmp_path):
-    out = prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+def test_prepare_refuses_a_directory_holding_other_data(fresh_corpus, tmp_path):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     before = (out / "train.bin").read_bytes()
-    other = DataConfig(source=str(corpus), data_dir=str(out), vocab_size=280, val_fraction=0.25)
+    other = DataConfig(source=str(fresh_corpus), data_dir=str(out), vocab_size=280,
+                       val_fraction=0.25)
     with pytest.raises(FileExistsError, match="something else.*--data.data_dir"):
         prepare(other, progress=False)
-    (corpus / "doc0.txt").write_text(doc_text(7, 13))  # the source changed
+    (fresh_corpus / "doc0.txt").write_text(doc_text(7, 13))  # the source changed
     with pytest.raises(FileExistsError):
-        prepare(cfg_for(corpus, out), progress=False)
+        prepare(cfg_for(fresh_corpus, out), progress=False)
     assert (out / "train.bin").read_bytes() == before
 
 
-def test_prepare_refuses_non_empty_directory_without_meta(corpus, tmp_path):
+def test_prepare_refuses_non_empty_directory_without_meta(fresh_corpus, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="no meta.json"):
-        prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+        prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
 
 
-def test_prepare_fills_an_empty_directory_and_leaves_no_temp(corpus, tmp_path):
+def test_prepare_fills_an_empty_directory_and_leaves_no_temp(fresh_corpus, tmp_path):
     (tmp_path / "out").mkdir()
-    prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+    prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     assert load_meta(tmp_path / "out")["n_docs"]["train"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
@@ -215,8 +197,8 @@ def test_load_meta_errors_name_path_and_fix(tmp_path):
         load_meta(tmp_path)
 
 
-def test_load_tokens_checks_split_and_size(corpus, tmp_path):
-    out = prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+def test_load_tokens_checks_split_and_size(fresh_corpus, tmp_path):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     with pytest.raises(ValueError, match="'train' or 'val'"):
         load_tokens(out, "test")
     ids = load_tokens(out, "val")
@@ -260,10 +242,10 @@ def test_chunked_encoding_equals_whole_encoding():
         assert sum((e.ids for e in tok.encode_batch(pieces)), []) == whole
 
 
-def test_encode_text_file(corpus, tmp_path):
-    out = prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+def test_encode_text_file(fresh_corpus, tmp_path):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     tok = load_tokenizer(out)
-    ids = encode_text_file(corpus / "doc3.txt", tok)
+    ids = encode_text_file(fresh_corpus / "doc3.txt", tok)
     assert tok.decode(ids.tolist()) == doc_text(3)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="no text"):
@@ -348,8 +330,8 @@ def test_batches_reject_too_short_split_and_bad_rows():
         b.rows(0, 2, 3)
 
 
-def test_batches_read_a_memmap(corpus, tmp_path):
-    out = prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+def test_batches_read_a_memmap(fresh_corpus, tmp_path):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     tokens = load_tokens(out, "train")
     x, y = Batches(tokens, 8, 4, seed=0).rows(0, 0, 4)
     assert x.shape == (4, 8) and int(x.max()) < load_meta(out)["vocab_size"]
@@ -383,8 +365,8 @@ def test_eval_batches_short_split_is_one_short_window():
         eval_batches(arange_tokens(1), 16, 4)
 
 
-def test_prepare_progress_bar_does_not_break(corpus, tmp_path, capsys):
-    prepare(cfg_for(corpus, tmp_path / "out"), progress=True)
+def test_prepare_progress_bar_does_not_break(fresh_corpus, tmp_path, capsys):
+    prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=True)
     captured = capsys.readouterr()
     assert "tokenizing" in captured.err and "prepared" in captured.out
     assert os.path.isfile(tmp_path / "out" / "meta.json")
@@ -442,9 +424,11 @@ def test_tokenizer_chars_bad_values_name_the_field_and_fix(kw, match):
         DataConfig(**kw)
 
 
-def test_prepare_prints_plain_progress_lines_without_a_tty(corpus, tmp_path, capsys, monkeypatch):
+def test_prepare_prints_plain_progress_lines_without_a_tty(
+    fresh_corpus, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(data, "_TICK", 0.0)  # a line at every update
-    prepare(cfg_for(corpus, tmp_path / "out"), progress=False)
+    prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     out = capsys.readouterr().out
     for phase in ("reading 6 file(s)", "6 documents", "training a byte-level BPE", "BPE trained",
                   "tokenizing 0.0M characters", "tokenized"):

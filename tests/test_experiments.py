@@ -8,17 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_corpus  # the tests directory is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_cpu_study_quick_runs_every_step(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    line = "Now is the winter of our discontent made glorious summer by this sun of York. "
-    for i in range(6):
-        (corpus / f"doc{i}.txt").write_text(f"Scene {i}. " + line * 60)
+    corpus = write_corpus(tmp_path / "corpus", n_lines=60)
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path / "out"), "CORPUS": str(corpus),
            "DECODE_BATCH": "4", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(ROOT / "experiments/cpu_study/run.sh")], env=env,

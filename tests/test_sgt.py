@@ -25,7 +25,7 @@ from structlm.training.optim import lr_at
 from structlm.training.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
 
 # isort: split
-from test_train import CORPUS, tiny_cfg  # the tests directory is on sys.path under pytest
+from test_train import tiny_cfg  # the tests directory is on sys.path under pytest
 
 SPECS = {
     "lowrank": LinearSpec("lowrank", rank=4),
@@ -190,12 +190,6 @@ def _losses(out):
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sgt_corpus")
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(CORPUS.replace("Act", f"Part{i}"))
-    return d
 
 
 def test_training_removes_guides_and_their_optimizer_state(corpus, tmp_path):

@@ -13,23 +13,6 @@ from structlm.flops import param_groups, train_flops
 from structlm.report import report, report_rows, to_csv, to_markdown
 from structlm.sweep import SweepConfig, load_sweep, parse_size, plan_sweep, run_sweep, status
 
-CORPUS = "\n\n".join(
-    f"Part {i}. {who}: {line}"
-    for i in range(40)
-    for who, line in [
-        ("HAMLET", "To be, or not to be, that is the question."),
-        ("OPHELIA", "There's rosemary, that's for remembrance."),
-    ]
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(5):
-        (d / f"doc{i}.txt").write_text(CORPUS.replace("Part", f"Act{i}"))
-    return d
-
 
 def tiny_sweep(corpus: Path, out: Path, **kw) -> SweepConfig:
     """The `tiny` preset on the test corpus: seconds per run."""

@@ -20,24 +20,6 @@ from structlm.model import GPT
 from structlm.training import train
 from structlm.training.optim import lr_at
 
-CORPUS = "\n\n".join(
-    f"Act {i}. {name}: {line}"
-    for i in range(60)
-    for name, line in [
-        ("ROMEO", "But soft, what light through yonder window breaks?"),
-        ("JULIET", "O Romeo, Romeo, wherefore art thou Romeo?"),
-        ("MERCUTIO", "A plague on both your houses, they have made worms' meat of me."),
-    ]
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(6):  # six documents so both splits get some
-        (d / f"doc{i}.txt").write_text(CORPUS.replace("Act", f"Scene{i}"))
-    return d
-
 
 def tiny_cfg(corpus: Path, out: Path, **train_kw):
     cfg = PRESETS["tiny"]()
