@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 from structlm.config import RunConfig, load_run_config, save_json, to_dict
 from structlm.model import GPT
-from structlm.utils import file_sha256
+from structlm.utils import atomic_write_text, file_sha256, fsync_path
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "state.pt", "config.json")
@@ -38,36 +39,45 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (incomplete, corrupt, or from a different run)."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def save(
     run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: RunConfig,
     step: int, state: dict, keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its directory."""
+    """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its directory.
+    A save that fails (disk full, permissions) leaves the previous checkpoints as they were."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final, tmp = root / name, root / f".tmp_{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # leftover of a save that was killed; never a complete checkpoint
-    tmp.mkdir()
+    final, tmp, old = root / name, root / f".tmp_{name}", root / f".old_{name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in (tmp, old):  # of a save that was killed; never a complete checkpoint
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        tmp.mkdir()
+        _write(tmp, model, optimizer, cfg, step, state)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({e}); the earlier checkpoints in {root} are "
+            "intact. Free disk space (or fix the directory's permissions) and resume"
+        ) from None
+    if final.exists():  # the same step saved again: move the old copy aside, delete it afterwards
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(root)
+    if old.exists():
+        shutil.rmtree(old)
+    atomic_write_text(root / "latest", name)
+    for stale in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(stale)
+    return final
+
+
+def _write(
+    tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: RunConfig,
+    step: int, state: dict,
+) -> None:
+    """The checkpoint's files into `tmp`, fsynced, the manifest last."""
     save_model(model, str(tmp / "model.safetensors"))
     full_state = {
         "version": FORMAT_VERSION,
@@ -82,22 +92,22 @@ def save(
     save_json(cfg, str(tmp / "config.json"))
     manifest = {"version": FORMAT_VERSION, "step": step, "files": {}}
     for f in FILES:
-        _fsync(tmp / f)
+        fsync_path(tmp / f)
         manifest["files"][f] = {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    _fsync(tmp / "manifest.json")
-    _fsync(tmp)
-    old = root / f".old_{name}"
-    if final.exists():  # the same step saved again: move the old copy aside, delete it afterwards
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(root)
-    if old.exists():
-        shutil.rmtree(old)
-    _atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old)
-    return final
+    fsync_path(tmp / "manifest.json")
+    fsync_path(tmp)
+
+
+def clean_leftovers(run_dir: str | Path) -> list[Path]:
+    """Remove what killed saves left in run_dir/checkpoints (.tmp_*, .old_*); returns them."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    gone = sorted([*root.glob(".tmp_step_*"), *root.glob(".old_step_*")])
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def verify(ckpt: Path) -> None:
@@ -108,12 +118,17 @@ def verify(ckpt: Path) -> None:
             f"checkpoint {ckpt} is incomplete (no manifest.json): it was not fully written"
         )
     try:
-        manifest = json.loads(man_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {ckpt} has an unreadable manifest.json ({e})") from None
-    for f, meta in manifest["files"].items():
-        p = ckpt / f
-        if not p.exists() or p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
+        files = json.loads(man_path.read_text())["files"]
+        entries = [(ckpt / f, int(m["bytes"]), str(m["sha256"])) for f, m in files.items()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has an unreadable manifest {man_path} ({type(e).__name__}: {e})"
+        ) from None
+    if {p.name for p, _, _ in entries} != set(FILES):
+        raise CheckpointError(f"checkpoint manifest {man_path} does not list {list(FILES)}")
+    for p, size, sha in entries:
+        if not p.exists() or p.stat().st_size != size or file_sha256(p) != sha:
             raise CheckpointError(
                 f"checkpoint file {p} is missing, truncated or modified "
                 "(does not match manifest.json); "
@@ -142,7 +157,7 @@ def find_latest(run_dir: str | Path) -> Path | None:
             verify(ckpt)
             return ckpt
         except CheckpointError as e:
-            print(f"warning: skipping {e}")
+            print(f"warning: skipping {e}", file=sys.stderr)
     return None
 
 

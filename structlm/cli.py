@@ -16,7 +16,9 @@ its type, default and comment; unknown flags and bad types are refused before an
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from structlm.evaluate import evaluate_run
 from structlm.generate import Generator
 from structlm.info import format_info, model_info
 from structlm.linear.registry import LINEARS
+from structlm.model import check_sampling
 from structlm.report import report as report_runs
 from structlm.scaling import FORMS, X_KEYS
 from structlm.scaling import report as scaling_report
@@ -46,8 +49,11 @@ def parse_run_config(
     `--preset NAME` or `--config FILE` picks the starting RunConfig; every `--a.b.c value` then
     overrides it.
     """
-    extra.add_argument("--resume", default=None,
-                       help="continue the run in this directory") if resume else None
+    if resume:
+        extra.add_argument("--resume", default=None, help="continue the run in this directory")
+        extra.add_argument("--override", action="store_true",
+                           help="with --resume: allow changed optim.* / train.dtype fields "
+                                "(e.g. a lower lr after a loss spike); recorded in the run")
     extra.add_argument("--preset", default=None,
                        help=f"one of {sorted(PRESETS)} (default {DEFAULT_PRESET})")
     extra.add_argument("--config", default=None,
@@ -115,8 +121,10 @@ def cmd_prepare(argv: list[str]) -> None:
 def cmd_train(argv: list[str]) -> None:
     """Train (or resume) a run; prints the validation perplexity and how to generate from it."""
     p = argparse.ArgumentParser(prog="structlm train", add_help=False)
-    cfg, _ = parse_run_config("structlm train", argv, p, resume=True)
-    s = train(cfg)
+    cfg, ns = parse_run_config("structlm train", argv, p, resume=True)
+    if ns.override and not ns.resume:
+        raise ValueError("--override changes a run being resumed; give it with --resume RUN_DIR")
+    s = train(cfg, override=ns.override)
     print(
         f"\ndone: {s.steps} steps, {s.tokens / 1e6:.1f}M tokens in {s.wall_time_s / 60:.1f} min | "
         f"val loss {s.final_val_loss:.4f} | val ppl {s.final_val_ppl:.2f}\n"
@@ -135,8 +143,8 @@ def cmd_eval(argv: list[str]) -> None:
     g.add_argument("--text", default=None, help="a text file, tokenized with the run's tokenizer")
     p.add_argument("--split", default="val", choices=["train", "val"],
                    help="split of --data / the run's data")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward")
-    p.add_argument("--max_tokens", type=float, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=8, help="sequences per forward")
+    p.add_argument("--max_tokens", type=positive_float, default=None,
                    help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
@@ -158,11 +166,11 @@ def cmd_generate(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="structlm generate", description=cmd_generate.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start of a document)")
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", type=nonnegative_int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest (>= 1)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--num_samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_cache", action="store_true",
                    help="recompute the whole context every token")
@@ -171,6 +179,7 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=["auto", "bf16", "fp32"])
     a = p.parse_args(argv)
+    check_sampling(a.temperature, a.top_k, a.top_p)  # before the model is loaded
     gen = Generator.load(a.run_dir, a.device, a.dtype, premerge=not a.no_premerge,
                          calibrate=a.calibrate)
     for i in range(a.num_samples):
@@ -251,6 +260,23 @@ def cmd_bench(argv: list[str]) -> None:
         title = f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})"
         plot_rows(rows, ns.plot, *bench.plot, title, facet=bench.facet)
         print(f"plot: {ns.plot}")
+
+
+def _number(cast, test, what: str):
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            v = None
+        if v is None or not test(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return v
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def _bool(text: str) -> bool:
@@ -356,8 +382,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         reuse_freed_memory()
         COMMANDS[cmd](rest)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-        print(f"structlm {cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        hint = ""
+        if isinstance(e, PermissionError):
+            hint = " (choose a directory you can write to, e.g. with --train.out_dir)"
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            hint = " (the disk is full: free some space and rerun; runs resume where they stopped)"
+        print(f"structlm {cmd}: error: {e}{hint}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\nstructlm {cmd}: interrupted", file=sys.stderr)

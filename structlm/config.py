@@ -13,8 +13,10 @@ built, not after minutes of work. Imports go one way: config -> linear, never ba
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from structlm.linear.registry import DENSE, LinearSpec, check_spec, structured_kinds
+from structlm.utils import atomic_write_text
 
 __all__ = [
     "LinearSpec", "ModelConfig", "DataConfig", "OptimConfig", "SGTConfig", "TrainConfig",
@@ -81,6 +84,10 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name, example in (("init_std", "0.02"), ("rope_scale", "1.0"), ("rope_base", "1e4")):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"model.{name}={v} must be a positive number (e.g. {example})")
         bad = [i for i in self.dense_ffn_layers if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(
@@ -127,12 +134,19 @@ class DataConfig:
     vocab_size: int = 8192  # vocabulary of the BPE trained by prepare
     val_fraction: float = 0.05  # share of documents held out for validation
     text_field: str = "text"  # the JSONL field that holds the text
+    # text encoding of the source files, decoded strictly (bytes that do not decode are an error)
+    encoding: str = "utf-8"
     seed: int = 1005  # seed of the document-level train/val split
     # characters the BPE is trained on: the same leading share of every train document, adding up
     # to about this many; None = all the train text (bounds prepare's time on big corpora)
     tokenizer_chars: int | None = None
 
     def __post_init__(self) -> None:
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"data.encoding={self.encoding!r} is not a known text encoding "
+                             "(e.g. utf-8, latin-1, cp1252)") from None
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 256 + 1:
@@ -166,8 +180,20 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr} must be a positive number (e.g. 6e-4)")
+        for name in ("grad_clip", "weight_decay"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(
+                    f"optim.{name}={v} must be >= 0 (0 turns it off); a negative value would "
+                    "train in reverse"
+                )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"optim.eps={self.eps} must be a small positive number (e.g. 1e-8)")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"optim.warmup_frac={self.warmup_frac} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -307,23 +333,65 @@ def from_dict(cls: type, d: dict, path: str = "") -> Any:
         t = hints[k]
         if dataclasses.is_dataclass(t) and isinstance(v, dict):
             v = from_dict(t, v, f"{path}{k}.")
-        elif typing.get_origin(t) is tuple or (
-            isinstance(t, types.UnionType)
-            and any(typing.get_origin(a) is tuple for a in t.__args__)
-        ):
-            v = tuple(v) if v is not None else None
+        else:
+            v = checked(v, t, f"{path}{k}")
         kwargs[k] = v
     return cls(**kwargs)
 
 
+def checked(v: Any, hint: Any, path: str) -> Any:
+    """`v` if it has the type `hint` describes (ints pass as floats, lists as tuples), converted;
+    else ValueError naming the field. For values from JSON/TOML, which nothing else type-checks."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return checked(v, a, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{path}={v!r} has the wrong type")
+    if origin is Literal:
+        if v in args:
+            return v
+        raise ValueError(f"{path}={v!r} must be one of {list(args)}")
+    if origin is tuple and isinstance(v, list | tuple):
+        item = args[0] if args else Any
+        return tuple(checked(x, item, f"{path}[{i}]") for i, x in enumerate(v))
+    if origin is dict and isinstance(v, dict):
+        return {checked(k, args[0], path): checked(x, args[1], f"{path}.{k}") for k, x in v.items()}
+    ok = {int: lambda: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda: isinstance(v, int | float) and not isinstance(v, bool),
+          bool: lambda: isinstance(v, bool), str: lambda: isinstance(v, str)}
+    if hint is Any or (hint in ok and ok[hint]()):
+        return float(v) if hint is float else v
+    if hint not in ok and isinstance(hint, type) and isinstance(v, hint):
+        return v
+    want = getattr(hint, "__name__", str(hint))
+    raise ValueError(f"{path}={v!r} must be of type {want}")
+
+
 def save_json(cfg: Any, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+    """Write a config as JSON, atomically (a kill mid-write leaves the previous file)."""
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2))
 
 
 def load_run_config(path: str) -> RunConfig:
-    with open(path) as f:
-        return from_dict(RunConfig, json.load(f))
+    """A RunConfig from a config.json; an unreadable or invalid file is refused by name."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"cannot read the run configuration {path} ({e}); it is damaged or not a structlm "
+            "config.json: restore it, or copy the one inside a checkpoint directory "
+            "(checkpoints/step_*/config.json)"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} does not hold a config object; it is not a structlm config.json")
+    return from_dict(RunConfig, d)
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -349,7 +417,8 @@ def _paper(size: str) -> RunConfig:
         optim=OptimConfig(lr=lr),
         train=TrainConfig(
             out_dir=f"runs/paper-{size}", batch_size=512, micro_batch_size=micro, max_tokens=tokens,
-            eval_interval=0, log_interval=100,
+            # a checkpoint every 500 steps (a few GPU-hours at most), no periodic evaluation
+            eval_interval=0, ckpt_interval=500, log_interval=100,
         ),
     )
 

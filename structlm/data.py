@@ -21,6 +21,7 @@ sequentially as the reference does (docs/method.md §6.2), so resume, DDP ranks 
 
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import hashlib
@@ -157,15 +158,19 @@ def _clean_play(md: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-def _read_blocks(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while block := f.read(_CHUNK):
+def _read_blocks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The file's text in blocks of _CHUNK characters, decoded strictly: bytes that are not valid
+    `encoding` stop preparation, naming the file and the byte offset (never U+FFFD in training)."""
+    with _open_text(path, encoding) as f:
+        while block := _read(f, path, encoding):
             yield block
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
+def _jsonl_texts(path: Path, field: str, encoding: str = "utf-8") -> Iterator[str]:
+    with _open_text(path, encoding) as f:
+        i = 0
+        while line := _read(f, path, encoding, line=True):
+            i += 1
             if not line.strip():
                 continue
             try:
@@ -180,15 +185,45 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             yield obj[field]
 
 
-def _documents(files: list[Path], builtin: bool, text_field: str) -> Iterator[Iterable[str]]:
+def _open_text(path: Path, encoding: str):
+    return open(path, encoding=encoding, errors="strict")  # noqa: SIM115 (the caller's with)
+
+
+def _read(f, path: Path, encoding: str, line: bool = False) -> str:
+    try:
+        return f.readline() if line else f.read(_CHUNK)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid {encoding} text: {e.reason} at byte {_bad_byte(path, encoding)}; "
+            "convert it to UTF-8, or give its encoding with --data.encoding (e.g. latin-1)"
+        ) from None
+
+
+def _bad_byte(path: Path, encoding: str) -> int:
+    """The offset of the first byte of `path` that does not decode as `encoding`."""
+    dec, pos = codecs.getincrementaldecoder(encoding)("strict"), 0
+    with open(path, "rb") as f:
+        while raw := f.read(1 << 20):
+            held = len(dec.getstate()[0])
+            try:
+                dec.decode(raw)
+            except UnicodeDecodeError as e:
+                return pos - held + e.start
+            pos += len(raw)
+    return pos
+
+
+def _documents(
+    files: list[Path], builtin: bool, text_field: str, encoding: str = "utf-8"
+) -> Iterator[Iterable[str]]:
     """Every document as an iterable of text blocks, in a fixed order (a fresh stream per call)."""
     for f in files:
         if builtin:
             yield [_clean_play(f.read_text(encoding="utf-8"))]
         elif f.suffix.lower() == ".jsonl":
-            yield from ([t] for t in _jsonl_texts(f, text_field))
+            yield from ([t] for t in _jsonl_texts(f, text_field, encoding))
         else:
-            yield _read_blocks(f)
+            yield _read_blocks(f, encoding)
 
 
 def _chunks(blocks: Iterable[str], size: int) -> Iterator[str]:
@@ -282,7 +317,8 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
             f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
@@ -320,13 +356,32 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     return out
 
 
+def _clean_stale_temps(out: Path) -> None:
+    """Remove the temporary directories that killed prepares of `out` left (their process is
+    gone); a concurrent prepare's own stays."""
+    for d in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = d.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _split_documents(
     cfg: DataConfig, files: list[Path], builtin: bool, progress: bool, t0: float
 ) -> tuple[Callable[[], Iterator[Iterable[str]]], array, _Splits]:
     """(documents, characters per non-empty document, the seeded train/val split). A corpus of
     one document is cut into contiguous parts first, which then are its documents."""
     docs: Callable[[], Iterator[Iterable[str]]]
-    docs = functools.partial(_documents, files, builtin, cfg.text_field)
+    docs = functools.partial(_documents, files, builtin, cfg.text_field, cfg.encoding)
     print(f"prepare: reading {len(files)} file(s) of {cfg.source}", flush=True)
     idx, chars = _scan(docs(), _Ticker("prepare: reading", None, not progress))
     if not idx:
@@ -404,6 +459,8 @@ def _fingerprint(cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Pa
     }
     if cfg.tokenizer_chars is not None:  # only when set: default fingerprints stay as they were
         key["tokenizer_chars"] = cfg.tokenizer_chars
+    if cfg.encoding != "utf-8":
+        key["encoding"] = cfg.encoding
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -14,6 +14,7 @@ inclusive, fixing docs/method.md §3.4's bug).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -263,6 +264,9 @@ class GPT(nn.Module):
         from its last block_size/2 tokens; without it, every step recomputes the last block_size
         tokens.
         """
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         cache = self.make_cache() if use_cache else None
         ctx = idx
         logits = self._last_logits(ctx, cache)
@@ -287,6 +291,16 @@ class GPT(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, **kw) -> Tensor:
         """The prompt followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
         return torch.cat([idx, *self.stream(idx, max_new_tokens, **kw)], dim=1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that would silently do something else (ValueError, fix named)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or unset to keep every token)")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or unset)")
 
 
 def sample(

@@ -31,12 +31,21 @@ import re
 import sys
 import time
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from structlm.config import PRESETS, LinearSpec, RunConfig, from_dict, load_run_config, to_dict
+from structlm.config import (
+    PRESETS,
+    LinearSpec,
+    RunConfig,
+    checked,
+    from_dict,
+    load_run_config,
+    to_dict,
+)
 from structlm.flops import param_groups, train_flops
 from structlm.linear.registry import DENSE, choose_hparams, structured_kinds
 from structlm.training import train
@@ -72,6 +81,9 @@ class SweepConfig:
     grids: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(SweepConfig)
+        for f in dataclasses.fields(self):  # TOML values arrive untyped
+            setattr(self, f.name, checked(getattr(self, f.name), hints[f.name], f"sweep {f.name}"))
         rules = [r for r in (self.tokens_per_param, self.flops, self.tokens) if r is not None]
         if len(rules) != 1:
             raise ValueError(
@@ -158,7 +170,11 @@ def base_config(sweep: SweepConfig) -> RunConfig:
                 "train.batch_size=64 (see `structlm train --help`)"
             )
         node[leaf] = _value(text.strip())
-    return from_dict(RunConfig, d)
+    try:
+        return from_dict(RunConfig, d)
+    except ValueError as e:
+        raise ValueError(f"the sweep's overrides (set = {list(sweep.set)}) give a bad config: "
+                         f"{e}") from None
 
 
 def parse_size(size: str) -> tuple[int, int, int]:
@@ -198,7 +214,10 @@ def _sized(base: RunConfig, size: str | None, spec: LinearSpec) -> RunConfig:
         m["d_ff"], m["attn_dim"], m["n_kv_head"] = 4 * m["d_model"], None, None
         m["dense_ffn_layers"] = [i for i in m["dense_ffn_layers"] if i < m["n_layer"]]
     m["ffn"] = to_dict(spec)
-    return from_dict(RunConfig, d)
+    try:
+        return from_dict(RunConfig, d)
+    except ValueError as e:
+        raise ValueError(f"size {size!r} gives an invalid model: {e}") from None
 
 
 def _name(size: str | None, kind: str, frac: float, sgt: bool) -> str:

@@ -6,24 +6,49 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 
 def autodetect_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; any explicit name is passed to torch.device."""
+    """`auto` picks cuda, then mps, then cpu; an explicit name must be a device this machine has
+    (ValueError naming the fix otherwise)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(
+                f"device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps"
+            ) from None
+        _check_available(dev)
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_available(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise ValueError(f"device {dev} asked for, but this machine has no CUDA device (torch "
+                             f"{torch.__version__}: {build}); use device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {dev} asked for, but there are {n} CUDA device(s): "
+                             f"0..{n - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise ValueError(f"device {dev} asked for, but MPS is not available here; use cpu or auto")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -88,6 +113,39 @@ def dist_info() -> tuple[int, int, int]:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+def fsync_path(path) -> None:
+    """fsync a file or a directory (so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write `path` so that a reader, or a process killed mid-write, sees the old file or the new
+    one, never a part: a temporary file beside it, fsynced, renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def json_safe(obj):
+    """`obj` with every NaN or infinite float replaced by None, so that it is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def file_sha256(path) -> str:

@@ -62,7 +62,7 @@ def test_half_written_checkpoint_is_never_latest(setup, tmp_path, capsys):
     # but be robust)
     (tmp_path / "checkpoints" / "latest").write_text("step_0000003")
     assert checkpoint.find_latest(tmp_path) == good
-    assert "incomplete" in capsys.readouterr().out
+    assert "incomplete" in capsys.readouterr().err  # a warning: stderr, never mixed into output
 
 
 def test_truncated_checkpoint_is_refused(setup, tmp_path):

@@ -166,7 +166,7 @@ def test_absolute_positions_allow_odd_head_dim():
             r"train\.batch_size=12 must be a multiple",
         ),
         (lambda: TrainConfig(max_steps=0), r"must be positive"),
-        (lambda: OptimConfig(lr=0), r"optim\.lr=0 must be positive"),
+        (lambda: OptimConfig(lr=0), r"optim\.lr=0 must be a positive number"),
         (
             lambda: RunConfig(model=ModelConfig(block_size=64), train=TrainConfig(seq_len=65)),
             r"train\.seq_len=65 must be in 1\.\.model\.block_size=64",

@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 
@@ -37,9 +37,9 @@ from structlm.training.distributed import World
 from structlm.training.inputs import RunData, load_run_data
 from structlm.training.metrics import MetricsLog, plot_losses
 from structlm.training.optim import lr_at, make_optimizer, set_lr, total_steps
-from structlm.training.rundir import Resume, find_resume, restore, start_files
+from structlm.training.rundir import Resume, diverged, find_resume, restore, start_files
 from structlm.training.sgt import GuidePhase, SGTPlan, make_plan
-from structlm.utils import autocast, autocast_dtype, is_tty, seed_all
+from structlm.utils import atomic_write_text, autocast, autocast_dtype, is_tty, json_safe, seed_all
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Summary:
     final_val_loss: float
     final_val_ppl: float
     best_val_loss: float
-    final_train_loss: float
+    final_train_loss: float | None
     wall_time_s: float
     sgt: dict
     tokens_per_s: float
@@ -65,38 +65,58 @@ class Summary:
     torch_version: str
     world_size: int
     config: dict
+    overrides: list = field(default_factory=list)  # resumes that changed optim/dtype fields
 
 
 @dataclass
 class Tally:
-    """The loop's running numbers (a checkpoint carries all but the clock)."""
+    """The loop's running numbers; a checkpoint carries them (`state`), so a resumed run ends
+    with the numbers of an uninterrupted one."""
 
     best_val: float = math.inf
     loss_sum: float = 0.0  # train loss summed over the steps since the last log line
     n: int = 0  # steps since the last log line
+    train_loss: float = math.nan  # the last logged train loss
+    elapsed: float = 0.0  # seconds of training loop before this process
+    started: float | None = None  # time.time() this process's loop began (None: stopped)
     since: float = 0.0  # time.time() of the last log line
 
-    def add(self, loss: float, step: int, resume: Resume) -> None:
+    @classmethod
+    def from_state(cls, state: dict) -> Tally:
+        loss_sum, n = state.get("log_acc", (0.0, 0))
+        return cls(state.get("best_val", math.inf), loss_sum, n,
+                   state.get("train_loss", math.nan), state.get("elapsed", 0.0))
+
+    def state(self) -> dict:
+        return {"best_val": self.best_val, "log_acc": (self.loss_sum, self.n),
+                "train_loss": self.train_loss, "elapsed": self.wall()}
+
+    def start(self) -> None:
+        self.started = self.since = time.time()
+
+    def stop(self) -> None:
+        self.elapsed, self.started = self.wall(), None
+
+    def wall(self) -> float:
+        """Seconds of training loop so far, over every process the run has had."""
+        return self.elapsed + (time.time() - self.started if self.started is not None else 0.0)
+
+    def add(self, loss: float) -> None:
         self.loss_sum += loss
         self.n += 1
-        if not math.isfinite(self.loss_sum):
-            last = checkpoint.find_latest(resume.out)
-            raise FloatingPointError(
-                f"loss became {self.loss_sum / self.n} at step {step}; stopping. The last good "
-                f"checkpoint is {last or 'none'}; lower --optim.lr or use --train.dtype fp32 and "
-                "resume"
-            )
 
     def flush(self) -> tuple[float, float, int]:
         """(mean train loss, seconds, steps) since the last log line; starts the next one."""
         out = (self.loss_sum / self.n, time.time() - self.since, self.n)
+        self.train_loss = out[0]
         self.loss_sum, self.n, self.since = 0.0, 0, time.time()
         return out
 
 
-def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
+def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = False) -> Summary:
     """Train (or resume) the run described by cfg; returns its Summary (also written to
-    summary.json)."""
+    summary.json). `override`: resume even though optimizer/schedule fields or the dtype changed
+    (recorded in metrics.jsonl and the summary)."""
     t = cfg.train
     world = distributed.setup(t.device)
     amp = autocast_dtype(world.device, t.dtype)
@@ -107,7 +127,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     accum = grad_accum(t, world)
 
     # --- the run directory, its checkpoint and the data: all checked before any work ---
-    resume = find_resume(Path(t.out_dir), cfg, plan)
+    resume = find_resume(Path(t.out_dir), cfg, plan, override=override)
     data = load_run_data(cfg, resume, world, progress)
     if resume.finished(steps):
         return finished_summary(resume, world)
@@ -118,32 +138,33 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
     phase = GuidePhase(plan, t.sgt, t.seed)
     phase.enter(raw, resume.step)  # the guides exist only during the guided phase
     optimizer = make_optimizer(raw, cfg.optim)
-    restore(resume, raw, optimizer, world.device)
-    tally = Tally(resume.state.get("best_val", math.inf), *resume.state.get("log_acc", (0.0, 0)))
+    restore(resume, raw, optimizer, cfg.optim, world.device)
+    tally = Tally.from_state(resume.state)
     if world.master:
-        start_files(resume, cfg, data.data_dir, steps)
+        start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
         if resume.step == 0:
             announce(cfg, plan, world, amp)
-    model = distributed.wrap(raw, world, find_unused=phase.active, compile=t.compile)
     log = MetricsLog(resume.out, enabled=world.master, steps=steps, start=resume.step,
                      progress=progress, tensorboard=t.tensorboard)
+    model = distributed.wrap(raw, world, find_unused=phase.active, compile=t.compile)
 
     model.train()
-    t0 = tally.since = time.time()
-    train_loss = float("nan")
+    tally.start()
     for step in range(resume.step, steps):
         lr = lr_at(step, cfg.optim, steps)
         set_lr(optimizer, lr)
         loss = forward_backward(model, raw, data.train, plan.data_step(step), step, phase, t,
                                 world, accum, amp)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip or math.inf)
+        # the mean over ranks, so every rank checks and logs the same number (one device sync)
+        step_loss = distributed.mean_(loss, world).item() / accum
+        check_finite(step_loss, gnorm.item(), step, resume, world, amp)  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if phase.leave_if_done(raw, optimizer, done):  # alpha is 0 from here: guides removed
             model = distributed.wrap(raw, world, find_unused=False, compile=t.compile)
-        # the mean over ranks, so every rank logs and NaN-checks the same number
-        tally.add(distributed.mean_(loss, world).item() / accum, step, resume)  # one device sync
+        tally.add(step_loss)
         if done % t.log_interval == 0 or done == steps:
             train_loss, dt, n = tally.flush()
             log.train(done, train_loss, lr, gnorm.item(), done * tokens_per_step,
@@ -154,21 +175,32 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> Summary:
             val = val_loss(raw, data, phase, done, cfg, world, amp, t.eval_tokens)
             tally.best_val = min(tally.best_val, val)
             log.val(done, val, done * tokens_per_step)
-        if (t.ckpt_interval and done % t.ckpt_interval == 0) or (not t.ckpt_interval and is_eval):
-            save(raw, optimizer, cfg, done, tally, data, plan, world)
+        due = done % t.ckpt_interval == 0 if t.ckpt_interval else is_eval
+        if due and done < steps:  # the last step is saved once, after the final evaluation
+            save(raw, optimizer, cfg, done, tally, data, plan, world, log, resume)
     log.close_bar()
-    wall = time.time() - t0
+    tally.stop()
+    return finish(raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
 
-    # --- the end: full validation, final checkpoint, summary, plot ---
+
+def finish(
+    raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: SGTPlan, world: World,
+    amp: torch.dtype | None, data: RunData, phase: GuidePhase, tally: Tally, log: MetricsLog,
+    resume: Resume,
+) -> Summary:
+    """Full validation, the final checkpoint, summary.json and loss.png. Killed anywhere in here, a
+    rerun redoes it from the final checkpoint (or the last step) to the same summary."""
+    steps = plan.total_steps
     final_val = val_loss(raw, data, phase, steps, cfg, world, amp, None)
     tally.best_val = min(tally.best_val, final_val)
-    log.val(steps, final_val, steps * tokens_per_step, echo=False)
+    if resume.step < steps:  # a resumed final phase already has its final checkpoint
+        save(raw, optimizer, cfg, steps, tally, data, plan, world, log, resume)
+    log.val(steps, final_val, steps * cfg.train.batch_size * cfg.seq_len, echo=False)
     log.close()
-    save(raw, optimizer, cfg, steps, tally, data, plan, world)
-    summary = make_summary(cfg, plan, world, amp, final_val, tally.best_val, train_loss, wall,
-                           steps - resume.step)
+    summary = make_summary(cfg, plan, world, amp, final_val, tally, resume.overrides)
     if world.master:
-        (resume.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        atomic_write_text(resume.out / "summary.json",
+                          json.dumps(json_safe(asdict(summary)), indent=2, allow_nan=False))
         plot_losses(resume.out / "metrics.jsonl", resume.out / "loss.png",
                     3 * summary.flops_per_token)
     distributed.barrier(world)
@@ -179,7 +211,28 @@ def finished_summary(resume: Resume, world: World) -> Summary:
     if world.master:
         print(f"{resume.out} already finished ({resume.step} steps); "
               "use another --train.out_dir for a new run")
-    return Summary(**json.loads((resume.out / "summary.json").read_text()))
+    names = {f.name for f in fields(Summary)}
+    return Summary(**{k: v for k, v in resume.summary.items() if k in names})
+
+
+def check_finite(
+    loss: float, gnorm: float, step: int, resume: Resume, world: World, amp: torch.dtype | None
+) -> None:
+    """Stop before an update from a non-finite loss or gradient norm, so the weights stay as they
+    were; the checkpoint whose weights gave that loss is set aside, and the message names the last
+    good one and how to resume from it."""
+    if math.isfinite(loss) and math.isfinite(gnorm):
+        return
+    bad, good = diverged(resume.out, step, world)
+    aside = f"The checkpoint whose weights gave it was moved to {bad}. " if bad else ""
+    fix = f"structlm train --resume {resume.out} --override --optim.lr LOWER_LR"
+    if amp:
+        fix += " (or add --train.dtype fp32: this run computes in bf16)"
+    raise FloatingPointError(
+        f"the loss became {loss} (gradient norm {gnorm}) at step {step}; stopped before that "
+        f"update. {aside}The last good checkpoint is {good or 'none'}; resume from it with a "
+        f"lower learning rate: {fix}"
+    )
 
 
 def grad_accum(t: TrainConfig, world: World) -> int:
@@ -229,11 +282,13 @@ def val_loss(
 
 def save(
     raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int, tally: Tally,
-    data: RunData, plan: SGTPlan, world: World,
+    data: RunData, plan: SGTPlan, world: World, log: MetricsLog, resume: Resume,
 ) -> None:
     if world.master:
-        state = {"best_val": tally.best_val, "tokenizer_sha256": data.meta["tokenizer_sha256"],
-                 "sgt_plan": asdict(plan), "log_acc": (tally.loss_sum, tally.n)}
+        log.sync()  # the rows this checkpoint covers are on disk before it is
+        state = {**tally.state(), "tokenizer_sha256": data.meta["tokenizer_sha256"],
+                 "sgt_plan": asdict(plan), "metrics_rows": log.rows,
+                 "overrides": resume.overrides}
         checkpoint.save(cfg.train.out_dir, raw, optimizer, cfg, step, state, cfg.train.keep_last)
 
 
@@ -257,17 +312,18 @@ def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | Non
 
 def make_summary(
     cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | None, final_val: float,
-    best_val: float, train_loss: float, wall: float, steps_run: int,
+    tally: Tally, overrides: list,
 ) -> Summary:
     steps, tokens_per_step = plan.total_steps, cfg.train.batch_size * cfg.seq_len
+    wall = tally.wall()
     return Summary(
         out_dir=str(Path(cfg.train.out_dir)), steps=steps, tokens=steps * tokens_per_step,
         train_flops=plan.train_flops,
         flops_per_token=flops_per_token(cfg.model, cfg.seq_len)["total"],
         param_groups=param_groups(cfg.model), final_val_loss=final_val,
-        final_val_ppl=math.exp(final_val), best_val_loss=best_val, final_train_loss=train_loss,
-        wall_time_s=wall, sgt=asdict(plan),
-        tokens_per_s=steps_run * tokens_per_step / max(wall, 1e-9), device=str(world.device),
+        final_val_ppl=math.exp(final_val), best_val_loss=tally.best_val,
+        final_train_loss=tally.train_loss, wall_time_s=wall, sgt=asdict(plan),
+        tokens_per_s=steps * tokens_per_step / max(wall, 1e-9), device=str(world.device),
         dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__,
-        world_size=world.size, config=to_dict(cfg),
+        world_size=world.size, config=to_dict(cfg), overrides=overrides,
     )

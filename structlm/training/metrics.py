@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -24,8 +25,10 @@ class MetricsLog:
         tensorboard: bool,
     ) -> None:
         self.enabled, self.steps = enabled, steps
+        path = out / "metrics.jsonl"
+        self.rows = len(path.read_text().splitlines()) if enabled and path.exists() else 0
         # opened for the whole run, closed by close()
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.file = open(path, "a") if enabled else None  # noqa: SIM115
         self.writer = _tensorboard(out) if enabled and tensorboard else None
         self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True) if (
             enabled and progress) else None
@@ -35,6 +38,7 @@ class MetricsLog:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.writer is not None:
             for k, v in row.items():
                 if k not in ("step", "split", "tokens"):
@@ -60,6 +64,12 @@ class MetricsLog:
         if self.enabled and echo:
             msg = f"step {step:>6}/{self.steps} | val loss {loss:.4f} | ppl {math.exp(loss):.2f}"
             (self.bar.write if self.bar is not None else print)(msg)
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint that counts them)."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def advance(self) -> None:
         if self.bar is not None:

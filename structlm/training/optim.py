@@ -62,6 +62,14 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
+def apply_hparams(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Give a restored optimizer the config's betas, eps and weight decay (its state dict carries
+    the values it was saved with); the groups are those `make_optimizer` built."""
+    for i, g in enumerate(optimizer.param_groups):
+        g["betas"], g["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+        g["weight_decay"] = cfg.weight_decay if cfg.decay_all or i == 0 else 0.0
+
+
 def drop_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
     """Remove `params` and their state (AdamW moments) from `optimizer`, freeing that memory."""
     ids = {id(p) for p in params}

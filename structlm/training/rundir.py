@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,31 +17,45 @@ import torch
 from torch import nn
 
 from structlm import checkpoint
-from structlm.config import RunConfig, load_run_config, save_json
+from structlm.config import OptimConfig, RunConfig, load_run_config, save_json
+from structlm.training import distributed
+from structlm.training.distributed import World
+from structlm.training.optim import apply_hparams
 from structlm.training.sgt import SGTPlan
+from structlm.utils import atomic_write_text
 
 # fields that define a run's trajectory: a run directory is resumed only under the same values (the
 # budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
 RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len",
                 "train.dtype", "train.sgt")
+# what `--resume RUN --override` may change besides: the optimizer and schedule (after a loss spike)
+# and the compute dtype; not optim.decay_all, which changes the optimizer's parameter groups
+OVERRIDABLE = ("optim", "train.dtype")
+FIXED_UNDER_OVERRIDE = ("model", "data", "optim.decay_all", "train.seed", "train.batch_size",
+                        "train.seq_len", "train.sgt")
 
 
-def check_run_dir(out: Path, cfg: RunConfig) -> bool:
-    """True if `out` holds this same run (to resume); refuse a directory that holds something
-    else."""
+def check_run_dir(out: Path, cfg: RunConfig, override: bool = False) -> tuple[bool, list[str]]:
+    """(holds this run, the overridden fields): True if `out` holds this same run (to resume);
+    refuse a directory that holds something else. With `override`, optimizer, schedule and dtype
+    fields may differ; they come back as "path: old vs new"."""
     if not out.exists() or not any(out.iterdir()):
-        return False
+        return False, []
     if not (out / "config.json").exists():
         raise FileExistsError(
             f"{out} exists and is not a structlm run directory; choose another --train.out_dir"
         )
-    diff = checkpoint.config_diff(load_run_config(str(out / "config.json")), cfg, RUN_IDENTITY)
+    saved = load_run_config(str(out / "config.json"))
+    diff = checkpoint.config_diff(saved, cfg, FIXED_UNDER_OVERRIDE if override else RUN_IDENTITY)
     if diff:
+        hint = ("" if override or not all(d.split(":")[0].startswith(OVERRIDABLE) for d in diff)
+                else " To change optimizer, schedule or dtype fields of a run on purpose (e.g. "
+                     "after a loss spike), resume it with --override.")
         raise FileExistsError(
             f"{out} holds a different run (differs in {'; '.join(diff[:4])}). Use another "
-            f"--train.out_dir, or continue that run with `structlm train --resume {out}`"
+            f"--train.out_dir, or continue that run with `structlm train --resume {out}`.{hint}"
         )
-    return True
+    return True, checkpoint.config_diff(saved, cfg, OVERRIDABLE) if override else []
 
 
 @dataclass
@@ -51,18 +66,38 @@ class Resume:
     existing: bool  # the directory already held this run
     ckpt: Path | None = None
     state: dict = field(default_factory=lambda: {"step": 0})
+    changes: list[str] = field(default_factory=list)  # fields changed by --override now
 
     @property
     def step(self) -> int:
         return self.state["step"]
 
+    @property
+    def overrides(self) -> list[dict]:
+        """Every override of the run so far, this one included: [{"step", "changes"}]."""
+        now = [{"step": self.step, "changes": self.changes}] if self.changes else []
+        return [*self.state.get("overrides", []), *now]
+
+    @property
+    def summary(self) -> dict | None:
+        """The run's summary.json, or None when it is missing or damaged (said on stderr)."""
+        path = self.out / "summary.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"warning: {path} is damaged ({e}); the final phase runs again to rewrite it",
+                  file=sys.stderr)
+            return None
+
     def finished(self, steps: int) -> bool:
-        return self.ckpt is not None and self.step >= steps and (self.out / "summary.json").exists()
+        return self.ckpt is not None and self.step >= steps and self.summary is not None
 
 
-def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan) -> Resume:
+def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan, override: bool = False) -> Resume:
     """The checkpoint `out` resumes from (None for a fresh start), with every check done."""
-    existing = check_run_dir(out, cfg)
+    existing, changes = check_run_dir(out, cfg, override)
     ckpt = checkpoint.find_latest(out) if existing else None
     if existing and ckpt is None and any((out / "checkpoints").glob("step_*")):
         raise checkpoint.CheckpointError(
@@ -70,6 +105,8 @@ def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan) -> Resume:
             "restore one or delete the checkpoints directory to start over"
         )
     if ckpt is None:
+        if changes:
+            raise ValueError(f"--override: {out} has no checkpoint to resume; nothing to override")
         return Resume(out, existing)
     state = checkpoint.load_state(ckpt, verified=True)
     if state["step"] > plan.total_steps:
@@ -86,41 +123,84 @@ def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan) -> Resume:
             f"self-guided steps; this budget gives S={plan.base_steps}, G={plan.guided_steps}. "
             "Keep the budget"
         )
-    return Resume(out, existing, ckpt, state)
+    return Resume(out, existing, ckpt, state, changes)
 
 
 def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> None:
-    """Load the checkpoint's weights, optimizer state and RNG states (nothing on a fresh start)."""
+            optim_cfg: OptimConfig, device: torch.device) -> None:
+    """Load the checkpoint's weights, optimizer state and RNG states (nothing on a fresh start);
+    under --override the optimizer takes the new config's hyper-parameters."""
     if resume.ckpt is None:
         return
     checkpoint.load_weights(model, resume.ckpt)
     optimizer.load_state_dict(resume.state["optimizer"])
+    if resume.changes:
+        apply_hparams(optimizer, optim_cfg)
     torch.set_rng_state(resume.state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in resume.state["rng"]:
         torch.cuda.set_rng_state_all(resume.state["rng"]["cuda"])
 
 
 def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> None:
-    """Rank 0, before the first step: metrics.jsonl cut back to the checkpoint (or removed when a
-    run that died before its first checkpoint starts over), config.json, tokenizer.json."""
+    """Rank 0, before the first step: leftovers of killed saves removed, metrics.jsonl cut back to
+    what the checkpoint covers (or set aside, said aloud, when a run that died before its first
+    checkpoint starts over), an override recorded, config.json and tokenizer.json written."""
     out, metrics = resume.out, resume.out / "metrics.jsonl"
+    checkpoint.clean_leftovers(out)
     if resume.ckpt is not None:
         print(f"resuming {out} from {resume.ckpt.name} (step {resume.step}/{steps})", flush=True)
-        truncate_metrics(metrics, resume.step)
-    elif resume.existing and metrics.exists():
-        metrics.unlink()
+        truncate_metrics(metrics, resume.step, resume.state.get("metrics_rows"))
+    elif resume.existing and metrics.exists() and metrics.stat().st_size:
+        kept = _set_aside(metrics)
+        print(f"warning: {out} holds a run that stopped before its first checkpoint; starting it "
+              f"over from step 0 (its metrics are kept in {kept})", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
+    if resume.changes:
+        print(f"--override: resuming with {'; '.join(resume.changes)}", flush=True)
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"step": resume.step, "split": "override",
+                                "changes": resume.changes}) + "\n")
     save_json(cfg, str(out / "config.json"))
     shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics rows logged after `step` by a run that died before its next checkpoint."""
+def _set_aside(path: Path) -> Path:
+    n = 1
+    while (dest := path.with_name(f"{path.stem}.discarded-{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(dest)
+    return dest
+
+
+def truncate_metrics(path: Path, step: int, rows: int | None = None) -> None:
+    """Keep the metrics rows a checkpoint covers: its first `rows` rows when it recorded them,
+    else the rows up to `step`; a partial last line (a kill mid-write) always goes."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    tmp.replace(path)
+    kept = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            break  # a partial line: only the last can be, and nothing after it was written
+        if rows is None and row.get("step", 0) > step:
+            break
+        kept.append(ln)
+    kept = kept if rows is None else kept[:rows]
+    atomic_write_text(path, "".join(r + "\n" for r in kept))
+
+
+def diverged(out: Path, step: int, world: World) -> tuple[Path | None, Path | None]:
+    """After a non-finite loss at `step`: set aside the checkpoint of that step (its weights gave
+    the loss) so no resume picks it up; returns (where it went, the last good checkpoint)."""
+    bad = Path(out) / "checkpoints" / f"step_{step:07d}"
+    moved = None
+    if world.master and bad.is_dir():
+        moved = bad.with_name(f"diverged_{bad.name}")
+        shutil.rmtree(moved, ignore_errors=True)
+        bad.rename(moved)
+        latest = bad.parent / "latest"
+        if latest.exists() and latest.read_text().strip() == bad.name:
+            latest.unlink()
+    distributed.barrier(world)
+    return moved, checkpoint.find_latest(out)
