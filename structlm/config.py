@@ -13,8 +13,8 @@ built, not after minutes of work. Imports go one way: config -> linear, never ba
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
+import encodings
 import json
 import math
 import types
@@ -142,11 +142,12 @@ class DataConfig:
     tokenizer_chars: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
+        # the standard library's codecs only: an installed package may register a search function
+        # that claims every name
+        info = encodings.search_function(self.encoding.lower())
+        if info is None or not getattr(info, "_is_text_encoding", True):
             raise ValueError(f"data.encoding={self.encoding!r} is not a known text encoding "
-                             "(e.g. utf-8, latin-1, cp1252)") from None
+                             "(e.g. utf-8, latin-1, cp1252)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 256 + 1:
