@@ -8,6 +8,8 @@
     structlm sweep    [FILE.toml] [--sizes 2x128 4x256 --structures dense lowrank:0.32 --tokens_per_param R] [--dry-run]
     structlm scaling  RUNS... [--x train_flops|params] [--json F] [--plot F.png]
     structlm report   RUNS... [--decode_batch B...] [--md F.md] [--csv F.csv]
+    structlm export   RUN_DIR OUT_DIR [--format hf-merged] [--dtype fp32|bf16|fp16]
+    structlm import   HF_DIR OUT_RUN_DIR
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -30,6 +32,8 @@ from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
 from structlm.data import prepare
 from structlm.evaluate import evaluate_run
 from structlm.generate import Generator
+from structlm.hf.export import export_run
+from structlm.hf.importer import import_hf
 from structlm.info import format_info, model_info
 from structlm.linear.registry import LINEARS
 from structlm.model import check_sampling
@@ -355,6 +359,33 @@ def cmd_report(argv: list[str]) -> None:
     report_runs(ns.runs, decode_batch=ns.decode_batch, gen=ns.gen, md=ns.md, csv_path=ns.csv)
 
 
+def cmd_export(argv: list[str]) -> None:
+    """Write a run as a transformers model directory (loads with no structlm installed)."""
+    p = argparse.ArgumentParser(prog="structlm export", description=cmd_export.__doc__)
+    p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
+    p.add_argument("out_dir", help="a new (or empty) directory to write")
+    p.add_argument("--format", default="hf-merged", choices=["hf-merged"],
+                   help="hf-merged: structured FFNs folded into a native Llama / GPT-2 / GPT-NeoX")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    a = p.parse_args(argv)
+    out = export_run(a.run_dir, a.out_dir, a.format, a.dtype)
+    print(f"exported {a.run_dir} to {out} (logits checked against structlm's)\n"
+          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def cmd_import(argv: list[str]) -> None:
+    """Turn a local transformers checkpoint (Llama, GPT-2, GPT-NeoX; safetensors) into a run."""
+    p = argparse.ArgumentParser(prog="structlm import", description=cmd_import.__doc__)
+    p.add_argument("hf_dir", help="a directory with config.json, *.safetensors, tokenizer.json")
+    p.add_argument("out_dir", help="the structlm run directory to write (new or empty)")
+    a = p.parse_args(argv)
+    out = import_hf(a.hf_dir, a.out_dir)
+    print(f"imported {a.hf_dir} to {out}\n"
+          f"evaluate: structlm eval {out} --text FILE\n"
+          f"train from it: structlm train --config {out}/config.json --train.init_from {out} "
+          "--train.out_dir runs/NEW")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -365,6 +396,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
     "report": cmd_report,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 
@@ -382,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         reuse_freed_memory()
         COMMANDS[cmd](rest)
-    except (ValueError, OSError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
         hint = ""
         if isinstance(e, PermissionError):
             hint = " (choose a directory you can write to, e.g. with --train.out_dir)"

@@ -47,7 +47,8 @@ class ModelConfig:
     attn_dim: int | None = None  # total query width n_head*head_dim; None = d_model
     d_ff: int = 3072  # FFN intermediate size
     act: Literal["gelu", "swiglu"] = "gelu"  # gelu (tanh approx.) or swiglu (fc1 outputs 2*d_ff)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (eps 1e-5)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer
+    norm_eps: float = 1e-5  # epsilon of every norm (imported checkpoints may use 1e-6)
     bias: bool = True  # biases in qkv, o, fc1, fc2
     tie_embeddings: bool = True  # lm_head shares the token embedding
     pos_emb: Literal["rope", "absolute"] = "rope"  # rotary or learned absolute positions
@@ -84,7 +85,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        for name, example in (("init_std", "0.02"), ("rope_scale", "1.0"), ("rope_base", "1e4")):
+        for name, example in (("init_std", "0.02"), ("rope_scale", "1.0"), ("rope_base", "1e4"),
+                              ("norm_eps", "1e-5")):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"model.{name}={v} must be a positive number (e.g. {example})")
@@ -255,6 +257,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps ...
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
+    # start from these weights (a structlm run or checkpoint, or a Hugging Face model directory):
+    # a new run with a fresh optimizer and schedule, unlike --resume
+    init_from: str | None = None
     sgt: SGTConfig = field(default_factory=SGTConfig)  # self-guided training
 
     def __post_init__(self) -> None:

@@ -170,8 +170,8 @@ class MLP(nn.Module):
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=1e-5)
-    return nn.LayerNorm(cfg.d_model, eps=1e-5)
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):

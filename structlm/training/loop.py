@@ -37,7 +37,14 @@ from structlm.training.distributed import World
 from structlm.training.inputs import RunData, load_run_data
 from structlm.training.metrics import MetricsLog, plot_losses
 from structlm.training.optim import lr_at, make_optimizer, set_lr, total_steps
-from structlm.training.rundir import Resume, diverged, find_resume, restore, start_files
+from structlm.training.rundir import (
+    Resume,
+    diverged,
+    find_resume,
+    load_init,
+    restore,
+    start_files,
+)
 from structlm.training.sgt import GuidePhase, SGTPlan, make_plan
 from structlm.utils import atomic_write_text, autocast, autocast_dtype, is_tty, json_safe, seed_all
 
@@ -135,6 +142,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     # --- model, guides, optimizer, restored state ---
     seed_all(t.seed)
     raw = GPT(cfg.model).to(world.device)
+    if resume.ckpt is None and t.init_from:
+        load_init(t.init_from, raw, cfg.model)  # weights only: a fresh optimizer and schedule
     phase = GuidePhase(plan, t.sgt, t.seed)
     phase.enter(raw, resume.step)  # the guides exist only during the guided phase
     optimizer = make_optimizer(raw, cfg.optim)

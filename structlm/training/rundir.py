@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from structlm import checkpoint
-from structlm.config import OptimConfig, RunConfig, load_run_config, save_json
+from structlm.config import ModelConfig, OptimConfig, RunConfig, load_run_config, save_json
+from structlm.hf.importer import read_hf
 from structlm.training import distributed
 from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
@@ -27,12 +28,12 @@ from structlm.utils import atomic_write_text
 # fields that define a run's trajectory: a run directory is resumed only under the same values (the
 # budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
 RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len",
-                "train.dtype", "train.sgt")
+                "train.dtype", "train.sgt", "train.init_from")
 # what `--resume RUN --override` may change besides: the optimizer and schedule (after a loss spike)
 # and the compute dtype; not optim.decay_all, which changes the optimizer's parameter groups
 OVERRIDABLE = ("optim", "train.dtype")
 FIXED_UNDER_OVERRIDE = ("model", "data", "optim.decay_all", "train.seed", "train.batch_size",
-                        "train.seq_len", "train.sgt")
+                        "train.seq_len", "train.sgt", "train.init_from")
 
 
 def check_run_dir(out: Path, cfg: RunConfig, override: bool = False) -> tuple[bool, list[str]]:
@@ -109,6 +110,12 @@ def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan, override: bool = False
             raise ValueError(f"--override: {out} has no checkpoint to resume; nothing to override")
         return Resume(out, existing)
     state = checkpoint.load_state(ckpt, verified=True)
+    if state.get("imported_from"):
+        raise ValueError(
+            f"{out} holds a model imported from {state['imported_from']}, not a training run to "
+            f"resume; start a new run from it: structlm train --config {out}/config.json "
+            f"--train.init_from {out} --train.out_dir runs/NEW"
+        )
     if state["step"] > plan.total_steps:
         raise ValueError(
             f"{out} is at step {state['step']}, beyond the budget of {plan.total_steps} steps; "
@@ -139,6 +146,33 @@ def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
     torch.set_rng_state(resume.state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in resume.state["rng"]:
         torch.cuda.set_rng_state_all(resume.state["rng"]["cuda"])
+
+
+def load_init(path: str, model: nn.Module, cfg: ModelConfig) -> None:
+    """--train.init_from: the weights of a structlm run or checkpoint, or of a Hugging Face model
+    directory, into a fresh run's model, whose config must match the source's."""
+    p = Path(path)
+    hf_config = p / "config.json"
+    if hf_config.exists() and "model_type" in json.loads(hf_config.read_text()):
+        src, sd = read_hf(p)
+        ckpt = None
+    else:
+        ckpt = p if (p / "manifest.json").exists() else checkpoint.find_latest(p)
+        if ckpt is None:
+            raise FileNotFoundError(f"--train.init_from {p}: no structlm checkpoint or Hugging "
+                                    "Face model (config.json with model_type) there")
+        src, sd = load_run_config(str(ckpt / "config.json")).model, None
+    diff = checkpoint.config_diff(RunConfig(model=src), RunConfig(model=cfg), ("model",))
+    if diff:
+        raise ValueError(
+            f"--train.init_from {p}: its model differs from this run's ({'; '.join(diff[:4])}); "
+            f"start from its configuration, e.g. structlm train --config {p}/config.json "
+            f"--train.init_from {p} --train.out_dir runs/NEW"
+        )
+    if ckpt is not None:
+        checkpoint.load_weights(model, ckpt)
+    else:
+        model.load_state_dict(sd, strict=True)
 
 
 def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> None:

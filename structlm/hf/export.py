@@ -1,0 +1,156 @@
+"""structlm run -> a directory transformers loads with no structlm installed.
+
+    export_run(run_dir, out_dir, format="hf-merged", dtype="fp32")
+
+`hf-merged`: every structured FFN layer folded into its dense matrix (`merge_linears`, the
+converter seam), then saved as the native transformers class that computes the same function
+(`families.family_for`). The written model is loaded back and its logits compared with the
+structlm model's before the directory is published: an export that computes something else is
+never left behind. transformers is an optional extra (`pip install -e ".[hf]"`), imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from structlm.checkpoint import load_model
+from structlm.config import LinearSpec, RunConfig
+from structlm.data import EOT_CANDIDATES, load_tokenizer, run_tokenizer_path
+from structlm.flops import param_groups
+from structlm.hf.families import family_for, hf_config, to_hf
+from structlm.linear.merge import merge_linears
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+           "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
+
+
+def _transformers():
+    try:
+        import transformers  # optional extra: only export needs it
+    except ImportError:
+        raise ImportError(
+            "structlm export needs transformers: pip install -e \".[hf]\" (or pip install "
+            "transformers)"
+        ) from None
+    return transformers
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, format: str = "hf-merged", dtype: str = "fp32",
+    check_tokens: int = 16,
+) -> Path:
+    """Export a run's newest checkpoint (or one checkpoint directory); returns out_dir. Refuses a
+    non-empty out_dir, a model no native class represents exactly (naming the feature), and any
+    result whose logits differ from structlm's."""
+    if format != "hf-merged":
+        raise ValueError(f"--format {format!r}: this version writes hf-merged (the structured "
+                         "factors folded into dense matrices of a native transformers class)")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+    model, cfg = load_model(run_dir)
+    dense_cfg = dataclasses.replace(cfg.model, ffn=LinearSpec())
+    family = family_for(dense_cfg)  # refuses what no native class computes, before any work
+    T = _transformers()
+    merged = merge_linears(model).float().eval()
+    hf_model = _build(T, family, dense_cfg, merged.state_dict(), run_tokenizer_path(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        hf_model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer(tmp, run_tokenizer_path(run_dir), cfg)
+        (tmp / "README.md").write_text(model_card(cfg, run_dir, family, dtype))
+        check_parity(T, tmp, model, dense_cfg, check_tokens, dtype)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _build(T, family: str, cfg, sd: dict, tokenizer_path: Path):
+    conf_cls, model_cls = (getattr(T, n) for n in CLASSES[family])
+    eos = _eos_id(tokenizer_path)
+    conf = conf_cls(**hf_config(cfg, family), bos_token_id=eos, eos_token_id=eos,
+                    architectures=[CLASSES[family][1]])
+    with torch.device("meta"):
+        hf_model = model_cls(conf)
+    missing, unexpected = hf_model.load_state_dict(to_hf(sd, cfg, family), strict=False,
+                                                   assign=True)
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export mapping for {family} is incomplete: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    if cfg.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.eval()
+
+
+def _eos_id(tokenizer_path: Path) -> int | None:
+    tok = load_tokenizer(tokenizer_path)
+    return next((tok.token_to_id(t) for t in EOT_CANDIDATES if tok.token_to_id(t) is not None),
+                None)
+
+
+def _write_tokenizer(out: Path, tokenizer_path: Path, cfg: RunConfig) -> None:
+    """tokenizer.json plus what AutoTokenizer needs to find it and its end-of-text token."""
+    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+    tok = load_tokenizer(tokenizer_path)
+    eos = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
+    special = {"eos_token": eos, "bos_token": eos, "unk_token": eos} if eos else {}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.block_size,
+        "clean_up_tokenization_spaces": False, **special}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+@torch.no_grad()
+def check_parity(T, path: Path, model, cfg, tokens: int, dtype: str) -> None:
+    """Load the written directory with transformers and compare its logits with structlm's on a
+    random sequence; fp32 must agree to 1e-4 of the logits' scale (bf16/fp16: 5e-2)."""
+    hf = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, min(tokens, cfg.block_size)),
+                        generator=torch.Generator().manual_seed(0))
+    ref = model.float().eval()(idx)[0]
+    got = hf(idx).logits
+    err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+    if err > (1e-4 if dtype == "fp32" else 5e-2):
+        raise RuntimeError(f"the exported model's logits differ from structlm's by {err:.2e} of "
+                           "their scale; nothing was written (please report this)")
+
+
+def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
+    """A short README.md: what the model is, how it was trained, how it was made."""
+    m, g = cfg.model, param_groups(cfg.model)
+    summary = Path(run_dir) / "summary.json"
+    s = json.loads(summary.read_text()) if summary.exists() else {}
+    spec = ", ".join(f"{k}={v}" for k, v in m.ffn.hparams().items())
+    lines = [
+        f"# {Path(run_dir).name}",
+        "",
+        f"A {m.n_layer}-layer, d={m.d_model} GPT trained with structlm, exported as "
+        f"`{CLASSES[family][1]}` ({dtype}).",
+        "",
+        f"- FFN structure in training: `{m.ffn.kind}`{f' ({spec})' if spec else ''}, dense in "
+        f"blocks {list(m.dense_ffn_layers)}; here folded into dense matrices (hf-merged).",
+        f"- structlm parameters: {g['total']:,} ({g['ffn']:,} in FFNs); this export holds the "
+        "merged dense FFNs.",
+        f"- {m.norm}, {m.act}, {m.pos_emb} positions, {m.n_head} heads ({m.kv_heads} K/V), "
+        f"vocabulary {m.vocab_size}, context {m.block_size}.",
+    ]
+    if s:
+        lines.append(f"- Trained on {s['tokens']:,} tokens; validation loss "
+                     f"{s['final_val_loss']:.4f} (perplexity {s['final_val_ppl']:.2f}).")
+    lines += ["", f"Made with `structlm export {run_dir} OUT_DIR --format hf-merged --dtype "
+              f"{dtype}`.", ""]
+    return "\n".join(lines)

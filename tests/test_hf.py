@@ -1,0 +1,213 @@
+"""Hugging Face round trips on tiny random models, offline: structlm -> hf-merged -> transformers,
+and transformers -> structlm, give the same logits and greedy continuations, for every
+architecture family and option; what cannot be represented exactly is refused by name."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from structlm import checkpoint
+from structlm.config import LinearSpec, ModelConfig, RunConfig, save_json
+from structlm.hf.export import export_run
+from structlm.hf.families import Unsupported
+from structlm.hf.importer import import_hf, read_hf
+from structlm.model import GPT
+from structlm.training.rundir import load_init
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=320, block_size=64, n_layer=2, n_head=4, d_model=32, d_ff=64,
+            dense_ffn_layers=())
+CASES = {  # name: ModelConfig overrides; each maps onto one native class
+    "gpt2": dict(norm="layernorm", act="gelu", pos_emb="absolute"),
+    "gpt2-untied-nobias": dict(norm="layernorm", act="gelu", pos_emb="absolute", bias=False,
+                               tie_embeddings=False),
+    "neox": dict(norm="layernorm", act="gelu", pos_emb="rope"),
+    "neox-nobias-untied-scaled": dict(norm="layernorm", act="gelu", pos_emb="rope", bias=False,
+                                      tie_embeddings=False, rope_scale=2.0, rope_base=500.0),
+    "llama-gqa": dict(norm="rmsnorm", act="swiglu", pos_emb="rope", bias=False, n_kv_head=2),
+    "llama-wide-attn-bias-interleaved": dict(
+        norm="rmsnorm", act="swiglu", pos_emb="rope", bias=True, tie_embeddings=False,
+        attn_dim=48, n_head=4, n_kv_head=2, rope_interleaved=True, rope_scale=2.0,
+        norm_eps=1e-6),
+    "neox-lowrank-ffn": dict(norm="layernorm", act="gelu", pos_emb="rope",
+                             ffn=LinearSpec("lowrank", rank=8), dense_ffn_layers=(0,)),
+    "llama-blockshuffle-ffn": dict(norm="rmsnorm", act="swiglu", pos_emb="rope", bias=False,
+                                   ffn=LinearSpec("blockshuffle", nblocks=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def random_run(tmp_path, tokenizer_path, **overrides):
+    """A run directory holding a random model whose every parameter (norms, biases) is drawn, so
+    a dropped bias, a wrong eps or a transposed weight changes the logits."""
+    cfg = RunConfig(model=ModelConfig(**{**BASE, **overrides}))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
+    run = tmp_path / "run"
+    checkpoint.save(run, model, None, cfg, 1, {})
+    save_json(cfg, str(run / "config.json"))
+    (run / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    return run, model.eval()
+
+
+def close(got, ref):
+    """fp32: within 1e-4 of the logits' scale."""
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_then_transformers_then_import_is_exact(case, tmp_path, tokenizer_path):
+    run, model = random_run(tmp_path, tokenizer_path, **CASES[case])
+    out = export_run(run, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        close(hf(idx).logits, ref)
+        ours = model.generate(idx[:1, :8], 32, temperature=0)
+        theirs = hf.generate(idx[:1, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert torch.equal(ours, theirs)
+    if model.cfg.bias and model.cfg.ffn.kind == "dense":  # no zero biases added, nothing merged
+        assert hf.num_parameters() == sum(p.numel() for p in model.parameters())
+    back = import_hf(out, tmp_path / "back")
+    again, _ = checkpoint.load_model(back)
+    with torch.no_grad():
+        close(again(idx)[0], ref)
+
+
+def test_the_exported_tokenizer_and_generation_config_load(tmp_path, tokenizer_path):
+    run, _ = random_run(tmp_path, tokenizer_path, **CASES["neox"])
+    out = export_run(run, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.from_file(str(tokenizer_path))
+    text = "To be, or not to be"
+    assert tok(text)["input_ids"] == ours.encode(text).ids
+    assert tok.eos_token == "<|endoftext|>"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.token_to_id("<|endoftext|>")
+    assert "GPTNeoXForCausalLM" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(norm="layernorm", act="swiglu"), "no native transformers class"),
+    (dict(norm="rmsnorm", act="gelu"), "no native transformers class"),
+    (dict(norm="layernorm", act="gelu", n_kv_head=2), "grouped-query attention"),
+    (dict(norm="layernorm", act="gelu", attn_dim=48), "attn_dim=48"),
+    (dict(norm="rmsnorm", act="swiglu", pos_emb="absolute"), "no native transformers class"),
+])
+def test_what_no_native_class_computes_is_refused_before_writing(
+    tmp_path, tokenizer_path, overrides, match
+):
+    run, _ = random_run(tmp_path, tokenizer_path, **overrides)
+    with pytest.raises(Unsupported, match=match):
+        export_run(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_writes_into_a_non_empty_directory(tmp_path, tokenizer_path):
+    run, _ = random_run(tmp_path, tokenizer_path, **CASES["gpt2"])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_run(run, tmp_path / "hf")
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep"
+
+
+def _hf_model(tmp_path, tokenizer_path, family: str, **kw):
+    """A random model made by transformers itself, saved as a user's checkpoint would be."""
+    conf, cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                 "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+                 "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM)}[family]
+    common = {"llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                            max_position_embeddings=64),
+              "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=320, n_positions=64,
+                           activation_function="gelu_new"),
+              "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, vocab_size=320, max_position_embeddings=64,
+                               use_parallel_residual=False, hidden_act="gelu_new",
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 1.0})}[family]
+    torch.manual_seed(0)
+    model = cls(conf(**{**common, **kw})).eval()
+    path = tmp_path / family
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    return path, model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_a_transformers_checkpoint_imports_exactly(tmp_path, tokenizer_path, family):
+    path, hf = _hf_model(tmp_path, tokenizer_path, family)
+    run = import_hf(path, tmp_path / "run")
+    model, cfg = checkpoint.load_model(run)
+    idx = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        close(model(idx)[0], hf(idx).logits)
+    assert sum(p.numel() for p in model.parameters()) == hf.num_parameters()
+    with pytest.raises(ValueError, match="imported .* not a training run"):
+        from structlm.training import train
+
+        cfg.train.max_steps = 1
+        train(cfg)
+
+
+@pytest.mark.parametrize("family, kw, key", [
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                    "original_max_position_embeddings": 32}), "rope type 'yarn'"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("gpt_neox", dict(use_parallel_residual=True), "use_parallel_residual=True"),
+    ("gpt2", dict(activation_function="gelu"), "activation_function='gelu'"),
+])
+def test_unsupported_checkpoint_options_are_named_before_writing(
+    tmp_path, tokenizer_path, family, kw, key
+):
+    path, _ = _hf_model(tmp_path, tokenizer_path, family, **kw)
+    with pytest.raises(Unsupported, match=key):
+        import_hf(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_reads_no_pickles(tmp_path, tokenizer_path):
+    path, hf = _hf_model(tmp_path, tokenizer_path, "gpt2")
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+        read_hf(path)
+
+
+def test_init_from_loads_weights_and_refuses_another_model(tmp_path, tokenizer_path):
+    path, _ = _hf_model(tmp_path, tokenizer_path, "llama")
+    cfg, sd = read_hf(path)
+    model = GPT(cfg)
+    load_init(str(path), model, cfg)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    run = import_hf(path, tmp_path / "run")
+    other = GPT(cfg)
+    load_init(str(run), other, cfg)  # from the imported run too
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                   other.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match=r"model\.n_layer: 2 vs 3"):
+        load_init(str(path), GPT(dataclasses.replace(cfg, n_layer=3)),
+                  dataclasses.replace(cfg, n_layer=3))
