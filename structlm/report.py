@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from structlm.bench import decode_step
 from structlm.config import ModelConfig, from_dict
 from structlm.model import GPT
-from structlm.scaling import collect
+from structlm.scaling import collect, read_summary
 from structlm.timing import time_interleaved
 from structlm.utils import autocast_dtype, autodetect_device
 
@@ -40,7 +39,7 @@ def report_rows(paths: list[str]) -> list[dict]:
     """One row per finished run (summary.json), with the Table 1 / 2 quantities."""
     rows = []
     for r in collect(paths):
-        s = json.loads(Path(r["summary_file"]).read_text())
+        s = read_summary(Path(r["summary_file"]))
         g = s["param_groups"]
         rows.append({
             "run": r["run"], "family": r["family"], "matrix_params": g["matrix"],

@@ -100,6 +100,19 @@ def _run_name(f: Path) -> tuple[str, Path]:
     return f.name.removesuffix(".json").removesuffix(".summary"), f.resolve()
 
 
+def read_summary(f: Path) -> dict:
+    """A run's summary.json; a damaged one is refused by name with the fix."""
+    try:
+        s = json.loads(Path(f).read_text())
+        s["config"]["model"], s["param_groups"], s["final_val_loss"]  # noqa: B018 (must exist)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{f} is damaged or not a structlm summary ({type(e).__name__}: {e}); rerun the run's "
+            "training command to rewrite it (a finished run only redoes its final evaluation)"
+        ) from None
+    return s
+
+
 def collect(paths: Iterable[str]) -> list[dict]:
     """Flat rows, one per run, sorted by (family, train_flops); duplicates (the same run reached
     through two paths) are kept once."""
@@ -109,8 +122,7 @@ def collect(paths: Iterable[str]) -> list[dict]:
         run, key = _run_name(f)
         if key in rows:
             continue
-        with open(f) as fh:
-            s = json.load(fh)
+        s = read_summary(f)
         m, g = s["config"]["model"], s["param_groups"]
         rows[key] = {
             "run": run,

@@ -368,3 +368,11 @@ def test_sigkill_at_random_points_resumes_to_the_uninterrupted_run(corpus, tmp_p
         assert torch.equal(p, q), n
     left = [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name or ".old_" in p.name]
     assert not left, left
+
+
+def test_a_truncated_summary_is_named_by_report_and_scaling(corpus, tmp_path):
+    train(tiny_cfg(corpus, tmp_path / "r", max_steps=2, eval_interval=0))
+    (tmp_path / "r" / "summary.json").write_text('{"out_dir": "r", "ste')
+    for cmd in (["report", str(tmp_path / "r")], ["scaling", str(tmp_path / "r")]):
+        r = cli(*cmd, check_rc=2)
+        assert "r/summary.json is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr
