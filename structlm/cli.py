@@ -32,7 +32,7 @@ from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
 from structlm.data import prepare
 from structlm.evaluate import evaluate_run
 from structlm.generate import Generator
-from structlm.hf.export import export_run
+from structlm.hf.export import default_format, export_run
 from structlm.hf.importer import import_hf
 from structlm.info import format_info, model_info
 from structlm.linear.registry import LINEARS
@@ -364,13 +364,17 @@ def cmd_export(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="structlm export", description=cmd_export.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     p.add_argument("out_dir", help="a new (or empty) directory to write")
-    p.add_argument("--format", default="hf-merged", choices=["hf-merged"],
-                   help="hf-merged: structured FFNs folded into a native Llama / GPT-2 / GPT-NeoX")
+    p.add_argument("--format", default=None, choices=["hf", "hf-merged"],
+                   help="hf (default for structured runs): the factors themselves, loaded with "
+                        "trust_remote_code=True; hf-merged (default for dense runs): folded into "
+                        "a native Llama / GPT-2 / GPT-NeoX")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     a = p.parse_args(argv)
-    out = export_run(a.run_dir, a.out_dir, a.format, a.dtype)
-    print(f"exported {a.run_dir} to {out} (logits checked against structlm's)\n"
-          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    fmt = a.format or default_format(a.run_dir)
+    out = export_run(a.run_dir, a.out_dir, fmt, a.dtype)
+    remote = ", trust_remote_code=True" if fmt == "hf" else ""
+    print(f"exported {a.run_dir} to {out} as {fmt} (logits checked against structlm's)\n"
+          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
 
 
 def cmd_import(argv: list[str]) -> None:

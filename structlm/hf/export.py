@@ -11,6 +11,7 @@ never left behind. transformers is an optional extra (`pip install -e ".[hf]"`),
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -18,15 +19,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
-from structlm.checkpoint import load_model
-from structlm.config import LinearSpec, RunConfig
+from structlm.checkpoint import find_latest, load_model
+from structlm.config import LinearSpec, RunConfig, load_run_config, to_dict
 from structlm.data import EOT_CANDIDATES, load_tokenizer, run_tokenizer_path
 from structlm.flops import param_groups
 from structlm.hf.families import family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
+from structlm.linear.registry import DENSE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REMOTE_FILES = ("configuration_structlm.py", "modeling_structlm.py")
+AUTO_MAP = {"AutoConfig": "configuration_structlm.StructlmConfig",
+            "AutoModelForCausalLM": "modeling_structlm.StructlmForCausalLM"}
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
            "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM")}
 
@@ -42,6 +48,16 @@ def _transformers():
     return transformers
 
 
+def default_format(run_dir: str | Path) -> str:
+    """hf for a run with structured FFN layers (keep the savings), hf-merged for a dense one."""
+    path = Path(run_dir)
+    ckpt = path if (path / "manifest.json").exists() else find_latest(path)
+    if ckpt is None:
+        return "hf-merged"
+    m = load_run_config(str(ckpt / "config.json")).model
+    return "hf" if any(m.ffn_spec(i).kind != DENSE for i in range(m.n_layer)) else "hf-merged"
+
+
 def export_run(
     run_dir: str | Path, out_dir: str | Path, format: str = "hf-merged", dtype: str = "fp32",
     check_tokens: int = 16,
@@ -49,15 +65,17 @@ def export_run(
     """Export a run's newest checkpoint (or one checkpoint directory); returns out_dir. Refuses a
     non-empty out_dir, a model no native class represents exactly (naming the feature), and any
     result whose logits differ from structlm's."""
-    if format != "hf-merged":
-        raise ValueError(f"--format {format!r}: this version writes hf-merged (the structured "
-                         "factors folded into dense matrices of a native transformers class)")
+    if format not in ("hf", "hf-merged"):
+        raise ValueError(f"--format {format!r}: choose hf (the structured factors, loaded with "
+                         "trust_remote_code=True) or hf-merged (a native transformers class)")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory")
     model, cfg = load_model(run_dir)
+    if format == "hf":
+        return _export_factors(_transformers(), model, cfg, run_dir, out, dtype, check_tokens)
     dense_cfg = dataclasses.replace(cfg.model, ffn=LinearSpec())
     family = family_for(dense_cfg)  # refuses what no native class computes, before any work
     T = _transformers()
@@ -70,6 +88,36 @@ def export_run(
         _write_tokenizer(tmp, run_tokenizer_path(run_dir), cfg)
         (tmp / "README.md").write_text(model_card(cfg, run_dir, family, dtype))
         check_parity(T, tmp, model, dense_cfg, check_tokens, dtype)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
+                    check_tokens: int) -> Path:
+    """--format hf: the structured factors as they are, with the self-contained modeling code
+    (structlm/hf/remote/) copied beside them for trust_remote_code=True."""
+    from structlm.hf.remote.configuration_structlm import StructlmConfig  # needs transformers
+
+    tok_path = run_tokenizer_path(run_dir)
+    eos = _eos_id(tok_path)
+    conf = StructlmConfig(structlm=to_dict(cfg.model), bos_token_id=eos, eos_token_id=eos,
+                          architectures=["StructlmForCausalLM"], auto_map=AUTO_MAP)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        conf.save_pretrained(tmp)
+        T.GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(tmp)
+        for name in REMOTE_FILES:
+            shutil.copyfile(Path(__file__).parent / "remote" / name, tmp / name)
+        weights = copy.deepcopy(model).to(DTYPES[dtype])
+        save_model(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_tokenizer(tmp, tok_path, cfg)
+        (tmp / "README.md").write_text(model_card(cfg, run_dir, "structlm", dtype))
+        check_parity(T, tmp, model, cfg.model, check_tokens, dtype, remote=True)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
@@ -115,10 +163,11 @@ def _write_tokenizer(out: Path, tokenizer_path: Path, cfg: RunConfig) -> None:
 
 
 @torch.no_grad()
-def check_parity(T, path: Path, model, cfg, tokens: int, dtype: str) -> None:
+def check_parity(T, path: Path, model, cfg, tokens: int, dtype: str, remote: bool = False) -> None:
     """Load the written directory with transformers and compare its logits with structlm's on a
     random sequence; fp32 must agree to 1e-4 of the logits' scale (bf16/fp16: 5e-2)."""
-    hf = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                trust_remote_code=remote).eval()
     idx = torch.randint(0, cfg.vocab_size, (1, min(tokens, cfg.block_size)),
                         generator=torch.Generator().manual_seed(0))
     ref = model.float().eval()(idx)[0]
@@ -139,10 +188,12 @@ def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
         f"# {Path(run_dir).name}",
         "",
         f"A {m.n_layer}-layer, d={m.d_model} GPT trained with structlm, exported as "
-        f"`{CLASSES[family][1]}` ({dtype}).",
+        f"`{CLASSES.get(family, ('', 'StructlmForCausalLM'))[1]}` ({dtype}).",
         "",
-        f"- FFN structure in training: `{m.ffn.kind}`{f' ({spec})' if spec else ''}, dense in "
-        f"blocks {list(m.dense_ffn_layers)}; here folded into dense matrices (hf-merged).",
+        f"- FFN structure: `{m.ffn.kind}`{f' ({spec})' if spec else ''}, dense in blocks "
+        f"{list(m.dense_ffn_layers)}; "
+        + ("kept as factors: load with `trust_remote_code=True`." if family == "structlm"
+           else "here folded into dense matrices (hf-merged)."),
         f"- structlm parameters: {g['total']:,} ({g['ffn']:,} in FFNs); this export holds the "
         "merged dense FFNs.",
         f"- {m.norm}, {m.act}, {m.pos_emb} positions, {m.n_head} heads ({m.kv_heads} K/V), "
@@ -151,6 +202,7 @@ def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
     if s:
         lines.append(f"- Trained on {s['tokens']:,} tokens; validation loss "
                      f"{s['final_val_loss']:.4f} (perplexity {s['final_val_ppl']:.2f}).")
-    lines += ["", f"Made with `structlm export {run_dir} OUT_DIR --format hf-merged --dtype "
+    fmt = "hf" if family == "structlm" else "hf-merged"
+    lines += ["", f"Made with `structlm export {run_dir} OUT_DIR --format {fmt} --dtype "
               f"{dtype}`.", ""]
     return "\n".join(lines)
