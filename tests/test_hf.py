@@ -312,3 +312,56 @@ def test_cli_export_defaults_to_factors_for_a_structured_run(tmp_path, tokenizer
     conf = json.loads((tmp_path / "o" / "config.json").read_text())
     assert conf["model_type"] == "structlm" and "AutoModelForCausalLM" in conf["auto_map"]
     assert conf["structlm"]["ffn"]["kind"] == "blockdense"
+
+
+# --- lm-evaluation-harness on an exported directory ------------------------------------------
+
+TASK_YAML = """task: structlm_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context) as the harness tokenizes it: the whole string encoded, the
+    continuation the tokens past the context's."""
+    whole, ctx = tok.encode(context + continuation).ids, tok.encode(context).ids
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = model(ids)[0].float().log_softmax(-1)[0]
+    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_scores_an_export_as_structlm_does(tmp_path, tokenizer_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    run, model = random_run(tmp_path, tokenizer_path, **FACTOR_CASES["neox-like-lowrank"])
+    out = export_run(run, tmp_path / "hf", format="hf")
+    docs = [{"context": "To be, or not", "continuation": " to be"},
+            {"context": "that is the", "continuation": " question."},
+            {"context": "To be", "continuation": ", or not to be, that is"}]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "structlm_local.yaml").write_text(TASK_YAML.format(data=data))
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+        tasks=["structlm_local"], task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True, batch_size=2, device="cpu")
+    got = {s["doc"]["context"]: s["resps"][0][0][0] for s in res["samples"]["structlm_local"]}
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    for d in docs:
+        assert got[d["context"]] == pytest.approx(_loglik(model, tok, d["context"],
+                                                          d["continuation"]), abs=1e-3)
