@@ -26,7 +26,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "structlm.linear": ("LinearSpec", "LINEARS", "StructuredLinear", "register", "unregister",
                         "build_linear", "choose_hparams", "GuidedLinear", "PreMergedLinear",
                         "wrap_guided", "unwrap_guided", "merge_linears", "premerge", "unmerge",
-                        "replace_modules"),
+                        "replace_modules", "structure"),
     "structlm.model": ("GPT", "KVCache"),
     "structlm.checkpoint": ("load_model",),
     "structlm.generate": ("Generator",),

@@ -7,6 +7,7 @@
     convert.py     find and replace modules of any nn.Module by name pattern
     guided.py      self-guided training's GuidedLinear and its converters
     merge.py       pre-merge, merge-to-dense, and the calibration of the switch point
+    structure.py   dense -> structured for any model, the factors projected from the weights
     <kind>.py      one structure each: dense, lowrank, blockshuffle, blockdense
 
 A structure is one module here: every StructuredLinear subclass with a `kind` defined in a module of
@@ -36,12 +37,13 @@ from structlm.linear.registry import (
     structured_kinds,
     unregister,
 )
+from structlm.linear.structure import structure
 
 __all__ = [
     "DENSE", "LINEARS", "LinearSpec", "StructuredLinear", "register", "unregister",
     "build_linear", "check_spec", "choose_hparams", "linear_class", "structured_kinds",
     "replace_modules", "is_structured", "GuidedLinear", "wrap_guided", "unwrap_guided",
-    "PreMergedLinear", "premerge", "unmerge", "merge_linears",
+    "PreMergedLinear", "premerge", "unmerge", "merge_linears", "structure",
 ]
 
 

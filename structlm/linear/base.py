@@ -7,6 +7,7 @@ module of this package, and declares on its class everything the rest of structl
     post_inits, default_init        its inits beyond the plain draw (`_post_init` applies them)
     matmul(), to_dense()            the map itself (bias folded into the last GEMM) and its matrix
     paper_guide_init()              what the reference code initialised an SGT guide to
+    project()                       its factors from a dense matrix (structuring a dense model)
     bench_fractions                 the budgets `structlm bench kernel` times it at
 
 A structured layer computes `y = x @ W.T + b` with `W: (d_out, d_in)` stored in factored form and
@@ -81,6 +82,19 @@ class StructuredLinear(nn.Module):
 
     def _post_init(self, init: str, std: float) -> None:
         """Kind-specific re-initialisation after the plain draw (svd, ortho)."""
+
+    @torch.no_grad()
+    def project(self, w: Tensor, cov: Tensor | None = None) -> None:
+        """Set the factors to the best approximation of the dense `w` (d_out, d_in) the structure
+        allows; with `cov` (the input covariance) in the activation-weighted norm. Used by
+        `structure()` to convert a dense model."""
+        raise ValueError(f"kind {self.kind!r} has no projection from dense weights; structure "
+                         "with init='paper' (its own initialisation)")
+
+    def _no_weighted(self, cov: Tensor | None) -> None:
+        if cov is not None:
+            raise ValueError(f"activation-aware projection (calib) is implemented for lowrank, "
+                             f"not {self.kind}; project {self.kind} without calib")
 
     @torch.no_grad()
     def paper_guide_init(self) -> Tensor:

@@ -111,3 +111,20 @@ class BlockDenseLinear(StructuredLinear):
     def _post_init(self, init: str, std: float) -> None:
         polar_(self.blkdiag)
         polar_(self.up)
+
+    @torch.no_grad()
+    def project(self, w: Tensor, cov: Tensor | None = None) -> None:
+        """W ~ up @ blockdiag(blkdiag) splits by input block: columns k of the product are
+        up[:, block k] @ blkdiag[k], and those columns of `up` serve no other block. So each
+        block's truncated SVD of W[:, block k] is the Frobenius optimum (Eckart-Young per block),
+        exact when W has this structure."""
+        self._no_weighted(cov)
+        nb, r, p = self.blkdiag.shape
+        ups, blocks = [], []
+        for k in range(nb):
+            u, s, vh = torch.linalg.svd(w[:, k * p:(k + 1) * p], full_matrices=False)
+            root = s[:r].sqrt()
+            ups.append(u[:, :r] * root)  # (M, r)
+            blocks.append(root[:, None] * vh[:r])  # (r, p)
+        self.up.copy_(torch.cat(ups, dim=1))
+        self.blkdiag.copy_(torch.stack(blocks))

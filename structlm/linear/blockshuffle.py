@@ -136,3 +136,27 @@ class BlockShuffleLinear(StructuredLinear):
     def _post_init(self, init: str, std: float) -> None:
         polar_(self.blkdiag1)
         polar_(self.blkdiag2)
+
+    @torch.no_grad()
+    def project(self, w: Tensor, cov: Tensor | None = None) -> None:
+        """W[i*B + j, k*p + c] = sum over t' of blkdiag2[j][i, t'] blkdiag1[k][t, c] with
+        t'*B + j = k*q + t: each (output block j, input block k) sub-matrix is a rank-|T_jk|
+        product of columns and rows no other pair uses, so its truncated SVD is the Frobenius
+        optimum (any shape, square or not)."""
+        self._no_weighted(cov)
+        nb, q, p = self.blkdiag1.shape
+        b1 = torch.zeros(self.blkdiag1.shape, dtype=w.dtype)
+        b2 = torch.zeros(self.blkdiag2.shape, dtype=w.dtype)
+        for j in range(nb):
+            rows = w[j::nb]  # (s, N): the outputs i*B + j
+            for k in range(nb):
+                t2 = [t for t in range(q) if (t * nb + j) // q == k]
+                if not t2:
+                    continue
+                t1 = [(t * nb + j) % q for t in t2]
+                u, sv, vh = torch.linalg.svd(rows[:, k * p:(k + 1) * p], full_matrices=False)
+                root = sv[:len(t2)].sqrt()
+                b2[j][:, t2] = u[:, :len(t2)] * root
+                b1[k][t1, :] = root[:, None] * vh[:len(t2)]
+        self.blkdiag1.copy_(b1)
+        self.blkdiag2.copy_(b2)

@@ -48,6 +48,10 @@ class DenseLinear(StructuredLinear):
     def weight_params(cls, d_in: int, d_out: int) -> int:
         return d_in * d_out
 
+    @torch.no_grad()
+    def project(self, w: Tensor, cov: Tensor | None = None) -> None:
+        self.weight.copy_(w)
+
     @classmethod
     def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
         return {}  # no hyper-parameters: the dense map is the 100% every fraction refers to

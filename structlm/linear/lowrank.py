@@ -89,3 +89,20 @@ class LowRankLinear(StructuredLinear):
         root = s[: self.rank].sqrt()
         self.down.copy_(root[:, None] * vh[: self.rank])  # (R, N)
         self.up.copy_(u[:, : self.rank] * root[None, :])  # (M, R)
+
+    @torch.no_grad()
+    def project(self, w: Tensor, cov: Tensor | None = None) -> None:
+        """Truncated SVD, sqrt(S) in both factors (Eckart-Young: the Frobenius optimum). With the
+        input covariance C = L L^T, the SVD of W L instead: the optimum of ||(W - W^) X||."""
+        r = self.rank
+        chol = None
+        if cov is not None:
+            damp = 1e-6 * cov.diagonal().mean()  # keeps the Cholesky factor invertible
+            chol = torch.linalg.cholesky(cov + damp * torch.eye(cov.shape[0], dtype=cov.dtype))
+        u, s, vh = torch.linalg.svd(w if chol is None else w @ chol, full_matrices=False)
+        root = s[:r].sqrt()
+        down = root[:, None] * vh[:r]  # (R, N)
+        if chol is not None:  # down L = (sqrt(S) Vh)_R: back to the unweighted input space
+            down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
+        self.down.copy_(down)
+        self.up.copy_(u[:, :r] * root[None, :])

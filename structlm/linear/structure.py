@@ -1,0 +1,127 @@
+"""Dense -> structured for any model: `structure(model, spec_or_fraction)` replaces the chosen
+`nn.Linear` layers (and transformers' GPT-2 `Conv1D`) by structured layers whose factors are
+projected from the dense weights, through the converter seam (`replace_modules`).
+
+Projections (each the best approximation its structure allows, in the Frobenius norm):
+
+    lowrank       truncated SVD, sqrt(S) split into both factors (Eckart-Young optimal)
+    blockshuffle  per (output block, input block) pair, the truncated SVD of W's sub-matrix: the
+                  pairs use disjoint columns of blkdiag2 and rows of blkdiag1 (optimal; any shape)
+    blockdense    per input block, the truncated SVD of W's columns: `up`'s column slices serve
+                  one block each, so the problem splits (optimal)
+
+With `calib` (token ids run through the model), LowRank minimises ||(W - W^) X|| instead: the SVD of
+W L with L the Cholesky factor of the layer's input covariance (as SVD-LLM does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from structlm.linear.base import StructuredLinear
+from structlm.linear.convert import Patterns, named_modules, replace_modules
+from structlm.linear.registry import DENSE, LinearSpec, build_linear, choose_hparams
+
+DEFAULT_INCLUDE = ("*.mlp.*",)  # every FFN linear of every block (structlm, Llama, GPT-2, NeoX)
+DEFAULT_EXCLUDE = ("*.0.mlp.*",)  # block 0's FFN stays dense, as in the paper
+
+
+def _dense_weight(m: nn.Module) -> Tensor | None:
+    """(d_out, d_in) of a dense layer: nn.Linear, structlm's dense kind, or a transformers Conv1D
+    (stored (d_in, d_out)); None for anything else."""
+    if isinstance(m, StructuredLinear):
+        return m.weight if m.kind == DENSE else None
+    if isinstance(m, nn.Linear):
+        return m.weight
+    if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None:
+        return m.weight.T
+    return None
+
+
+def structure(
+    model: nn.Module, spec_or_fraction: LinearSpec | float, *, kind: str = "lowrank",
+    include: Patterns = DEFAULT_INCLUDE, exclude: Patterns = DEFAULT_EXCLUDE,
+    init: str = "project", calib: Tensor | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Replace the matching dense linear layers of `model`, in place, by structured layers of
+    `spec_or_fraction` (a LinearSpec, or a share of each layer's parameters for `kind`, by the
+    paper's budget rule per shape); returns (model, a report row per layer)."""
+    if init not in ("project", "paper"):
+        raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
+    covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
+    report: list[dict] = []
+
+    def convert(name: str, m: nn.Module) -> nn.Module | None:
+        w = _dense_weight(m)
+        if w is None:
+            return None
+        d_out, d_in = w.shape
+        spec = spec_or_fraction if isinstance(spec_or_fraction, LinearSpec) else choose_hparams(
+            kind, [(d_in, d_out)], float(spec_or_fraction))
+        bias = getattr(m, "bias", None)
+        layer = build_linear(spec, d_in, d_out, bias=bias is not None, device=w.device,
+                             dtype=w.dtype)
+        with torch.no_grad():
+            if init == "project":
+                project_(layer, w.detach(), covs.get(name))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        report.append(_row(name, w.detach(), layer, covs.get(name)))
+        return layer
+
+    replace_modules(model, convert, include, exclude)
+    if not report:
+        raise ValueError(f"no nn.Linear matches include={include} exclude={exclude}; name the "
+                         "layers to structure with fnmatch patterns of their qualified names")
+    return model, report
+
+
+def _row(name: str, w: Tensor, layer: StructuredLinear, cov: Tensor | None) -> dict:
+    approx = layer.to_dense().to(w.dtype)
+    row = {"name": name, "d_in": layer.d_in, "d_out": layer.d_out, "kind": layer.kind,
+           **layer.hp, "params_before": w.numel(), "params_after": layer.weight_params(
+               layer.d_in, layer.d_out, **layer.hp),
+           "rel_error": ((w - approx).norm() / w.norm()).item()}
+    if cov is not None:
+        row["weighted_error"] = weighted_error(w, approx, cov)
+    return row
+
+
+def weighted_error(w: Tensor, approx: Tensor, cov: Tensor) -> float:
+    """||(W - W^) X|| / ||W X|| from the input covariance C = X X^T / n."""
+    d = (w - approx).double()
+    return (torch.trace(d @ cov @ d.T) / torch.trace(w.double() @ cov @ w.double().T)).sqrt().item()
+
+
+@torch.no_grad()
+def input_covariances(
+    model: nn.Module, calib: Tensor, include: Patterns, exclude: Patterns
+) -> dict[str, Tensor]:
+    """The input covariance (d_in, d_in), float64, of every matching linear layer over one forward
+    of `model(calib)`."""
+    covs, hooks = {}, []
+    for name, m, _, _ in named_modules(model, include, exclude):
+        if _dense_weight(m) is None:
+            continue
+
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            covs[name] = covs.get(name, 0) + x.T @ x / x.shape[0]
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        model(calib)
+    finally:
+        for h in hooks:
+            h.remove()
+    return covs
+
+
+# --- the projections: each kind declares its own (StructuredLinear.project) -----------------------
+
+
+@torch.no_grad()
+def project_(layer: StructuredLinear, w: Tensor, cov: Tensor | None = None) -> None:
+    """Set `layer`'s factors to the best approximation of the dense `w` (d_out, d_in) its kind
+    allows, computed in float64."""
+    layer.project(w.double(), None if cov is None else cov.double())

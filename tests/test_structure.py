@@ -1,0 +1,146 @@
+"""Dense -> structured: projections reproduce representable matrices exactly, are optimal where
+stated, and `structure()` converts structlm's GPT and transformers models in place."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from structlm.config import ModelConfig
+from structlm.linear import LinearSpec, build_linear, merge_linears, structure
+from structlm.linear.structure import project_, weighted_error
+from structlm.model import GPT
+
+SPECS = {  # kind: spec for 24 -> 48 and 48 -> 24 layers
+    "lowrank": LinearSpec("lowrank", rank=6),
+    "blockshuffle-2": LinearSpec("blockshuffle", nblocks=2),
+    "blockshuffle-4": LinearSpec("blockshuffle", nblocks=4),
+    "blockdense": LinearSpec("blockdense", rank=8, nblocks=4),
+}
+SHAPES = [(24, 48), (48, 24), (24, 24)]
+
+
+def err(layer, w):
+    return ((layer.to_dense() - w).norm() / w.norm()).item()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_matrix_with_the_structure_is_reproduced_exactly(name, shape):
+    torch.manual_seed(0)
+    truth = build_linear(SPECS[name], *shape, bias=False, dtype=torch.float64)
+    for p in truth.parameters():
+        p.data.normal_()
+    w = truth.to_dense()
+    fresh = build_linear(SPECS[name], *shape, bias=False, dtype=torch.float64)
+    project_(fresh, w)
+    assert err(fresh, w) < 1e-10
+
+
+def test_lowrank_error_is_the_tail_singular_energy():
+    w = torch.randn(40, 30, dtype=torch.float64)
+    layer = build_linear(LinearSpec("lowrank", rank=7), 30, 40, bias=False, dtype=torch.float64)
+    project_(layer, w)
+    s = torch.linalg.svdvals(w)
+    assert (layer.to_dense() - w).norm().item() == pytest.approx(s[7:].norm().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["blockshuffle-2", "blockshuffle-4", "blockdense"])
+def test_block_projections_are_local_optima(name):
+    """No small step of any factor lowers the Frobenius error of the projection."""
+    torch.manual_seed(1)
+    w = torch.randn(48, 24, dtype=torch.float64)
+    layer = build_linear(SPECS[name], 24, 48, bias=False, dtype=torch.float64)
+    project_(layer, w)
+    best = (layer.to_dense() - w).norm().item()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        for p in layer.weights():
+            step = 1e-4 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.data += step
+            assert (layer.to_dense() - w).norm().item() >= best - 1e-9
+            p.data -= step
+
+
+def test_blockdense_error_is_the_per_block_tail_energy():
+    w = torch.randn(48, 24, dtype=torch.float64)
+    layer = build_linear(SPECS["blockdense"], 24, 48, bias=False, dtype=torch.float64)
+    project_(layer, w)  # rank 8 over 4 blocks of 6 columns: rank 2 each
+    tail = sum(torch.linalg.svdvals(w[:, k * 6:(k + 1) * 6])[2:].square().sum() for k in range(4))
+    assert (layer.to_dense() - w).norm().item() == pytest.approx(tail.sqrt().item(), rel=1e-10)
+
+
+def test_activation_aware_projection_lowers_the_weighted_error():
+    torch.manual_seed(3)
+    w = torch.randn(32, 24, dtype=torch.float64)
+    mix = torch.randn(24, 24, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    x = torch.randn(2000, 24, dtype=torch.float64) @ mix  # correlated, uneven inputs
+    cov = x.T @ x / x.shape[0]
+    plain = build_linear(LinearSpec("lowrank", rank=6), 24, 32, bias=False, dtype=torch.float64)
+    aware = build_linear(LinearSpec("lowrank", rank=6), 24, 32, bias=False, dtype=torch.float64)
+    project_(plain, w)
+    project_(aware, w, cov)
+    assert weighted_error(w, aware.to_dense(), cov) < 0.9 * weighted_error(w, plain.to_dense(), cov)
+    assert err(aware, w) > err(plain, w)  # it traded the plain error for the weighted one
+
+
+def _check_converted(model, report, before: int, x):
+    """Parameters as promised, and the converted model equals its merged dense form."""
+    saved = sum(r["params_before"] - r["params_after"] for r in report)
+    assert sum(p.numel() for p in model.parameters()) == before - saved
+    with torch.no_grad():
+        torch.testing.assert_close(merge_linears(model)(x)[0], model(x)[0])
+
+
+def test_structure_converts_a_structlm_gpt_but_block_0():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, d_model=32, d_ff=128,
+                      dense_ffn_layers=(0, 1, 2))
+    model = GPT(cfg).double()
+    before = sum(p.numel() for p in model.parameters())
+    model, report = structure(model, 0.32, kind="lowrank")
+    assert [r["name"] for r in report] == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2",
+                                           "blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]
+    assert all(r["kind"] == "lowrank" and 0 < r["rel_error"] < 1 for r in report)
+    _check_converted(model, report, before, torch.randint(0, 100, (2, 8)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_structure_converts_transformers_models(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100)).double().eval()
+    else:
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=16)).double().eval()
+    before = sum(p.numel() for p in m.parameters())
+    idx = torch.randint(0, 100, (2, 8))
+    spec = LinearSpec("blockshuffle", nblocks=2)
+    m, report = structure(m, spec, calib=None)
+    assert len(report) == (3 if family == "llama" else 2)  # block 1's FFN; block 0 stays dense
+    with torch.no_grad():
+        out = m(idx).logits
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(merge_linears(m)(idx).logits, out)
+    saved = sum(r["params_before"] - r["params_after"] for r in report)
+    assert sum(p.numel() for p in m.parameters()) == before - saved
+
+
+def test_structure_with_calibration_tokens_reports_the_weighted_error():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    model = GPT(cfg).double()
+    calib = torch.randint(0, 100, (4, 16))
+    _, report = structure(model, LinearSpec("lowrank", rank=8), calib=calib)
+    assert all(math.isfinite(r["weighted_error"]) for r in report)
+
+
+def test_structure_refuses_what_it_cannot_do():
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no nn.Linear matches"):
+        structure(model, 0.5)
+    with pytest.raises(ValueError, match="calib.*lowrank"):
+        layer = build_linear(SPECS["blockdense"], 24, 48, bias=False, dtype=torch.float64)
+        project_(layer, torch.randn(48, 24, dtype=torch.float64), torch.eye(24))
