@@ -10,6 +10,7 @@
     structlm report   RUNS... [--decode_batch B...] [--md F.md] [--csv F.csv]
     structlm export   RUN_DIR OUT_DIR [--format hf-merged] [--dtype fp32|bf16|fp16]
     structlm import   HF_DIR OUT_RUN_DIR
+    structlm convert  RUN_OR_HF_DIR OUT_RUN_DIR [--model.ffn.kind K --fraction F --calib FILE]
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -29,6 +30,7 @@ import tyro
 
 from structlm.bench import BENCHMARKS, BenchOptions, plot_rows
 from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
+from structlm.convert_run import convert_run
 from structlm.data import prepare
 from structlm.evaluate import evaluate_run
 from structlm.generate import Generator
@@ -390,6 +392,28 @@ def cmd_import(argv: list[str]) -> None:
           "--train.out_dir runs/NEW")
 
 
+def cmd_convert(argv: list[str]) -> None:
+    """Structure a dense run or Hugging Face checkpoint: FFN factors projected from the weights."""
+    p = argparse.ArgumentParser(prog="structlm convert", description=cmd_convert.__doc__)
+    p.add_argument("source", help="a structlm run, a transformers directory or a .gguf file")
+    p.add_argument("out_dir", help="the structured run directory to write (new or empty)")
+    p.add_argument("--model.ffn.kind", dest="kind", default="lowrank",
+                   choices=[k for k in LINEARS if k != "dense"])
+    p.add_argument("--fraction", type=positive_float, default=0.32,
+                   help="share of the dense FFN parameters to keep (paper: 0.63, 0.32)")
+    p.add_argument("--calib", default=None,
+                   help="a text file: activation-aware projection (lowrank) on its first tokens")
+    a = p.parse_args(argv)
+    out, report = convert_run(a.source, a.out_dir, a.kind, a.fraction, a.calib)
+    before = sum(r["params_before"] for r in report)
+    after = sum(r["params_after"] for r in report)
+    err = max(r["rel_error"] for r in report)
+    print(f"converted {len(report)} FFN layers of {a.source} to {a.kind}: {before:,} -> {after:,} "
+          f"weights, relative error <= {err:.3f} (per layer: {out}/conversion.json)\n"
+          f"heal it: structlm train --config {out}/config.json --train.init_from {out} "
+          "--train.out_dir runs/NEW")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -402,6 +426,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "report": cmd_report,
     "export": cmd_export,
     "import": cmd_import,
+    "convert": cmd_convert,
 }
 
 

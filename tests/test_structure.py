@@ -144,3 +144,38 @@ def test_structure_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="calib.*lowrank"):
         layer = build_linear(SPECS["blockdense"], 24, 48, bias=False, dtype=torch.float64)
         project_(layer, torch.randn(48, 24, dtype=torch.float64), torch.eye(24))
+
+
+def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
+    """structlm convert: a dense run -> LowRank-32% (activation-aware on a text file); the written
+    run loads as a structlm model equal to structure()'s, and init_from accepts it."""
+    import subprocess
+    import sys
+
+    from test_hf import random_run  # the tests directory is on sys.path under pytest
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from structlm import checkpoint
+    from structlm.training.rundir import load_init
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tok.json"))
+    run, dense = random_run(tmp_path, tmp_path / "tok.json", norm="layernorm", act="gelu",
+                            pos_emb="rope", dense_ffn_layers=(0,))
+    text = tmp_path / "calib.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    r = subprocess.run([sys.executable, "-m", "structlm", "convert", str(run), str(tmp_path / "lr"),
+                        "--fraction", "0.32", "--calib", str(text)], capture_output=True, text=True)
+    assert r.returncode == 0 and "converted 2 FFN layers" in r.stdout, r.stderr[-2000:]
+    model, cfg = checkpoint.load_model(tmp_path / "lr")
+    assert cfg.model.ffn == LinearSpec("lowrank", rank=6) and cfg.model.dense_ffn_layers == (0,)
+    assert (tmp_path / "lr" / "conversion.json").exists()
+    fresh = GPT(cfg.model)
+    load_init(str(tmp_path / "lr"), fresh, cfg.model)
+    idx = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx)[0], model(idx)[0])

@@ -1,0 +1,73 @@
+"""`structlm convert`: a dense structlm run or Hugging Face checkpoint -> a structured run whose
+FFN factors are projected from the dense weights (`structure`), ready for `structlm train
+--train.init_from` to heal it and `structlm export` to ship it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from structlm import checkpoint
+from structlm.config import RunConfig, save_json
+from structlm.data import encode_text_file, load_tokenizer, run_tokenizer_path
+from structlm.hf.importer import import_hf
+from structlm.linear.registry import choose_hparams
+from structlm.linear.structure import structure
+
+CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activation-aware)
+
+
+def convert_run(
+    source: str | Path, out_dir: str | Path, kind: str, fraction: float,
+    calib_text: str | None = None,
+) -> tuple[Path, list[dict]]:
+    """Write `out_dir`: the source model with every FFN outside model.dense_ffn_layers converted to
+    `kind` at `fraction` of the dense FFN's parameters (the paper's rule for the whole FFN, so fc1
+    and fc2 share one spec). Returns (out_dir, the per-layer report)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+    with tempfile.TemporaryDirectory() as scratch:
+        run = Path(source)
+        if (run / "config.json").exists() and "model_type" in json.loads(
+                (run / "config.json").read_text()) or run.suffix == ".gguf":
+            run = import_hf(run, Path(scratch) / "imported")  # a Hugging Face checkpoint
+        model, cfg = checkpoint.load_model(run)
+        m = cfg.model
+        spec = choose_hparams(kind, [(n, k) for _, n, k in m.ffn_shapes()], fraction)
+        exclude = [f"blocks.{i}.*" for i in m.dense_ffn_layers]
+        calib = _calib_ids(calib_text, run, m.block_size) if calib_text else None
+        model, report = structure(model, spec, include="blocks.*.mlp.*", exclude=exclude,
+                                  calib=calib)
+        new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
+        new.train.out_dir = str(out)
+        _write(out, model, new, run_tokenizer_path(run), str(Path(source).resolve()), report)
+    return out, report
+
+
+def _calib_ids(path: str, run: Path, block_size: int) -> torch.Tensor:
+    ids = encode_text_file(path, load_tokenizer(run_tokenizer_path(run)))[:CALIB_TOKENS]
+    if len(ids) < 16:
+        raise ValueError(f"--calib {path}: only {len(ids)} tokens; give a few thousand")
+    n = len(ids) // block_size * block_size or len(ids)
+    return torch.as_tensor(ids[:n].astype("int64")).view(-1, min(block_size, n))
+
+
+def _write(out: Path, model, cfg: RunConfig, tokenizer: Path, source: str, report) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": source})
+        save_json(cfg, str(tmp / "config.json"))
+        (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
