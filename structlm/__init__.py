@@ -31,7 +31,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "structlm.checkpoint": ("load_model",),
     "structlm.generate": ("Generator",),
     "structlm.data": ("prepare", "Batches"),
-    "structlm.training": ("train", "Summary"),
+    "structlm.training": ("train", "Summary", "SelfGuided"),
     "structlm.evaluate": ("evaluate",),
     "structlm.flops": ("param_groups", "flops_per_token", "train_flops", "tokens_for_budget"),
     "structlm.bench": ("bench_kernel", "bench_ffn", "bench_train", "bench_decode"),

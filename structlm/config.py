@@ -218,8 +218,10 @@ class SGTConfig:
     schedule: Literal["cosine", "linear"] = "cosine"  # how alpha decays from 1 to 0 over G steps
     # run the guide only with probability alpha per layer and forward (paper runs: on)
     reduce_flop: bool = False
-    # exact: guide = the structured map; paper: the reference's BlockShuffle init (no shuffle)
-    guide_init: Literal["exact", "paper"] = "exact"
+    # exact: guide = the structured map; paper: the reference's BlockShuffle init (no shuffle);
+    # dense: the dense weights a `structlm convert`ed run came from (with --train.init_from it),
+    # so training starts at the pretrained model's function and alpha hands it to the factors
+    guide_init: Literal["exact", "paper", "dense"] = "exact"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -305,6 +307,11 @@ class RunConfig:
             raise ValueError(
                 "train.sgt.mode needs a structured FFN (model.ffn.kind one of "
                 f"{structured_kinds()})"
+            )
+        if self.train.sgt.guide_init == "dense" and not self.train.init_from:
+            raise ValueError(
+                "train.sgt.guide_init=dense starts the guides from the dense weights of a "
+                "converted run: give it as --train.init_from RUN (made by structlm convert)"
             )
         seq = self.train.seq_len
         if seq is not None and not 0 < seq <= self.model.block_size:

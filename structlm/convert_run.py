@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from structlm import checkpoint
 from structlm.config import RunConfig, save_json
@@ -19,6 +20,7 @@ from structlm.hf.importer import import_hf
 from structlm.linear.registry import choose_hparams
 from structlm.linear.structure import structure
 
+DENSE_FILE = "dense_ffn.safetensors"  # the replaced dense FFN weights, by layer name
 CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activation-aware)
 
 
@@ -42,11 +44,15 @@ def convert_run(
         spec = choose_hparams(kind, [(n, k) for _, n, k in m.ffn_shapes()], fraction)
         exclude = [f"blocks.{i}.*" for i in m.dense_ffn_layers]
         calib = _calib_ids(calib_text, run, m.block_size) if calib_text else None
+        dense = {k.removesuffix(".weight"): v.clone() for k, v in model.state_dict().items()
+                 if ".mlp.fc" in k and k.endswith(".weight")}
         model, report = structure(model, spec, include="blocks.*.mlp.*", exclude=exclude,
                                   calib=calib)
+        dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
         new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
         new.train.out_dir = str(out)
         _write(out, model, new, run_tokenizer_path(run), str(Path(source).resolve()), report)
+        save_file(dense, str(out / DENSE_FILE))  # the guides of guided healing (guide_init=dense)
     return out, report
 
 
@@ -71,3 +77,12 @@ def _write(out: Path, model, cfg: RunConfig, tokenizer: Path, source: str, repor
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dense_guides(run: str | Path) -> dict[str, torch.Tensor]:
+    """The dense weights a converted run's FFN layers came from, by layer name."""
+    path = Path(run) / DENSE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run} has no {DENSE_FILE}: guide_init=dense needs a run made by "
+                                "structlm convert as --train.init_from")
+    return load_file(str(path))

@@ -179,3 +179,72 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     idx = torch.randint(0, 320, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(fresh(idx)[0], model(idx)[0])
+
+
+def test_guided_healing_starts_at_the_dense_models_loss(corpus, tmp_path):
+    """A converted run healed with SGT and guide_init=dense: alpha = 1 at step 0 and the guides
+    are the dense weights it came from, so its first loss is the pretrained dense model's."""
+    from test_train import tiny_cfg, train_rows  # the tests directory is on sys.path
+
+    from structlm.config import from_dict, to_dict
+    from structlm.convert_run import convert_run
+    from structlm.training import train
+
+    dense = tiny_cfg(corpus, tmp_path / "dense", max_steps=3, eval_interval=0)
+    dense.model.ffn = LinearSpec()
+    train(dense)
+    out, report = convert_run(tmp_path / "dense", tmp_path / "lr", "lowrank", 0.32)
+    assert report and all(r["rel_error"] > 0 for r in report)
+
+    def continued(name, init, **sgt):
+        cfg = tiny_cfg(corpus, tmp_path / name, max_steps=4, eval_interval=0)
+        cfg.model = checkpoint_model(init)
+        cfg.train.init_from = str(init)
+        for k, v in sgt.items():
+            setattr(cfg.train.sgt, k, v)
+        train(from_dict(type(cfg), to_dict(cfg)))
+        return train_rows(tmp_path / name)[0]["loss"]
+
+    base = continued("base", tmp_path / "dense")
+    healed = continued("healed", out, mode="fixedstep", ratio=0.5, guide_init="dense")
+    unguided = continued("unguided", out)
+    assert healed == pytest.approx(base, abs=1e-5)
+    assert unguided > base + 1e-3  # without the dense guides it starts at the projection's loss
+
+
+def checkpoint_model(run):
+    from structlm.config import load_run_config
+
+    return load_run_config(str(run / "config.json")).model
+
+
+def test_self_guided_in_a_users_own_loop_heals_from_the_dense_weights():
+    """The README's example: a user's model structured, healed with SelfGuided from its own
+    dense weights (so step 0 computes the dense model), then left purely structured."""
+    from structlm import SelfGuided
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)))
+    x, target = torch.randn(32, 16), torch.randn(32, 16)
+    dense_out = model(x).detach()
+    dense = {f"mlp.{i}": model.mlp[i].weight.detach().clone() for i in (0, 2)}
+    structure(model, 0.25, kind="lowrank", exclude=None)
+    sg = SelfGuided(model, guided_steps=5, guides=dense)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    for step in range(8):
+        if not sg.done:
+            alpha = sg.step()
+        out = model(x)
+        if step == 0:
+            assert alpha == 1.0
+            torch.testing.assert_close(out, dense_out)  # the pretrained function exactly
+        torch.nn.functional.mse_loss(out, target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if sg.done and any("guide" in n for n, _ in model.named_parameters()):
+            sg.finish(optimizer)
+    assert not any("guide" in n for n, _ in model.named_parameters())
+    left = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert left == n_params - 2 * 16 * 64  # the two guides' parameters are gone

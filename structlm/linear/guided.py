@@ -29,12 +29,16 @@ class GuidedLinear(Wrapper):
     """alpha * dense guide + (1 - alpha) * structured, bias added once (self-guided training)."""
 
     def __init__(
-        self, structured: StructuredLinear, init: Literal["exact", "paper"] = "exact"
+        self, structured: StructuredLinear, init: Literal["exact", "paper"] = "exact",
+        weight: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.structured = structured
         with torch.no_grad():
-            w = structured.to_dense() if init == "exact" else structured.paper_guide_init()
+            if weight is not None:  # e.g. the dense weights a converted layer was projected from
+                w = weight.to(structured.weights()[0])
+            else:
+                w = structured.to_dense() if init == "exact" else structured.paper_guide_init()
         self.guide = nn.Parameter(w.detach().clone())  # (d_out, d_in), trainable
         # 0-dim tensor, not a float: a compiled model does not recompile when the trainer changes it
         self.register_buffer("alpha", torch.ones(()), persistent=False)
@@ -67,13 +71,17 @@ def guide_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def wrap_guided(
     model: nn.Module, init: Literal["exact", "paper"] = "exact", *,
-    include: Patterns = None, exclude: Patterns = None,
+    guides: dict[str, Tensor] | None = None, include: Patterns = None, exclude: Patterns = None,
 ) -> nn.Module:
     """Wrap every structured (non-dense) StructuredLinear of `model` whose name matches in a
-    GuidedLinear, in place; returns the model."""
-    replace_modules(
-        model, lambda _, m: GuidedLinear(m, init) if is_structured(m) else None, include, exclude
-    )
+    GuidedLinear, in place; `guides` gives some layers (by qualified name) their guide's starting
+    matrix, e.g. the dense weights they were converted from. Returns the model."""
+    guides = guides or {}
+
+    def wrap(name: str, m: nn.Module) -> nn.Module | None:
+        return GuidedLinear(m, init, guides.get(name)) if is_structured(m) else None
+
+    replace_modules(model, wrap, include, exclude)
     return model
 
 

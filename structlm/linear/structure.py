@@ -23,8 +23,9 @@ from structlm.linear.base import StructuredLinear
 from structlm.linear.convert import Patterns, named_modules, replace_modules
 from structlm.linear.registry import DENSE, LinearSpec, build_linear, choose_hparams
 
-DEFAULT_INCLUDE = ("*.mlp.*",)  # every FFN linear of every block (structlm, Llama, GPT-2, NeoX)
-DEFAULT_EXCLUDE = ("*.0.mlp.*",)  # block 0's FFN stays dense, as in the paper
+# every FFN linear of every block (structlm, Llama, GPT-2, NeoX, a module tree with an `mlp`)
+DEFAULT_INCLUDE = ("*.mlp.*", "mlp.*")
+DEFAULT_EXCLUDE = ("*.0.mlp.*", "0.mlp.*")  # block 0's FFN stays dense, as in the paper
 
 
 def _dense_weight(m: nn.Module) -> Tensor | None:

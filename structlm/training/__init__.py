@@ -9,6 +9,14 @@
     distributed.py   torchrun's process group, DDP, collectives
 """
 
-from structlm.training.loop import Summary, train
+import importlib
 
-__all__ = ["Summary", "train"]
+__all__ = ["Summary", "train", "SelfGuided"]
+_WHERE = {"Summary": "structlm.training.loop", "train": "structlm.training.loop",
+          "SelfGuided": "structlm.training.sgt"}
+
+
+def __getattr__(name: str):  # the loop (and matplotlib) load only when train is used
+    if name not in _WHERE:
+        raise AttributeError(f"module 'structlm.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

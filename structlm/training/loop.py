@@ -28,6 +28,7 @@ from torch import nn
 
 from structlm import checkpoint
 from structlm.config import RunConfig, TrainConfig, to_dict
+from structlm.convert_run import dense_guides
 from structlm.data import Batches, eval_batches
 from structlm.evaluate import evaluate_sums
 from structlm.flops import flops_per_token, param_groups
@@ -145,7 +146,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     if resume.ckpt is None and t.init_from:
         load_init(t.init_from, raw, cfg.model)  # weights only: a fresh optimizer and schedule
     phase = GuidePhase(plan, t.sgt, t.seed)
-    phase.enter(raw, resume.step)  # the guides exist only during the guided phase
+    fresh_dense = t.sgt.guide_init == "dense" and resume.ckpt is None
+    phase.enter(raw, resume.step, dense_guides(t.init_from) if fresh_dense else None)
     optimizer = make_optimizer(raw, cfg.optim)
     restore(resume, raw, optimizer, cfg.optim, world.device)
     tally = Tally.from_state(resume.state)

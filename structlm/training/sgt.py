@@ -119,10 +119,12 @@ class GuidePhase:
         self.plan, self.cfg, self.seed = plan, cfg, seed
         self.active = False
 
-    def enter(self, model: nn.Module, step: int) -> None:
-        """Wrap the structured layers in guides if `step` is inside the guided phase."""
+    def enter(self, model: nn.Module, step: int, guides: dict | None = None) -> None:
+        """Wrap the structured layers in guides if `step` is inside the guided phase (`guides`:
+        starting matrices by layer name, for guide_init="dense")."""
         if self.plan.guided(step):
-            wrap_guided(model, self.cfg.guide_init)
+            init = "exact" if self.cfg.guide_init == "dense" else self.cfg.guide_init
+            wrap_guided(model, init, guides=guides)
             self.active = True
 
     def before_forward(self, model: nn.Module, step: int, micro: int) -> None:
@@ -152,3 +154,47 @@ class GuidePhase:
         drop_params(optimizer, guides)
         self.active = False
         return True
+
+
+class SelfGuided:
+    """Self-guided training as a component of your own loop, for any model with structured layers:
+
+        sg = SelfGuided(model, guided_steps=1000)        # guides in (before the optimizer sees
+        optimizer = torch.optim.AdamW(model.parameters())  # the parameters)
+        for batch in data:
+            sg.step()                                    # alpha for this step
+            loss = model(batch); loss.backward(); optimizer.step(); optimizer.zero_grad()
+            if sg.done:
+                sg.finish(optimizer)                     # guides and their AdamW state out
+
+    `guides` starts chosen layers' guides from given matrices (by layer name), e.g. the dense
+    weights `structure()` replaced, so training starts at the pretrained function."""
+
+    def __init__(self, model: nn.Module, guided_steps: int, schedule: str = "cosine",
+                 init: str = "exact", guides: dict | None = None) -> None:
+        if guided_steps < 1:
+            raise ValueError(f"guided_steps={guided_steps} must be >= 1")
+        self.model, self.guided_steps, self.schedule = model, guided_steps, schedule
+        self.steps = 0
+        wrap_guided(model, init, guides=guides)
+        if not guided_layers(model):
+            raise ValueError("the model has no structured layers to guide; structure it first")
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.guided_steps
+
+    def step(self) -> float:
+        """Set alpha for the coming forward/backward and count the step; returns alpha."""
+        alpha = guide_alpha(self.steps, self.guided_steps, self.schedule)
+        set_guide(self.model, alpha)
+        self.steps += 1
+        return alpha
+
+    def finish(self, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+        """Remove the guides (and their optimizer state): the model is the structured one."""
+        guides = guide_parameters(self.model)
+        unwrap_guided(self.model)
+        if optimizer is not None:
+            drop_params(optimizer, guides)
+        return self.model
