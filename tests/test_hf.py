@@ -96,6 +96,19 @@ def test_export_then_transformers_then_import_is_exact(case, tmp_path, tokenizer
         close(again(idx)[0], ref)
 
 
+@pytest.mark.parametrize("fmt", ["hf", "hf-merged"])
+def test_a_bf16_export_loads_and_stays_close(tmp_path, tokenizer_path, fmt):
+    run, model = random_run(tmp_path, tokenizer_path, **FACTOR_CASES["neox-like-lowrank"])
+    out = export_run(run, tmp_path / "hf", format=fmt, dtype="bf16")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=fmt == "hf")
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    idx = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        got = hf.float()(idx).logits
+    assert (got - ref).abs().max() < 5e-2 * ref.abs().max()
+
+
 def test_the_exported_tokenizer_and_generation_config_load(tmp_path, tokenizer_path):
     run, _ = random_run(tmp_path, tokenizer_path, **CASES["neox"])
     out = export_run(run, tmp_path / "hf")
@@ -120,9 +133,11 @@ def test_what_no_native_class_computes_is_refused_before_writing(
     tmp_path, tokenizer_path, overrides, match
 ):
     run, _ = random_run(tmp_path, tokenizer_path, **overrides)
-    with pytest.raises(Unsupported, match=match):
+    with pytest.raises(Unsupported, match=match) as e:
         export_run(run, tmp_path / "hf")
+    assert "--format hf instead" in str(e.value)
     assert not (tmp_path / "hf").exists()
+    assert export_run(run, tmp_path / "factors", format="hf").exists()  # the way it suggests
 
 
 def test_export_never_writes_into_a_non_empty_directory(tmp_path, tokenizer_path):

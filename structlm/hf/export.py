@@ -25,7 +25,7 @@ from structlm.checkpoint import find_latest, load_model
 from structlm.config import LinearSpec, RunConfig, load_run_config, to_dict
 from structlm.data import EOT_CANDIDATES, load_tokenizer, run_tokenizer_path
 from structlm.flops import param_groups
-from structlm.hf.families import family_for, hf_config, to_hf
+from structlm.hf.families import Unsupported, family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
 from structlm.linear.registry import DENSE
 
@@ -77,7 +77,11 @@ def export_run(
     if format == "hf":
         return _export_factors(_transformers(), model, cfg, run_dir, out, dtype, check_tokens)
     dense_cfg = dataclasses.replace(cfg.model, ffn=LinearSpec())
-    family = family_for(dense_cfg)  # refuses what no native class computes, before any work
+    try:
+        family = family_for(dense_cfg)  # refuses what no native class computes, before any work
+    except Unsupported as e:
+        raise Unsupported(f"--format hf-merged: {e}. Export with --format hf instead (the "
+                          "model's own code, loaded with trust_remote_code=True)") from None
     T = _transformers()
     merged = merge_linears(model).float().eval()
     hf_model = _build(T, family, dense_cfg, merged.state_dict(), run_tokenizer_path(run_dir))
