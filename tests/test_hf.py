@@ -71,6 +71,14 @@ def random_run(tmp_path, tokenizer_path, **overrides):
     return run, model.eval()
 
 
+@torch.no_grad()
+def same_greedy(model, hf, prompt, n: int = 32):
+    """structlm and transformers continue `prompt` greedily with the same n tokens."""
+    ours = model.generate(prompt, n, temperature=0)
+    assert torch.equal(ours, hf.generate(prompt, max_new_tokens=n, do_sample=False,
+                                         min_new_tokens=n))
+
+
 def close(got, ref):
     """fp32: within 1e-4 of the logits' scale."""
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
@@ -85,9 +93,7 @@ def test_export_then_transformers_then_import_is_exact(case, tmp_path, tokenizer
     with torch.no_grad():
         ref = model(idx)[0]
         close(hf(idx).logits, ref)
-        ours = model.generate(idx[:1, :8], 32, temperature=0)
-        theirs = hf.generate(idx[:1, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert torch.equal(ours, theirs)
+    same_greedy(model, hf, idx[:1, :8])
     if model.cfg.bias and model.cfg.ffn.kind == "dense":  # no zero biases added, nothing merged
         assert hf.num_parameters() == sum(p.numel() for p in model.parameters())
     back = import_hf(out, tmp_path / "back")
@@ -293,11 +299,8 @@ def test_factor_export_loads_with_remote_code_and_matches(case, tmp_path, tokeni
     assert hf.num_parameters() == sum(p.numel() for p in model.parameters())  # the factors
     idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = model(idx)[0]
-        close(hf(idx).logits, ref)
-        ours = model.generate(idx[:1, :8], 32, temperature=0)
-        theirs = hf.generate(idx[:1, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert torch.equal(ours, theirs)  # one-token steps: the cache and the merged matrices
+        close(hf(idx).logits, model(idx)[0])
+    same_greedy(model, hf, idx[:1, :8])  # one-token steps: the cache and the merged matrices
 
 
 def test_factor_export_handles_a_left_padded_batch(tmp_path, tokenizer_path):

@@ -85,15 +85,25 @@ def export_run(
     T = _transformers()
     merged = merge_linears(model).float().eval()
     hf_model = _build(T, family, dense_cfg, merged.state_dict(), run_tokenizer_path(run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         hf_model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         _write_tokenizer(tmp, run_tokenizer_path(run_dir), cfg)
         (tmp / "README.md").write_text(model_card(cfg, run_dir, family, dtype))
         check_parity(T, tmp, model, dense_cfg, check_tokens, dtype)
+
+    return publish(out, write)
+
+
+def publish(out: Path, write) -> Path:
+    """Run write(tmp) in a temporary directory beside `out` (empty or absent), then rename it to
+    `out`: a failed or refused export leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
-            out.rmdir()  # empty (checked above)
+            out.rmdir()  # empty (checked by the caller)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,9 +120,8 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
     eos = _eos_id(tok_path)
     conf = StructlmConfig(structlm=to_dict(cfg.model), bos_token_id=eos, eos_token_id=eos,
                           architectures=["StructlmForCausalLM"], auto_map=AUTO_MAP)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         conf.save_pretrained(tmp)
         T.GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(tmp)
         for name in REMOTE_FILES:
@@ -122,12 +131,8 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
         _write_tokenizer(tmp, tok_path, cfg)
         (tmp / "README.md").write_text(model_card(cfg, run_dir, "structlm", dtype))
         check_parity(T, tmp, model, cfg.model, check_tokens, dtype, remote=True)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return publish(out, write)
 
 
 def _build(T, family: str, cfg, sd: dict, tokenizer_path: Path):
