@@ -150,6 +150,8 @@ def cmd_eval(argv: list[str]) -> None:
     p.add_argument("--split", default="val", choices=["train", "val"],
                    help="split of --data / the run's data")
     p.add_argument("--batch_size", type=positive_int, default=8, help="sequences per forward")
+    p.add_argument("--seq_len", type=positive_int, default=None,
+                   help="window length (default: the run's training sequence length)")
     p.add_argument("--max_tokens", type=positive_float, default=None,
                    help="evaluate at most this many tokens")
     p.add_argument("--device", default="auto")
@@ -159,7 +161,7 @@ def cmd_eval(argv: list[str]) -> None:
     max_tokens = int(a.max_tokens) if a.max_tokens else None
     res = evaluate_run(a.run_dir, data=a.data, text=a.text, split=a.split,
                        batch_size=a.batch_size, max_tokens=max_tokens, device=a.device,
-                       dtype=a.dtype, progress=sys.stderr.isatty())
+                       dtype=a.dtype, progress=sys.stderr.isatty(), seq_len=a.seq_len)
     if a.json:
         print(json.dumps(res))
     else:

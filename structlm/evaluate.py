@@ -62,7 +62,7 @@ def evaluate(
 def evaluate_run(
     run_dir: str | Path, *, data: str | None = None, text: str | None = None, split: str = "val",
     batch_size: int = 8, max_tokens: int | None = None, device: str = "auto", dtype: str = "auto",
-    progress: bool = False,
+    progress: bool = False, seq_len: int | None = None,
 ) -> dict:
     """Loss and perplexity of a run's newest checkpoint (or one checkpoint directory) on `text` (a
     file, tokenized with the run's tokenizer), a prepared `data` directory, or the run's own data;
@@ -78,7 +78,9 @@ def evaluate_run(
                         "evaluate on data prepared with the run's tokenizer "
                         "(--data.tokenizer RUN/tokenizer.json)")
         tokens, source = load_tokens(data_dir, split), f"{data_dir} ({split})"
-    seq = cfg.seq_len
+    seq = seq_len or cfg.seq_len  # window length: the run's training length unless given
+    if not 0 < seq <= cfg.model.block_size:
+        raise ValueError(f"seq_len={seq} must be in 1..{cfg.model.block_size} (the context)")
     n_batches = -(-min(len(tokens) - 1, max_tokens or len(tokens)) // (seq * batch_size))
     res = evaluate(model, eval_batches(tokens, seq, batch_size, max_tokens), dev,
                    autocast_dtype(dev, dtype), progress=progress, total=n_batches)

@@ -48,6 +48,16 @@ def test_eval_on_val_split_and_on_text(trained):
     assert json.loads(r.stdout)["tokens"] > 0
 
 
+def test_eval_windows_of_another_length(trained):
+    """--seq_len: shorter windows than the training length (each scores fewer tokens of context),
+    and a length beyond the model's context is refused."""
+    full = json.loads(run("eval", str(trained / "run"), "--json").stdout)
+    short = json.loads(run("eval", str(trained / "run"), "--json", "--seq_len", "16").stdout)
+    assert short["tokens"] > 0 and short["loss"] != full["loss"]
+    r = run("eval", str(trained / "run"), "--seq_len", "100000", check=False)
+    assert r.returncode == 2 and "must be in 1.." in r.stderr
+
+
 def test_generate_streams_text(trained):
     r = run("generate", str(trained / "run"), "--prompt", "KING", "--max_new_tokens", "12",
             "--seed", "1")
