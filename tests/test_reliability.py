@@ -334,24 +334,35 @@ ROW_TIMING = ("tok_per_s", "ms_per_step")
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_resumes_to_the_uninterrupted_run(corpus, tmp_path):
-    """SIGKILL a tiny run at 20 random moments (imports, steps, checkpoint saves every step, the
+    """SIGKILL a tiny run at 20 random moments (start-up, steps, checkpoint saves every step, the
     final phase), rerunning after each: the same trajectory, weights, metrics rows and summary as
-    an uninterrupted run, and no temporary file left."""
-    kw = dict(max_steps=200, eval_interval=50, ckpt_interval=1)  # ~7 s of steps and saves
-    train(tiny_cfg(corpus, tmp_path / "ref", **kw))
-    cfg = tiny_cfg(corpus, tmp_path / "run", **kw)
-    (tmp_path / "run.json").write_text(json.dumps(to_dict(cfg)))
-    cmd = [sys.executable, "-m", "structlm", "train", "--config", str(tmp_path / "run.json")]
+    an uninterrupted run, and no temporary file left. The kill times are scaled to this machine:
+    an uninterrupted run (the reference) and a rerun of it (start-up only) are timed first."""
+    kw = dict(max_steps=200, eval_interval=50, ckpt_interval=1)
+    cmds = {}
+    for name in ("ref", "run"):
+        cfg = tiny_cfg(corpus, tmp_path / name, **kw)
+        (tmp_path / f"{name}.json").write_text(json.dumps(to_dict(cfg)))
+        cmds[name] = [sys.executable, "-m", "structlm", "train", "--config",
+                      str(tmp_path / f"{name}.json")]
+    t0 = time.time()
+    subprocess.run(cmds["ref"], check=True, capture_output=True)
+    t1 = time.time()
+    subprocess.run(cmds["ref"], check=True, capture_output=True)  # finished: start-up only
+    startup, work = time.time() - t1, max(t1 - t0 - (time.time() - t1), 1.0)
+    cmd = cmds["run"]
     rng, kills, start = random.Random(1005), 0, time.time()
     while kills < 20 and time.time() - start < 600:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(2.0, 4.0))  # start-up takes ~2.7 s here; then steps, saves, the end
+        # start-up, then about 1/20 of the work on average: the kills spread over the whole run
+        time.sleep(startup * rng.uniform(0.7, 1.0) + rng.uniform(0.0, work / 10))
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
             break
         proc.kill()
         proc.wait()
         kills += 1
+    print(f"{kills} kills landed (start-up {startup:.1f} s, work {work:.1f} s)")
     assert kills >= 10, f"only {kills} kills landed"
     subprocess.run(cmd, check=True, capture_output=True)
     untimed_rows = lambda run: [{k: v for k, v in r.items() if k not in ROW_TIMING}  # noqa: E731
