@@ -19,6 +19,7 @@ from structlm.data import encode_text_file, load_tokenizer, run_tokenizer_path
 from structlm.hf.importer import import_hf
 from structlm.linear.registry import choose_hparams
 from structlm.linear.structure import structure
+from structlm.utils import publish_dir, require_empty
 
 DENSE_FILE = "dense_ffn.safetensors"  # the replaced dense FFN weights, by layer name
 CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activation-aware)
@@ -32,8 +33,7 @@ def convert_run(
     `kind` at `fraction` of the dense FFN's parameters (the paper's rule for the whole FFN, so fc1
     and fc2 share one spec). Returns (out_dir, the per-layer report)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+    require_empty(out)
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(source)
         if (run / "config.json").exists() and "model_type" in json.loads(
@@ -51,8 +51,16 @@ def convert_run(
         dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
         new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
         new.train.out_dir = str(out)
-        _write(out, model, new, run_tokenizer_path(run), str(Path(source).resolve()), report)
-        save_file(dense, str(out / DENSE_FILE))  # the guides of guided healing (guide_init=dense)
+        tokenizer, origin = run_tokenizer_path(run), str(Path(source).resolve())
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            checkpoint.save(tmp, model, None, new, 0, {"imported_from": origin})
+            save_json(new, str(tmp / "config.json"))
+            (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
+            save_file(dense, str(tmp / DENSE_FILE))  # the guides of guided healing
+
+        publish_dir(out, write, "convert")
     return out, report
 
 
@@ -62,21 +70,6 @@ def _calib_ids(path: str, run: Path, block_size: int) -> torch.Tensor:
         raise ValueError(f"--calib {path}: only {len(ids)} tokens; give a few thousand")
     n = len(ids) // block_size * block_size or len(ids)
     return torch.as_tensor(ids[:n].astype("int64")).view(-1, min(block_size, n))
-
-
-def _write(out: Path, model, cfg: RunConfig, tokenizer: Path, source: str, report) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": source})
-        save_json(cfg, str(tmp / "config.json"))
-        (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dense_guides(run: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,9 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,27 @@ def atomic_write_text(path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def require_empty(out: Path) -> None:
+    """Refuse to write into a directory that holds something: nothing a user made is overwritten."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+
+
+def publish_dir(out: Path, write, what: str = "write") -> Path:
+    """Run write(tmp) in a temporary directory beside `out` (empty or absent), then rename it to
+    `out`: a failed or refused write leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()  # empty: callers check with require_empty first
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def json_safe(obj):

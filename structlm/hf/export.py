@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from structlm.flops import param_groups
 from structlm.hf.families import Unsupported, family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
 from structlm.linear.registry import DENSE
+from structlm.utils import publish_dir, require_empty
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REMOTE_FILES = ("configuration_structlm.py", "modeling_structlm.py")
@@ -71,8 +71,7 @@ def export_run(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+    require_empty(out)
     model, cfg = load_model(run_dir)
     if format == "hf":
         return _export_factors(_transformers(), model, cfg, run_dir, out, dtype, check_tokens)
@@ -92,22 +91,7 @@ def export_run(
         (tmp / "README.md").write_text(model_card(cfg, run_dir, family, dtype))
         check_parity(T, tmp, model, dense_cfg, check_tokens, dtype)
 
-    return publish(out, write)
-
-
-def publish(out: Path, write) -> Path:
-    """Run write(tmp) in a temporary directory beside `out` (empty or absent), then rename it to
-    `out`: a failed or refused export leaves nothing behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked by the caller)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return publish_dir(out, write, "export")
 
 
 def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
@@ -132,7 +116,7 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
         (tmp / "README.md").write_text(model_card(cfg, run_dir, "structlm", dtype))
         check_parity(T, tmp, model, cfg.model, check_tokens, dtype, remote=True)
 
-    return publish(out, write)
+    return publish_dir(out, write, "export")
 
 
 def _build(T, family: str, cfg, sd: dict, tokenizer_path: Path):

@@ -22,6 +22,7 @@ from structlm import checkpoint
 from structlm.config import ModelConfig, RunConfig, save_json
 from structlm.hf.families import GELU_NAMES, Unsupported, from_hf
 from structlm.model import GPT
+from structlm.utils import publish_dir, require_empty
 
 FAMILIES = {"llama": "llama", "gpt2": "gpt2", "gpt_neox": "gpt_neox"}  # model_type -> family
 
@@ -191,8 +192,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a structlm run directory (config.json, tokenizer.json, checkpoints/step_0000000) for
     a local transformers checkpoint; refuses to write into a non-empty directory."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another directory")
+    require_empty(out)
     gguf = gguf_file(hf_dir)
     tok_dir = Path(tempfile.mkdtemp(prefix="structlm-tokenizer-")) if gguf else hf_dir
     try:
@@ -217,17 +217,12 @@ def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_di
     cfg = RunConfig(model=model_cfg)
     cfg.data.tokenizer = str(out / "tokenizer.json")
     cfg.train.out_dir = str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tok_dir / name).exists():  # the chat template lives in tokenizer_config.json
                 shutil.copyfile(tok_dir / name, tmp / name)
         checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": str(hf_dir.resolve())})
         save_json(cfg, str(tmp / "config.json"))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return publish_dir(out, write, "import")

@@ -167,9 +167,11 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         loss = forward_backward(model, raw, data.train, plan.data_step(step), step, phase, t,
                                 world, accum, amp)
         gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip or math.inf)
-        # the mean over ranks, so every rank checks and logs the same number (one device sync)
-        step_loss = distributed.mean_(loss, world).item() / accum
-        check_finite(step_loss, gnorm.item(), step, resume, world, amp)  # before the update
+        # the loss's mean over ranks, so every rank checks and logs the same numbers; one sync
+        both = torch.stack([distributed.mean_(loss, world).double(), gnorm.double()])
+        step_loss, gnorm = both.tolist()
+        step_loss /= accum
+        check_finite(step_loss, gnorm, step, resume, world, amp)  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -178,7 +180,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         tally.add(step_loss)
         if done % t.log_interval == 0 or done == steps:
             train_loss, dt, n = tally.flush()
-            log.train(done, train_loss, lr, gnorm.item(), done * tokens_per_step,
+            log.train(done, train_loss, lr, gnorm, done * tokens_per_step,
                       n * tokens_per_step / dt, 1e3 * dt / n)
         log.advance()
         is_eval = t.eval_interval > 0 and done % t.eval_interval == 0 and done < steps
