@@ -404,7 +404,7 @@ def cmd_convert(argv: list[str]) -> None:
     p.add_argument("--fraction", type=positive_float, default=0.32,
                    help="share of the dense FFN parameters to keep (paper: 0.63, 0.32)")
     p.add_argument("--calib", default=None,
-                   help="a text file: activation-aware projection (lowrank) on its first tokens")
+                   help="a text file: activation-aware projection on its first tokens")
     a = p.parse_args(argv)
     out, report = convert_run(a.source, a.out_dir, a.kind, a.fraction, a.calib)
     before = sum(r["params_before"] for r in report)

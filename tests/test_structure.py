@@ -71,18 +71,50 @@ def test_blockdense_error_is_the_per_block_tail_energy():
     assert (layer.to_dense() - w).norm().item() == pytest.approx(tail.sqrt().item(), rel=1e-10)
 
 
-def test_activation_aware_projection_lowers_the_weighted_error():
+def _correlated_cov(n: int, seed: int = 3) -> torch.Tensor:
+    """The covariance of correlated inputs with uneven scales, as a real layer's are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(
+        0, -2, n, dtype=torch.float64)
+    x = torch.randn(2000, n, generator=g, dtype=torch.float64) @ mix
+    return x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_activation_aware_projection_lowers_the_weighted_error(name, shape):
     torch.manual_seed(3)
-    w = torch.randn(32, 24, dtype=torch.float64)
-    mix = torch.randn(24, 24, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
-    x = torch.randn(2000, 24, dtype=torch.float64) @ mix  # correlated, uneven inputs
-    cov = x.T @ x / x.shape[0]
-    plain = build_linear(LinearSpec("lowrank", rank=6), 24, 32, bias=False, dtype=torch.float64)
-    aware = build_linear(LinearSpec("lowrank", rank=6), 24, 32, bias=False, dtype=torch.float64)
+    d_in, d_out = shape
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    cov = _correlated_cov(d_in)
+    plain = build_linear(SPECS[name], d_in, d_out, bias=False, dtype=torch.float64)
+    aware = build_linear(SPECS[name], d_in, d_out, bias=False, dtype=torch.float64)
     project_(plain, w)
     project_(aware, w, cov)
     assert weighted_error(w, aware.to_dense(), cov) < 0.9 * weighted_error(w, plain.to_dense(), cov)
     assert err(aware, w) > err(plain, w)  # it traded the plain error for the weighted one
+
+
+@pytest.mark.parametrize("name", ["blockshuffle-4", "blockdense"])
+def test_weighted_refinement_is_monotone_and_exact_on_representable_matrices(name):
+    from structlm.linear.factors import weighted_refine
+
+    torch.manual_seed(4)
+    cov = _correlated_cov(24)
+    truth = build_linear(SPECS[name], 24, 48, bias=False, dtype=torch.float64)
+    for p in truth.parameters():
+        p.data.normal_()
+    fresh = build_linear(SPECS[name], 24, 48, bias=False, dtype=torch.float64)
+    project_(fresh, truth.to_dense(), cov)
+    assert err(fresh, truth.to_dense()) < 1e-9
+    # BlockDense as A @ blockdiag: the error after k sweeps never exceeds the error after k - 1
+    w = torch.randn(48, 24, dtype=torch.float64)
+    a0, b0 = torch.randn(48, 8, dtype=torch.float64), torch.randn(4, 2, 6, dtype=torch.float64)
+    groups = [(torch.arange(48), torch.arange(8))]
+    errors = [weighted_error(w, a @ torch.block_diag(*b), cov) for a, b in (
+        weighted_refine(w, cov, a0, groups, b0, sweeps=k, tol=0) for k in range(5))]
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 0.9 * errors[0]
 
 
 def _check_converted(model, report, before: int, x):
@@ -141,9 +173,6 @@ def test_structure_refuses_what_it_cannot_do():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(ValueError, match="no nn.Linear matches"):
         structure(model, 0.5)
-    with pytest.raises(ValueError, match="calib.*lowrank"):
-        layer = build_linear(SPECS["blockdense"], 24, 48, bias=False, dtype=torch.float64)
-        project_(layer, torch.randn(48, 24, dtype=torch.float64), torch.eye(24))
 
 
 def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):

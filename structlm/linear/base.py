@@ -91,11 +91,6 @@ class StructuredLinear(nn.Module):
         raise ValueError(f"kind {self.kind!r} has no projection from dense weights; structure "
                          "with init='paper' (its own initialisation)")
 
-    def _no_weighted(self, cov: Tensor | None) -> None:
-        if cov is not None:
-            raise ValueError(f"activation-aware projection (calib) is implemented for lowrank, "
-                             f"not {self.kind}; project {self.kind} without calib")
-
     @torch.no_grad()
     def paper_guide_init(self) -> Tensor:
         """The dense guide the reference code started self-guided training from (d_out, d_in):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.factors import dense_weights, polar_, rank_step
+from structlm.linear.factors import dense_weights, polar_, rank_step, weighted_refine
 from structlm.linear.kernels import block_diag_matmul
 
 
@@ -117,8 +117,8 @@ class BlockDenseLinear(StructuredLinear):
         """W ~ up @ blockdiag(blkdiag) splits by input block: columns k of the product are
         up[:, block k] @ blkdiag[k], and those columns of `up` serve no other block. So each
         block's truncated SVD of W[:, block k] is the Frobenius optimum (Eckart-Young per block),
-        exact when W has this structure."""
-        self._no_weighted(cov)
+        exact when W has this structure. With `cov`, that optimum is refined by weighted
+        alternating least squares (`weighted_refine`)."""
         nb, r, p = self.blkdiag.shape
         ups, blocks = [], []
         for k in range(nb):
@@ -126,5 +126,9 @@ class BlockDenseLinear(StructuredLinear):
             root = s[:r].sqrt()
             ups.append(u[:, :r] * root)  # (M, r)
             blocks.append(root[:, None] * vh[:r])  # (r, p)
-        self.up.copy_(torch.cat(ups, dim=1))
-        self.blkdiag.copy_(torch.stack(blocks))
+        up, blkdiag = torch.cat(ups, dim=1), torch.stack(blocks)
+        if cov is not None:
+            everything = [(torch.arange(self.d_out), torch.arange(self.rank))]  # `up` is dense
+            up, blkdiag = weighted_refine(w, cov, up, everything, blkdiag)
+        self.up.copy_(up)
+        self.blkdiag.copy_(blkdiag)

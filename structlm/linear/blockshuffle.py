@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.factors import dense_weights, polar_
+from structlm.linear.factors import dense_weights, polar_, weighted_refine
 from structlm.linear.kernels import block_diag_matmul, transpose_within_rows
 
 
@@ -142,8 +142,8 @@ class BlockShuffleLinear(StructuredLinear):
         """W[i*B + j, k*p + c] = sum over t' of blkdiag2[j][i, t'] blkdiag1[k][t, c] with
         t'*B + j = k*q + t: each (output block j, input block k) sub-matrix is a rank-|T_jk|
         product of columns and rows no other pair uses, so its truncated SVD is the Frobenius
-        optimum (any shape, square or not)."""
-        self._no_weighted(cov)
+        optimum (any shape, square or not). With `cov`, that optimum is refined by weighted
+        alternating least squares (`weighted_refine`)."""
         nb, q, p = self.blkdiag1.shape
         b1 = torch.zeros(self.blkdiag1.shape, dtype=w.dtype)
         b2 = torch.zeros(self.blkdiag2.shape, dtype=w.dtype)
@@ -158,5 +158,20 @@ class BlockShuffleLinear(StructuredLinear):
                 root = sv[:len(t2)].sqrt()
                 b2[j][:, t2] = u[:, :len(t2)] * root
                 b1[k][t1, :] = root[:, None] * vh[:len(t2)]
+        if cov is not None:
+            b1, b2 = self._weighted(w, cov, b1, b2)
         self.blkdiag1.copy_(b1)
         self.blkdiag2.copy_(b2)
+
+    def _weighted(self, w: Tensor, cov: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
+        """The projection as W^ = A @ blockdiag(b1), A[i*B + j, t*B + j] = b2[j][i, t] (the
+        shuffle folded into A's sparsity: output block j reads intermediates j, j+B, ...),
+        refined in the weighted norm and unfolded again."""
+        nb, o, q = b2.shape
+        a = torch.zeros(self.d_out, nb * q, dtype=w.dtype)
+        groups = [(torch.arange(j, self.d_out, nb), torch.arange(j, nb * q, nb))
+                  for j in range(nb)]
+        for j, (rows, cols) in enumerate(groups):
+            a[rows[:, None], cols] = b2[j]
+        a, b1 = weighted_refine(w, cov, a, groups, b1)
+        return b1, torch.stack([a[rows[:, None], cols] for rows, cols in groups])

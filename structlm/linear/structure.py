@@ -10,8 +10,10 @@ Projections (each the best approximation its structure allows, in the Frobenius 
     blockdense    per input block, the truncated SVD of W's columns: `up`'s column slices serve
                   one block each, so the problem splits (optimal)
 
-With `calib` (token ids run through the model), LowRank minimises ||(W - W^) X|| instead: the SVD of
-W L with L the Cholesky factor of the layer's input covariance (as SVD-LLM does).
+With `calib` (token ids run through the model), every kind minimises ||(W - W^) X|| instead:
+LowRank by the SVD of W L with L the Cholesky factor of the layer's input covariance (as SVD-LLM
+does), the block kinds by weighted alternating least squares from the plain projection
+(`factors.weighted_refine`).
 """
 
 from __future__ import annotations
