@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +31,17 @@ from dataclasses import dataclass
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+from tqdm import tqdm
 
-from structlm.config import ModelConfig
-from structlm.flops import ffn_params, flops_per_token
+from structlm.config import ModelConfig, to_dict
+from structlm.flops import ffn_params, flops_per_token, param_groups
 from structlm.linear.base import StructuredLinear
 from structlm.linear.merge import cache_path, premerge, thresholds_for, unmerge
 from structlm.linear.registry import LinearSpec, build_linear, choose_hparams, linear_class
 from structlm.linear.registry import structured_kinds as registered_kinds
 from structlm.model import GPT, MLP
 from structlm.timing import context, median_ms, time_interleaved
-from structlm.utils import autocast, synchronize
+from structlm.utils import autocast, is_tty, synchronize
 
 # --- decoding -------------------------------------------------------------------------------------
 
@@ -364,6 +369,37 @@ def bench_maxbatch(
     return rows
 
 
+def bench_memory(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 4,
+    seq: int = 256, steps: int = 3, procs: int = 2,
+) -> list[dict]:
+    """Peak memory per rank and tokens/s of training steps, dense and structured, under ddp and
+    fsdp, without and with activation checkpointing: each variant its own `procs`-rank torchrun of
+    structlm.training.probe (`batch` sequences per rank), so peaks do not mix."""
+    rows = []
+    variants = [(k, p, ac) for k in ("dense", "structured") for p in ("ddp", "fsdp")
+                for ac in ("none", "block", "selective")]
+    for kind, parallel, ac in tqdm(variants, desc="bench memory", unit="run",
+                                   disable=not is_tty()):
+        c = dataclasses.replace(cfg, ffn=LinearSpec()) if kind == "dense" else cfg
+        job = {"model": to_dict(c), "parallel": parallel, "ac": ac, "batch": batch, "seq": seq,
+               "steps": steps, "device": device.type,
+               "dtype": "fp32" if dtype is None else "bf16"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(procs), "-m", "structlm.training.probe", json.dumps(job)]
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1)
+                                                                        // procs))})
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("PROBE ")), None)
+        if r.returncode or line is None:
+            raise RuntimeError(f"bench memory: {kind} {parallel} {ac} failed:\n{r.stderr[-2000:]}")
+        rows.append({"bench": "memory", **context(device, dtype), "variant": kind,
+                     "kind": c.ffn.kind, "parallel": parallel, "activation_checkpointing": ac,
+                     "ranks": procs, "batch_per_rank": batch, "seq": seq,
+                     "params": param_groups(c)["total"], **json.loads(line[6:])})
+    return rows
+
+
 def plot_rows(
     rows: list[dict], png: str, x: str, y: str, group: str, title: str, logx: bool = True,
     facet: str | None = None,
@@ -409,6 +445,7 @@ class BenchOptions:
     reps: int = 5
     max_batch: int = 4096  # maxbatch
     calibrate: bool = False  # decode: calibrate pre-merge first
+    procs: int = 2  # memory: ranks of each torchrun
     kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
 
 
@@ -486,6 +523,12 @@ BENCHMARKS: dict[str, Benchmark] = {
                                     32 if o.quick else 256, 32 if o.quick else 256,
                                     64 if o.quick else o.max_batch),
         ("variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit")),
+    "memory": Benchmark(
+        lambda o, m: bench_memory(quick_model(m) if o.quick else m, o.device, o.dtype,
+                                  o.batch or 4, 32 if o.quick else o.seq, 2 if o.quick else o.reps,
+                                  o.procs),
+        ("variant", "parallel", "activation_checkpointing", "params", "peak_mib",
+         "tokens_per_s"), plot=("params", "peak_mib", "parallel")),
     "crossover": Benchmark(
         _crossover, ("kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"),
         plot=("tokens", "speedup", "d_out"), facet="d_in", notes=_crossover_notes),

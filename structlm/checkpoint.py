@@ -4,8 +4,12 @@
         model.safetensors   weights of the unwrapped, uncompiled model
         state.pt            optimizer, step, RNG states, best val loss, data identity
         config.json         the run's RunConfig
-        manifest.json       sha256 + size of the three files above (written last)
+        manifest.json       sha256 + size of the files above (written last)
     run_dir/checkpoints/latest  the name of the newest complete checkpoint
+
+A sharded checkpoint (`--train.parallel fsdp`) holds `dcp/` (every rank's shards of the weights and
+the optimizer state, torch.distributed.checkpoint's format, loadable at any world size) instead of
+model.safetensors, and no optimizer in state.pt; everything else is the same.
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then does
 `latest` move (also by rename). A reader never sees a half-written checkpoint: a directory without a
@@ -33,6 +37,7 @@ from structlm.utils import atomic_write_text, file_sha256, fsync_path
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "state.pt", "config.json")
+SHARDED = "dcp"  # the folder of a sharded checkpoint's weights and optimizer state
 
 
 class CheckpointError(ValueError):
@@ -45,29 +50,76 @@ def save(
 ) -> Path:
     """Write checkpoint `step` atomically and keep the newest `keep_last`; returns its directory.
     A save that fails (disk full, permissions) leaves the previous checkpoints as they were."""
+    root, final, tmp = begin(run_dir, step)
+    try:
+        _write(tmp, model, optimizer, cfg, step, state)
+    except OSError as e:
+        _failed(tmp, final, e)
+    return publish(root, final, tmp, keep_last)
+
+
+def save_sharded(
+    run_dir: str | Path, write_shards, cfg: RunConfig, step: int, state: dict, keep_last: int,
+    master: bool, barrier,
+) -> Path:
+    """Collective: the sharded form of `save`. Rank 0 prepares the temporary directory, every rank
+    writes its shards (`write_shards(folder)`), then rank 0 adds state.pt, config.json and the
+    manifest and publishes it as `save` does. Killed anywhere before the rename, the previous
+    checkpoint stays the one that loads."""
+    root, final, tmp = begin(run_dir, step) if master else _paths(run_dir, step)
+    barrier()
+    write_shards(tmp / SHARDED)
+    barrier()
+    if master:
+        try:
+            _write(tmp, None, None, cfg, step, {**state, "sharded": True})
+        except OSError as e:
+            _failed(tmp, final, e)
+        publish(root, final, tmp, keep_last)
+    barrier()
+    return final
+
+
+def _paths(run_dir: str | Path, step: int) -> tuple[Path, Path, Path]:
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:07d}"
-    final, tmp, old = root / name, root / f".tmp_{name}", root / f".old_{name}"
+    return root, root / name, root / f".tmp_{name}"
+
+
+def begin(run_dir: str | Path, step: int) -> tuple[Path, Path, Path]:
+    """(checkpoints folder, final directory, a fresh temporary directory) for checkpoint `step`;
+    what a killed save left there is removed first."""
+    root, final, tmp = _paths(run_dir, step)
+    old = root / f".old_{final.name}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in (tmp, old):  # of a save that was killed; never a complete checkpoint
             if leftover.exists():
                 shutil.rmtree(leftover)
         tmp.mkdir()
-        _write(tmp, model, optimizer, cfg, step, state)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({e}); the earlier checkpoints in {root} are "
-            "intact. Free disk space (or fix the directory's permissions) and resume"
-        ) from None
+        _failed(tmp, final, e)
+    return root, final, tmp
+
+
+def _failed(tmp: Path, final: Path, e: OSError):
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"could not write checkpoint {final} ({e}); the earlier checkpoints in {final.parent} "
+        "are intact. Free disk space (or fix the directory's permissions) and resume"
+    ) from None
+
+
+def publish(root: Path, final: Path, tmp: Path, keep_last: int) -> Path:
+    """Rename the complete `tmp` into place, point `latest` at it, drop all but `keep_last`."""
+    old = root / f".old_{final.name}"
     if final.exists():  # the same step saved again: move the old copy aside, delete it afterwards
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_path(root)
     if old.exists():
         shutil.rmtree(old)
-    atomic_write_text(root / "latest", name)
+    atomic_write_text(root / "latest", final.name)
     for stale in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(stale)
     return final
@@ -77,8 +129,10 @@ def _write(
     tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, cfg: RunConfig,
     step: int, state: dict,
 ) -> None:
-    """The checkpoint's files into `tmp`, fsynced, the manifest last."""
-    save_model(model, str(tmp / "model.safetensors"))
+    """The checkpoint's files into `tmp`, fsynced, the manifest last (`model` None: the weights are
+    already in tmp/dcp)."""
+    if model is not None:
+        save_model(model, str(tmp / "model.safetensors"))
     full_state = {
         "version": FORMAT_VERSION,
         "step": step,
@@ -91,9 +145,12 @@ def _write(
     torch.save(full_state, tmp / "state.pt")
     save_json(cfg, str(tmp / "config.json"))
     manifest = {"version": FORMAT_VERSION, "step": step, "files": {}}
-    for f in FILES:
-        fsync_path(tmp / f)
-        manifest["files"][f] = {"sha256": file_sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+    for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
+        f = p.relative_to(tmp).as_posix()
+        fsync_path(p)
+        manifest["files"][f] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    if (tmp / SHARDED).is_dir():
+        fsync_path(tmp / SHARDED)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     fsync_path(tmp / "manifest.json")
     fsync_path(tmp)
@@ -125,8 +182,9 @@ def verify(ckpt: Path) -> None:
         raise CheckpointError(
             f"checkpoint {ckpt} has an unreadable manifest {man_path} ({type(e).__name__}: {e})"
         ) from None
-    if {p.name for p, _, _ in entries} != set(FILES):
-        raise CheckpointError(f"checkpoint manifest {man_path} does not list {list(FILES)}")
+    if not _complete({p.relative_to(ckpt).as_posix() for p, _, _ in entries}):
+        raise CheckpointError(f"checkpoint manifest {man_path} does not list {list(FILES)} (or "
+                              f"state.pt, config.json and {SHARDED}/.metadata)")
     for p, size, sha in entries:
         if not p.exists() or p.stat().st_size != size or file_sha256(p) != sha:
             raise CheckpointError(
@@ -134,6 +192,17 @@ def verify(ckpt: Path) -> None:
                 "(does not match manifest.json); "
                 "delete this checkpoint directory to fall back to an earlier one"
             )
+
+
+def _complete(names: set[str]) -> bool:
+    """The manifest of a single-file or of a sharded checkpoint."""
+    return names == set(FILES) or (
+        {"state.pt", "config.json", f"{SHARDED}/.metadata"} <= names
+        and all(n in ("state.pt", "config.json") or n.startswith(f"{SHARDED}/") for n in names))
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDED).is_dir()
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
@@ -170,7 +239,10 @@ def load_state(ckpt: Path, verified: bool = False) -> dict:
 
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Load weights strictly; shape or name mismatches are refused with the checkpoint named."""
+    """Load weights strictly (into an unsharded model; from a single-file or a sharded
+    checkpoint); shape or name mismatches are refused with the checkpoint named."""
+    if is_sharded(ckpt):
+        return _load_sharded_weights(model, ckpt)
     try:
         missing, unexpected = load_safetensors(model, str(ckpt / "model.safetensors"),
                                                strict=False)
@@ -181,6 +253,28 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
             f"checkpoint {ckpt} does not fit this model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def _load_sharded_weights(model: nn.Module, ckpt: Path) -> None:
+    from structlm.training.sharded import dcp_model_keys, load_dcp
+
+    have, want = dcp_model_keys(ckpt / SHARDED), set(model.state_dict())
+    if have != want:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit this model: missing {sorted(want - have)[:5]}, "
+            f"unexpected {sorted(have - want)[:5]}"
+        )
+    load_dcp(ckpt / SHARDED, model, None)
+
+
+def weight_names(ckpt: Path) -> set[str]:
+    """The names of a checkpoint's weights, read from its header or metadata only."""
+    if is_sharded(ckpt):
+        from structlm.training.sharded import dcp_model_keys
+
+        return dcp_model_keys(ckpt / SHARDED)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        return set(f.keys())
 
 
 def config_diff(a: RunConfig, b: RunConfig, paths=("model", "data", "optim")) -> list[str]:
@@ -222,13 +316,12 @@ def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
             f"{path} holds no complete checkpoint; train it first (structlm train)"
         )
     cfg = load_run_config(str(ckpt / "config.json"))
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        if any(k.endswith(".guide") for k in f.keys()):  # noqa: SIM118 (safe_open has no __iter__)
-            raise CheckpointError(
-                f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed "
-                "in); evaluate or serve a checkpoint from after the guided steps, or finish "
-                "training first"
-            )
+    if any(k.endswith(".guide") for k in weight_names(ckpt)):
+        raise CheckpointError(
+            f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed "
+            "in); evaluate or serve a checkpoint from after the guided steps, or finish "
+            "training first"
+        )
     model = GPT(cfg.model)
     load_weights(model, ckpt)
     if device is not None:

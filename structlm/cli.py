@@ -234,6 +234,7 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true",
                    help="decode: calibrate pre-merge thresholds first")
+    p.add_argument("--procs", type=int, default=2, help="memory: ranks of each torchrun")
     return p
 
 
@@ -254,7 +255,7 @@ def cmd_bench(argv: list[str]) -> None:
         device, autocast_dtype(device, ns.dtype), quick=ns.quick, backward=ns.backward,
         compile=ns.compile, widths=ints(ns.widths), tokens=ints(ns.tokens), batch=ns.batch,
         seq=ns.seq, prompt=ns.prompt, gen=ns.gen, reps=ns.reps, max_batch=ns.max_batch,
-        calibrate=ns.calibrate, kinds=tuple(ns.kinds) if ns.kinds else None,
+        calibrate=ns.calibrate, kinds=tuple(ns.kinds) if ns.kinds else None, procs=ns.procs,
     )
     bench = BENCHMARKS[sub]
     rows = bench.run(opts, cfg.model)

@@ -256,8 +256,14 @@ class TrainConfig:
     seed: int = 1005  # seed of init, data order and dropout
     # auto = bf16 autocast where the hardware is fast at it
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block (once, shared by all blocks' code)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps ...
+    # ddp: every rank holds the whole model, gradients and AdamW state; fsdp: FSDP2 shards them
+    # per transformer block (and saves sharded checkpoints that resume at any world size)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # recompute activations in the backward instead of keeping them: none, every block's
+    # (block), or all but the matmul outputs (selective)
+    activation_checkpointing: Literal["none", "block", "selective"] = "none"
     tensorboard: bool = False  # also write TensorBoard events to out_dir/tb
     # start from these weights (a structlm run or checkpoint, or a Hugging Face model directory):
     # a new run with a fresh optimizer and schedule, unlike --resume

@@ -207,3 +207,28 @@ def test_ddp_two_processes_match_one(corpus, tmp_path):
     assert len(a) == len(b) == 6
     for ra, rb in zip(a, b, strict=True):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-4), (ra, rb)
+
+
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_activation_checkpointing_recomputes_the_same_numbers(corpus, tmp_path, mode):
+    """Recomputing activations in the backward changes memory, not the trajectory (fp32)."""
+    cfg = tiny_cfg(corpus, tmp_path / "none", max_steps=4, eval_interval=0)
+    cfg.model.ffn = LinearSpec("blockdense", rank=16, nblocks=2)
+    train(cfg, progress=False)
+    cfg.train.out_dir, cfg.train.activation_checkpointing = str(tmp_path / mode), mode
+    train(cfg, progress=False)
+    for a, b in zip(train_rows(tmp_path / "none"), train_rows(tmp_path / mode), strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-6) and math.isclose(
+            a["gnorm"], b["gnorm"], rel_tol=1e-5), (a, b)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_follow_the_eager_run(corpus, tmp_path):
+    """--train.compile compiles each block (torch.compile, inductor): same losses as eager."""
+    cfg = tiny_cfg(corpus, tmp_path / "eager", max_steps=3, eval_interval=0)
+    train(cfg, progress=False)
+    cfg.train.out_dir, cfg.train.compile = str(tmp_path / "compiled"), True
+    train(cfg, progress=False)
+    for a, b in zip(train_rows(tmp_path / "eager"), train_rows(tmp_path / "compiled"),
+                    strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)

@@ -15,7 +15,6 @@ read the same rows. Only rank 0 logs and writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -33,7 +32,7 @@ from structlm.data import Batches, eval_batches
 from structlm.evaluate import evaluate_sums
 from structlm.flops import flops_per_token, param_groups
 from structlm.model import GPT
-from structlm.training import distributed
+from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.inputs import RunData, load_run_data
 from structlm.training.metrics import MetricsLog, plot_losses
@@ -148,8 +147,9 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     phase = GuidePhase(plan, t.sgt, t.seed)
     fresh_dense = t.sgt.guide_init == "dense" and resume.ckpt is None
     phase.enter(raw, resume.step, dense_guides(t.init_from) if fresh_dense else None)
+    raw = distributed.prepare(raw, world, t, amp)  # memory levers; FSDP2 shards it in place
     optimizer = make_optimizer(raw, cfg.optim)
-    restore(resume, raw, optimizer, cfg.optim, world.device)
+    restore(resume, raw, optimizer, cfg.optim, world)
     tally = Tally.from_state(resume.state)
     if world.master:
         start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
@@ -157,7 +157,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
             announce(cfg, plan, world, amp)
     log = MetricsLog(resume.out, enabled=world.master, steps=steps, start=resume.step,
                      progress=progress, tensorboard=t.tensorboard)
-    model = distributed.wrap(raw, world, find_unused=phase.active, compile=t.compile)
+    model = distributed.wrap(raw, world, t.parallel, find_unused=phase.active)
 
     model.train()
     tally.start()
@@ -166,7 +166,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         set_lr(optimizer, lr)
         loss = forward_backward(model, raw, data.train, plan.data_step(step), step, phase, t,
                                 world, accum, amp)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip or math.inf)
+        gnorm = distributed.full(
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip or math.inf))
         # the loss's mean over ranks, so every rank checks and logs the same numbers; one sync
         both = torch.stack([distributed.mean_(loss, world).double(), gnorm.double()])
         step_loss, gnorm = both.tolist()
@@ -175,8 +176,9 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if phase.leave_if_done(raw, optimizer, done):  # alpha is 0 from here: guides removed
-            model = distributed.wrap(raw, world, find_unused=False, compile=t.compile)
+        if phase.due(done):  # alpha is 0 from here: guides and their AdamW state removed
+            raw, optimizer = leave_guided(raw, optimizer, phase, cfg, world, amp)
+            model = distributed.wrap(raw, world, t.parallel, find_unused=False)
         tally.add(step_loss)
         if done % t.log_interval == 0 or done == steps:
             train_loss, dt, n = tally.flush()
@@ -194,6 +196,20 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     log.close_bar()
     tally.stop()
     return finish(raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
+
+
+def leave_guided(
+    raw: nn.Module, optimizer: torch.optim.Optimizer, phase: GuidePhase, cfg: RunConfig,
+    world: World, amp: torch.dtype | None,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and optimizer without guides: unwrapped in place, or (FSDP2, whose parameter
+    groups are fixed at sharding) rebuilt and re-sharded with the factors' state carried over."""
+    if not distributed.is_sharded(raw):
+        phase.leave(raw, optimizer)
+        return raw, optimizer
+    phase.active = False
+    return sharded.leave_guided(raw, optimizer, cfg,
+                                lambda m: distributed.prepare(m, world, cfg.train, amp))
 
 
 def finish(
@@ -271,8 +287,8 @@ def forward_backward(
         row = world.rank * per_rank + micro * t.micro_batch_size
         x, y = batches.rows(data_step, row, t.micro_batch_size)
         x, y = x.to(world.device), y.to(world.device)
-        sync = not world.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(world.device, amp):
+        sync = micro == accum - 1  # reduce gradients across ranks on the last micro-step only
+        with distributed.grad_sync(model, world, sync), autocast(world.device, amp):
             _, loss = model(x, y)
         # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
         (loss / accum).backward()
@@ -285,24 +301,54 @@ def val_loss(
     amp: torch.dtype | None, max_tokens: int | None,
 ) -> float:
     """Mean validation loss over `max_tokens` tokens (all when None), each rank a share of the
-    batches. The raw model: no DDP collectives in eval, so ranks with fewer batches cannot hang."""
+    batches. The raw model: no DDP collectives in eval, so ranks with fewer batches cannot hang;
+    a sharded model gathers its weights in every forward, so there every rank runs as many
+    forwards (the short ranks' last ones on a batch they do not count)."""
     phase.before_eval(raw, step)
     batches = eval_batches(data.val, cfg.seq_len, cfg.train.micro_batch_size, max_tokens)
-    s, n = evaluate_sums(raw, islice(batches, world.rank, None, world.size), world.device, amp)
+    if distributed.is_sharded(raw):
+        s, n = sharded_eval_sums(raw, batches, world, amp)
+    else:
+        s, n = evaluate_sums(raw, islice(batches, world.rank, None, world.size), world.device, amp)
     s, n = distributed.sum_([s, n], world)
     return s / max(n, 1)
+
+
+@torch.no_grad()
+def sharded_eval_sums(
+    model: nn.Module, batches, world: World, amp: torch.dtype | None
+) -> tuple[float, int]:
+    """evaluate_sums for a sharded model: batches dealt round-robin, every rank one forward per
+    round."""
+    model.eval()
+    s, n, it = 0.0, 0, iter(batches)
+    while group := list(islice(it, world.size)):
+        x, y = group[min(world.rank, len(group) - 1)]
+        with autocast(world.device, amp):
+            _, loss = model(x.to(world.device), y.to(world.device))
+        if world.rank < len(group):
+            s, n = s + loss.item() * y.numel(), n + y.numel()
+    model.train()
+    return s, n
 
 
 def save(
     raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int, tally: Tally,
     data: RunData, plan: SGTPlan, world: World, log: MetricsLog, resume: Resume,
 ) -> None:
+    """The checkpoint of `step`: one file of weights from rank 0 (ddp), or every rank's shards
+    (fsdp, collective)."""
     if world.master:
         log.sync()  # the rows this checkpoint covers are on disk before it is
-        state = {**tally.state(), "tokenizer_sha256": data.meta["tokenizer_sha256"],
-                 "sgt_plan": asdict(plan), "metrics_rows": log.rows,
-                 "overrides": resume.overrides}
-        checkpoint.save(cfg.train.out_dir, raw, optimizer, cfg, step, state, cfg.train.keep_last)
+    state = {**tally.state(), "tokenizer_sha256": data.meta["tokenizer_sha256"],
+             "sgt_plan": asdict(plan), "metrics_rows": log.rows, "overrides": resume.overrides}
+    t = cfg.train
+    if t.parallel == "fsdp":
+        checkpoint.save_sharded(t.out_dir, lambda d: sharded.save_dcp(d, raw, optimizer), cfg,
+                                step, state, t.keep_last, world.master,
+                                lambda: distributed.barrier(world))
+    elif world.master:
+        checkpoint.save(t.out_dir, raw, optimizer, cfg, step, state, t.keep_last)
 
 
 def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | None) -> None:

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from structlm import checkpoint
 from structlm.config import ModelConfig, OptimConfig, RunConfig, load_run_config, save_json
 from structlm.hf.importer import read_hf
-from structlm.training import distributed
+from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
 from structlm.training.sgt import SGTPlan
@@ -134,13 +135,21 @@ def find_resume(out: Path, cfg: RunConfig, plan: SGTPlan, override: bool = False
 
 
 def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
-            optim_cfg: OptimConfig, device: torch.device) -> None:
-    """Load the checkpoint's weights, optimizer state and RNG states (nothing on a fresh start);
+            optim_cfg: OptimConfig, world: World) -> None:
+    """Load the checkpoint's weights, optimizer state and RNG states (nothing on a fresh start),
+    from a single-file or a sharded checkpoint into a sharded model or not, at any world size;
     under --override the optimizer takes the new config's hyper-parameters."""
     if resume.ckpt is None:
         return
-    checkpoint.load_weights(model, resume.ckpt)
-    optimizer.load_state_dict(resume.state["optimizer"])
+    device = world.device
+    if checkpoint.is_sharded(resume.ckpt):
+        sharded.load_dcp(resume.ckpt / checkpoint.SHARDED, model, optimizer)
+    elif distributed.is_sharded(model):
+        weights = load_file(str(resume.ckpt / "model.safetensors"))
+        sharded.load_full_checkpoint(model, optimizer, weights, resume.state["optimizer"])
+    else:
+        checkpoint.load_weights(model, resume.ckpt)
+        optimizer.load_state_dict(resume.state["optimizer"])
     if resume.changes:
         apply_hparams(optimizer, optim_cfg)
     torch.set_rng_state(resume.state["rng"]["torch"])

@@ -112,7 +112,7 @@ def guide_draws(seed: int, step: int, micro: int, n_layers: int, alpha: float) -
 
 class GuidePhase:
     """The guided phase of one run: the guides exist from `enter` until the step after which alpha
-    is 0, when `leave_if_done` removes them and their optimizer state. Outside the phase (or with
+    is 0, when `leave` removes them and their optimizer state. Outside the phase (or with
     SGT off) every method is a no-op."""
 
     def __init__(self, plan: SGTPlan, cfg: SGTConfig, seed: int) -> None:
@@ -142,18 +142,17 @@ class GuidePhase:
         if self.active:
             set_guide(model, guide_alpha(step, self.plan.guided_steps, self.cfg.schedule))
 
-    def leave_if_done(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, done: int
-    ) -> bool:
-        """After `done` steps: if alpha is 0 from here, drop the guides and their AdamW state;
-        returns True when it did (the caller re-wraps DDP/compile around the changed model)."""
-        if not self.active or self.plan.guided(done):
-            return False
+    def due(self, done: int) -> bool:
+        """Whether the guides should go after `done` steps (alpha is 0 from here)."""
+        return self.active and not self.plan.guided(done)
+
+    def leave(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the guides and their AdamW state, in place (the caller re-wraps DDP around the
+        changed model)."""
         guides = guide_parameters(model)
         unwrap_guided(model)
         drop_params(optimizer, guides)
         self.active = False
-        return True
 
 
 class SelfGuided:
