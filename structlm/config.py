@@ -142,8 +142,17 @@ class DataConfig:
     # characters the BPE is trained on: the same leading share of every train document, adding up
     # to about this many; None = all the train text (bounds prepare's time on big corpora)
     tokenizer_chars: int | None = None
+    # processes that tokenize (one input file at a time each); None = all cores. The result does
+    # not depend on it
+    workers: int | None = None
+    # tokens per token file of a split (train.bin when it fits in one, else train-00000.bin, ...)
+    shard_tokens: int = 1 << 30
 
     def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"data.workers={self.workers} must be >= 1 (or None: all cores)")
+        if self.shard_tokens < 1:
+            raise ValueError(f"data.shard_tokens={self.shard_tokens} must be >= 1")
         # the standard library's codecs only: an installed package may register a search function
         # that claims every name
         info = encodings.search_function(self.encoding.lower())

@@ -22,10 +22,14 @@ sequentially as the reference does (docs/method.md §6.2), so resume, DDP ranks 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import fcntl
 import functools
 import glob
+import gzip
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -44,12 +48,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from structlm import shards
 from structlm.config import DataConfig
-from structlm.utils import file_sha256
+from structlm.utils import atomic_write_text, file_sha256
 
 EOT = "<|endoftext|>"
 EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # for --data.tokenizer
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")  # files taken from a directory source
+DOC_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # one document per record
 META_VERSION = 1  # bump when the prepared format or the preparation itself changes
 PREPARE_HINT = (
     "run `structlm prepare --data.source ...` first (or point --data.data_dir at prepared data)"
@@ -128,13 +134,14 @@ def _source_files(source: str) -> tuple[list[Path], bool]:
     if path.is_dir():
         files = sorted(
             f for f in path.rglob("*")
-            if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+            if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES
+                                or f.name.lower().endswith(DOC_SUFFIXES))
             and not any(p.startswith(".") for p in f.relative_to(path).parts)
         )
         if not files:
             raise FileNotFoundError(
-                f"no text files ({', '.join('*' + s for s in TEXT_SUFFIXES)}) under {path}; "
-                "point --data.source at a directory holding some, a file, a glob or a .jsonl file"
+                f"no text files ({', '.join('*' + s for s in TEXT_SUFFIXES + DOC_SUFFIXES)}) "
+                f"under {path}; point --data.source at a directory holding some, a file or a glob"
             )
         return files, False
     if _is_glob(source):
@@ -185,8 +192,43 @@ def _jsonl_texts(path: Path, field: str, encoding: str = "utf-8") -> Iterator[st
             yield obj[field]
 
 
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    """The `field` column of a Parquet file, streamed in record batches (bounded memory)."""
+    pq = optional_module("pyarrow.parquet", "Parquet corpora")
+    f = pq.ParquetFile(path)
+    if field not in f.schema_arrow.names:
+        raise ValueError(f"{path} has no column {field!r} (columns: {f.schema_arrow.names}); set "
+                         "--data.text_field to the column that holds each document's text")
+    row = 0
+    for batch in f.iter_batches(batch_size=4096, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{path} row {row}: column {field!r} is not text")
+            yield text or ""
+
+
+def optional_module(name: str, what: str):
+    """Import an optional extra's module, or say which extra to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ImportError(
+            f"{what} need {name.split('.')[0]}: pip install 'structlm[data]'") from None
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        return optional_module("zstandard", ".zst files").open(path, "rb")
+    return open(path, "rb")  # noqa: SIM115 (the caller's with)
+
+
 def _open_text(path: Path, encoding: str):
-    return open(path, encoding=encoding, errors="strict")  # noqa: SIM115 (the caller's with)
+    """The file decoded strictly, decompressed on the fly (.gz, .zst)."""
+    return io.TextIOWrapper(_open_binary(path), encoding=encoding, errors="strict")
 
 
 def _read(f, path: Path, encoding: str, line: bool = False) -> str:
@@ -202,7 +244,7 @@ def _read(f, path: Path, encoding: str, line: bool = False) -> str:
 def _bad_byte(path: Path, encoding: str) -> int:
     """The offset of the first byte of `path` that does not decode as `encoding`."""
     dec, pos = codecs.getincrementaldecoder(encoding)("strict"), 0
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:  # the offset in the decompressed text of a .gz/.zst file
         while raw := f.read(1 << 20):
             held = len(dec.getstate()[0])
             try:
@@ -218,12 +260,22 @@ def _documents(
 ) -> Iterator[Iterable[str]]:
     """Every document as an iterable of text blocks, in a fixed order (a fresh stream per call)."""
     for f in files:
-        if builtin:
-            yield [_clean_play(f.read_text(encoding="utf-8"))]
-        elif f.suffix.lower() == ".jsonl":
-            yield from ([t] for t in _jsonl_texts(f, text_field, encoding))
-        else:
-            yield _read_blocks(f, encoding)
+        yield from _file_documents(f, builtin, text_field, encoding)
+
+
+def _file_documents(
+    f: Path, builtin: bool, text_field: str, encoding: str = "utf-8"
+) -> Iterator[Iterable[str]]:
+    """The documents of one file: a play, a text file, or a JSONL / Parquet file's records."""
+    name = f.name.lower()
+    if builtin:
+        yield [_clean_play(f.read_text(encoding="utf-8"))]
+    elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+        yield from ([t] for t in _jsonl_texts(f, text_field, encoding))
+    elif name.endswith(".parquet"):
+        yield from ([t] for t in _parquet_texts(f, text_field))
+    else:
+        yield _read_blocks(f, encoding)
 
 
 def _chunks(blocks: Iterable[str], size: int) -> Iterator[str]:
@@ -256,9 +308,31 @@ def _scan(docs: Iterator[Iterable[str]], ticker: _Ticker | None = None) -> tuple
     Reads block by block and keeps 16 bytes per document, so memory is bounded by the number of
     documents, never by their size.
     """
+    idx, chars, _ = _scan_counted(docs, ticker)
+    return idx, chars
+
+
+def _scan_files(
+    files: list[Path], builtin: bool, field: str, encoding: str, ticker: _Ticker | None
+) -> tuple[array, array, list[int]]:
+    """`_scan` of the documents of every file in order, and how many documents each file holds
+    (empty ones included)."""
+    idx, chars, per_file = array("q"), array("q"), []
+    for f in files:
+        i, c, n = _scan_counted(_file_documents(f, builtin, field, encoding), ticker,
+                                sum(per_file))
+        idx.extend(i)
+        chars.extend(c)
+        per_file.append(n)
+    return idx, chars, per_file
+
+
+def _scan_counted(
+    docs: Iterator[Iterable[str]], ticker: _Ticker | None = None, start: int = 0
+) -> tuple[array, array, int]:
     idx, chars = array("q"), array("q")
-    total = 0
-    for i, doc in enumerate(docs):
+    total, i = 0, start - 1
+    for i, doc in enumerate(docs, start):
         n, has_text = 0, False
         for block in doc:
             n += len(block)
@@ -269,7 +343,7 @@ def _scan(docs: Iterator[Iterable[str]], ticker: _Ticker | None = None) -> tuple
             total += n
         if ticker:
             ticker.update(1, lambda i=i, c=total: f"{i + 1:,} documents, {c / 1e6:.1f}M characters")
-    return idx, chars
+    return idx, chars, i + 1 - start
 
 
 class _Ticker:
@@ -297,7 +371,8 @@ class _Ticker:
 
 
 def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
-    """Tokenize cfg.source into resolve_data_dir(cfg), or reuse it if it holds the same inputs."""
+    """Tokenize cfg.source into resolve_data_dir(cfg), or reuse it if it holds the same inputs.
+    Resumes an interrupted preparation of the same inputs (its work directory, next to `out`)."""
     t0 = time.time()
     progress = sys.stderr.isatty() if progress is None else progress
     files, builtin = _source_files(cfg.source)
@@ -307,35 +382,73 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     if _matches(out, fingerprint):
         print(f"reusing prepared data at {out}", flush=True)
         return out
-    # read everything once before writing anything: empty corpora and bad JSONL lines fail here
-    docs, chars, split_of = _split_documents(cfg, files, builtin, progress, t0)
-    n_val = int(split_of.is_val.sum())
-    tok = load_tokenizer(tok_path) if tok_path else None
-    if tok is not None and eot_id(tok) is None:
-        raise ValueError(
-            f"the tokenizer {tok_path} defines none of the end-of-text tokens "
-            f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
-        )
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial"
+    try:
+        with _work_dir(work, fingerprint):
+            if _matches(out, fingerprint):  # a concurrent prepare finished while this one waited
+                print(f"reusing prepared data at {out}", flush=True)
+                return out
+            _prepare_into(cfg, files, builtin, tok_path, fingerprint, out, work, progress, t0)
+    except BaseException:
+        for p in made:  # a preparation that failed early leaves no directories behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _work_dir(work: Path, fingerprint: str):
+    """The preparation's work directory, locked (a concurrent prepare of the same data waits);
+    one left by a preparation of other inputs is replaced. Removed again when the preparation
+    fails before it tokenized anything."""
+    marker = work / "fingerprint"
+    if work.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    with open(work / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            atomic_write_text(marker, fingerprint)
+        try:
+            yield work
+        except BaseException:
+            if not any(work.glob("*.bin")):
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _prepare_into(
+    cfg: DataConfig, files: list[Path], builtin: bool, tok_path: Path | None, fingerprint: str,
+    out: Path, work: Path, progress: bool, t0: float,
+) -> None:
+    # read everything once before writing anything: empty corpora and bad JSONL lines fail here
+    docs, chars, split_of, tasks = _split_documents(cfg, files, builtin, progress, t0, work)
+    n_val = int(split_of.is_val.sum())
+    tok = _work_tokenizer(cfg, tok_path, work, docs, split_of, chars, progress)
+    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
+    dtype = token_dtype(vocab)
+    workers = cfg.workers or os.cpu_count() or 1
+    print(f"prepare: tokenizing {sum(chars) / 1e6:.1f}M characters ({workers} worker(s))",
+          flush=True)
+    t1 = time.time()
+    _write_splits(tasks, work / "tokenizer.json", eot_id(tok), dtype, work, sum(chars),
+                  workers, progress)
+    print(f"prepare: tokenized ({time.time() - t1:.1f} s)", flush=True)
     _clean_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a mkdir
     try:
-        if tok is None:
-            tok = _bpe_tokenizer(cfg, docs, split_of, chars, progress)
-            tok.save(str(tmp / "tokenizer.json"))
-        else:
-            shutil.copyfile(tok_path, tmp / "tokenizer.json")
-        vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are < vocab
-        print(f"prepare: tokenizing {sum(chars) / 1e6:.1f}M characters", flush=True)
-        t1 = time.time()
-        counts = _write_splits(docs(), split_of, tok, eot_id(tok), token_dtype(vocab), tmp,
-                               sum(chars), progress)
-        print(f"prepare: tokenized ({time.time() - t1:.1f} s)", flush=True)
+        layout = shards.assemble(work, tmp, len(tasks), dtype, cfg.shard_tokens)
+        shutil.copyfile(work / "tokenizer.json", tmp / "tokenizer.json")
+        counts = {k: sum(sh["tokens"] for sh in v) for k, v in layout.items()}
         meta = {
-            "version": META_VERSION, "vocab_size": vocab, "dtype": token_dtype(vocab).name,
+            "version": META_VERSION, "vocab_size": vocab, "dtype": dtype.name,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
             "source": f"{cfg.source} ({len(files)} {'plays' if builtin else 'file(s)'})",
             "n_docs": {"train": len(chars) - n_val, "val": n_val},
@@ -344,8 +457,10 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
         }
         if cfg.tokenizer_chars is not None:
             meta["tokenizer_chars"] = cfg.tokenizer_chars
+        if any(len(v) > 1 for v in layout.values()):
+            meta["shards"] = layout
         if not _publish(tmp, out, meta, fingerprint):
-            return out  # a concurrent prepare finished first
+            return  # a concurrent prepare finished first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -353,7 +468,30 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
         f"val {counts['val']:,} tokens ({n_val} docs) | vocab {vocab:,} | {time.time() - t0:.1f} s",
         flush=True,
     )
-    return out
+
+
+def _work_tokenizer(
+    cfg: DataConfig, tok_path: Path | None, work: Path, docs, split_of: _Splits, chars: array,
+    progress: bool,
+) -> Tokenizer:
+    """The tokenizer of the preparation, kept in `work`: the given one, or a BPE trained once
+    (a resumed preparation reuses it)."""
+    kept = work / "tokenizer.json"
+    if kept.exists():
+        return load_tokenizer(kept)
+    tok = load_tokenizer(tok_path) if tok_path else None
+    if tok is not None and eot_id(tok) is None:
+        raise ValueError(
+            f"the tokenizer {tok_path} defines none of the end-of-text tokens "
+            f"{list(EOT_CANDIDATES)}, which prepare appends after every document; use one that does"
+        )
+    if tok is None:
+        tok = _bpe_tokenizer(cfg, docs, split_of, chars, progress)
+        tok.save(str(work / ".tokenizer.json"))
+    else:
+        shutil.copyfile(tok_path, work / ".tokenizer.json")
+    os.replace(work / ".tokenizer.json", kept)
+    return tok
 
 
 def _clean_stale_temps(out: Path) -> None:
@@ -376,20 +514,25 @@ def _alive(pid: int) -> bool:
 
 
 def _split_documents(
-    cfg: DataConfig, files: list[Path], builtin: bool, progress: bool, t0: float
-) -> tuple[Callable[[], Iterator[Iterable[str]]], array, _Splits]:
-    """(documents, characters per non-empty document, the seeded train/val split). A corpus of
-    one document is cut into contiguous parts first, which then are its documents."""
+    cfg: DataConfig, files: list[Path], builtin: bool, progress: bool, t0: float, work: Path,
+) -> tuple[Callable[[], Iterator[Iterable[str]]], array, _Splits, list[shards.Task]]:
+    """(documents, characters per non-empty document, the seeded train/val split, the tokenizing
+    tasks). A corpus of one document is cut into contiguous parts first, which then are its
+    documents (and one task). The reading pass is kept in `work` for a resumed preparation."""
     docs: Callable[[], Iterator[Iterable[str]]]
     docs = functools.partial(_documents, files, builtin, cfg.text_field, cfg.encoding)
-    print(f"prepare: reading {len(files)} file(s) of {cfg.source}", flush=True)
-    idx, chars = _scan(docs(), _Ticker("prepare: reading", None, not progress))
+    idx, chars, per_file = _cached_scan(work)
+    if idx is None:
+        print(f"prepare: reading {len(files)} file(s) of {cfg.source}", flush=True)
+        idx, chars, per_file = _scan_files(files, builtin, cfg.text_field, cfg.encoding,
+                                           _Ticker("prepare: reading", None, not progress))
     if not idx:
         raise ValueError(
             f"the corpus {cfg.source!r} holds no text ({len(files)} file(s), all empty or "
             "whitespace); point --data.source at files with text"
         )
-    if len(idx) == 1:  # one document: its contiguous parts become the documents of the split
+    one_doc = len(idx) == 1
+    if one_doc:  # one document: its contiguous parts become the documents of the split
         docs = _parts(docs, idx[0], math.ceil(chars[0] / _PARTS))
         idx, chars = _scan(docs())
         if len(idx) < 2:
@@ -397,6 +540,8 @@ def _split_documents(
                 f"the corpus {cfg.source!r} is a single document too short to split into train "
                 "and val; add more text (or more documents)"
             )
+    else:
+        _save_scan(work, idx, chars, per_file)
     n_val = min(len(idx) - 1, max(1, round(len(idx) * cfg.val_fraction)))
     is_val = np.zeros(len(idx), dtype=bool)  # per non-empty document, in stream order
     is_val[np.random.default_rng(cfg.seed).permutation(len(idx))[:n_val]] = True
@@ -405,7 +550,31 @@ def _split_documents(
         f"({time.time() - t0:.1f} s); {n_val:,} held out for val",
         flush=True,
     )
-    return docs, chars, _Splits(np.asarray(idx, dtype=np.int64), is_val)
+    split_of = _Splits(np.asarray(idx, dtype=np.int64), is_val)
+    if one_doc:
+        return docs, chars, split_of, [shards.Task(0, docs, split_of.codes(0, idx[-1] + 1))]
+    starts = np.cumsum([0, *per_file])
+    tasks = [shards.Task(k, functools.partial(_file_documents, f, builtin, cfg.text_field,
+                                              cfg.encoding),
+                         split_of.codes(int(starts[k]), int(starts[k + 1])))
+             for k, f in enumerate(files)]
+    return docs, chars, split_of, tasks
+
+
+def _cached_scan(work: Path) -> tuple[array | None, array | None, list[int] | None]:
+    path = work / "scan.npz"
+    if not path.exists():
+        return None, None, None
+    z = np.load(path)
+    print(f"prepare: resuming the preparation in {work}", flush=True)
+    return array("q", z["idx"].tolist()), array("q", z["chars"].tolist()), z["per_file"].tolist()
+
+
+def _save_scan(work: Path, idx: array, chars: array, per_file: list[int]) -> None:
+    tmp = work / ".scan.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, idx=np.asarray(idx), chars=np.asarray(chars), per_file=np.asarray(per_file))
+    os.replace(tmp, work / "scan.npz")
 
 
 def _bpe_tokenizer(
@@ -510,6 +679,13 @@ class _Splits:
     def __init__(self, idx: np.ndarray, is_val: np.ndarray) -> None:
         self.idx, self.is_val = idx, is_val  # sorted stream positions of the non-empty documents
 
+    def codes(self, start: int, stop: int) -> np.ndarray:
+        """Per document start..stop-1 of the stream: 0 empty, 1 train, 2 val."""
+        out = np.zeros(stop - start, dtype=np.uint8)
+        lo, hi = np.searchsorted(self.idx, [start, stop])
+        out[self.idx[lo:hi] - start] = 1 + self.is_val[lo:hi]
+        return out
+
     def get(self, i: int) -> str | None:
         k = int(np.searchsorted(self.idx, i))
         if k == len(self.idx) or self.idx[k] != i:
@@ -562,56 +738,77 @@ def eot_id(tok: Tokenizer) -> int | None:
     return next((i for t in EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
 
 
-def _write_splits(
-    docs: Iterator[Iterable[str]], split_of: _Splits, tok: Tokenizer, eot: int,
-    dtype: np.dtype, out: Path, total_chars: int, progress: bool,
+_TOKENIZERS: dict[str, Tokenizer] = {}  # per process: a worker loads each tokenizer once
+
+
+def _encode_task(
+    tok_path: str, eot: int, dtype: np.dtype, work: Path, task: shards.Task,
+    report: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
-    """Encode the documents in batches and append their ids (+ eot each) to out/{train,val}.bin."""
+    """Encode one task's documents in batches into its pieces (ids + eot after each document);
+    returns its token and character counts. `report(chars)` after every batch (inline only)."""
+    if tok_path not in _TOKENIZERS:
+        _TOKENIZERS[tok_path] = load_tokenizer(tok_path)
+    tok = _TOKENIZERS[tok_path]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: no offsets (>=0.20)
-    files = {s: open(out / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
-    counts = {"train": 0, "val": 0}
     batch: list[tuple[str, str | None]] = []  # (split, text); None marks a document's end
-    n_chars = 0
-    bar = tqdm(
-        total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress
-    )
-    ticker = _Ticker("prepare: tokenizing", total_chars, not progress)
+    n_chars = total = 0
 
     def flush() -> None:
         encs = iter(encode([t for _, t in batch if t is not None], add_special_tokens=False))
         ids: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         for split, text in batch:
             ids[split].append(np.asarray([eot] if text is None else next(encs).ids, dtype=dtype))
-        for split, arrays in ids.items():
-            if arrays:
-                a = np.concatenate(arrays)
-                a.tofile(files[split])
-                counts[split] += a.size
-        done = sum(len(t) for _, t in batch if t is not None)
-        bar.update(done)
-        ticker.update(done, lambda: f"{sum(counts.values()) / 1e6:.1f}M tokens")
+        shards.write_piece(work, task.index, ids)
+        if report:
+            report(sum(len(t) for _, t in batch if t is not None))
         batch.clear()
 
+    for code, doc in zip(task.splits.tolist(), task.docs(), strict=True):
+        if code == 0:  # empty document
+            continue
+        split = shards.SPLIT_CODES[code]
+        for chunk in _chunks(doc, _CHUNK):
+            batch.append((split, chunk))
+            n_chars += len(chunk)
+            total += len(chunk)
+            if n_chars >= _BATCH:
+                flush()
+                n_chars = 0
+        batch.append((split, None))
+    flush()
+    return {**shards.publish_pieces(work, task.index, dtype), "chars": total}
+
+
+def _write_splits(
+    tasks: list[shards.Task], tok_path: Path, eot: int, dtype: np.dtype, work: Path,
+    total_chars: int, workers: int, progress: bool,
+) -> dict[str, int]:
+    """Run the tokenizing tasks not finished yet (in `workers` processes) into `work`'s pieces,
+    with a progress bar (or plain lines); returns the token counts of this process's tasks."""
+    shards.discard_partial_pieces(work)
+    counts = {"train": 0, "val": 0}
+    bar = tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress
+    )
+    ticker = _Ticker("prepare: tokenizing", total_chars, not progress)
+
+    def advance(chars: int) -> None:
+        bar.update(chars)
+        ticker.update(chars, lambda: f"{sum(counts.values()) / 1e6:.1f}M tokens")
+
+    def finished(c: dict) -> None:
+        counts["train"] += c["train"]
+        counts["val"] += c["val"]
+        if workers > 1:
+            advance(c["chars"])
+
+    encode = functools.partial(_encode_task, str(tok_path), eot, dtype, work)
+    inline = functools.partial(encode, report=advance)
     try:
-        for i, doc in enumerate(docs):
-            split = split_of.get(i)
-            if split is None:  # empty document
-                continue
-            for chunk in _chunks(doc, _CHUNK):
-                batch.append((split, chunk))
-                n_chars += len(chunk)
-                if n_chars >= _BATCH:
-                    flush()
-                    n_chars = 0
-            batch.append((split, None))
-        flush()
-        for f in files.values():
-            f.flush()
-            os.fsync(f.fileno())
+        shards.run_tasks(tasks, encode if workers > 1 else inline, work, workers, finished)
     finally:
         bar.close()
-        for f in files.values():
-            f.close()
     return counts
 
 
@@ -670,22 +867,27 @@ def load_tokenizer(data_dir_or_file: str | Path) -> Tokenizer:
     return tok
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """The 1-D read-only memmap of a split's token ids ("train" or "val")."""
+def load_tokens(data_dir: str | Path, split: str) -> np.memmap | shards.TokenShards:
+    """The 1-D read-only memmap of a split's token ids ("train" or "val"); several shard files
+    read as one sequence."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     meta = load_meta(data_dir)
-    path = Path(data_dir) / f"{split}.bin"
     dtype = np.dtype(meta["dtype"])
     n = meta[f"{split}_tokens"]
-    if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
-        raise ValueError(
-            f"{path} is missing or does not hold the {n:,} {dtype.name} tokens meta.json records; "
-            "prepare the data again into a new --data.data_dir"
-        )
     if n == 0:
         raise ValueError(f"the {split} split of {data_dir} is empty; prepare with more documents")
-    return np.memmap(path, dtype=dtype, mode="r")
+    layout = meta.get("shards", {}).get(split) or [{"file": f"{split}.bin", "tokens": n}]
+    arrays = []
+    for sh in layout:
+        path = Path(data_dir) / sh["file"]
+        if not path.is_file() or path.stat().st_size != sh["tokens"] * dtype.itemsize:
+            raise ValueError(
+                f"{path} is missing or does not hold the {sh['tokens']:,} {dtype.name} tokens "
+                "meta.json records; prepare the data again into a new --data.data_dir"
+            )
+        arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return arrays[0] if len(arrays) == 1 else shards.TokenShards(arrays)
 
 
 class Batches:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from structlm import checkpoint
-from structlm.config import ModelConfig, OptimConfig, RunConfig, load_run_config, save_json
+from structlm.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    load_run_config,
+    save_json,
+)
 from structlm.hf.importer import read_hf
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
@@ -28,13 +35,16 @@ from structlm.utils import atomic_write_text
 
 # fields that define a run's trajectory: a run directory is resumed only under the same values (the
 # budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
-RUN_IDENTITY = ("model", "data", "optim", "train.seed", "train.batch_size", "train.seq_len",
-                "train.dtype", "train.sgt", "train.init_from")
+# the data fields that decide the tokens (not how many processes prepared them, or their files)
+DATA_IDENTITY = tuple(f"data.{f.name}" for f in fields(DataConfig)
+                      if f.name not in ("workers", "shard_tokens"))
+RUN_IDENTITY = ("model", *DATA_IDENTITY, "optim", "train.seed", "train.batch_size",
+                "train.seq_len", "train.dtype", "train.sgt", "train.init_from")
 # what `--resume RUN --override` may change besides: the optimizer and schedule (after a loss spike)
 # and the compute dtype; not optim.decay_all, which changes the optimizer's parameter groups
 OVERRIDABLE = ("optim", "train.dtype")
-FIXED_UNDER_OVERRIDE = ("model", "data", "optim.decay_all", "train.seed", "train.batch_size",
-                        "train.seq_len", "train.sgt", "train.init_from")
+FIXED_UNDER_OVERRIDE = ("model", *DATA_IDENTITY, "optim.decay_all", "train.seed",
+                        "train.batch_size", "train.seq_len", "train.sgt", "train.init_from")
 
 
 def check_run_dir(out: Path, cfg: RunConfig, override: bool = False) -> tuple[bool, list[str]]:
