@@ -372,13 +372,14 @@ def bench_maxbatch(
 def bench_memory(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 4,
     seq: int = 256, steps: int = 3, procs: int = 2,
+    parallels: tuple[str, ...] = ("ddp", "fsdp"),
+    modes: tuple[str, ...] = ("none", "block", "selective"),
 ) -> list[dict]:
     """Peak memory per rank and tokens/s of training steps, dense and structured, under ddp and
     fsdp, without and with activation checkpointing: each variant its own `procs`-rank torchrun of
     structlm.training.probe (`batch` sequences per rank), so peaks do not mix."""
     rows = []
-    variants = [(k, p, ac) for k in ("dense", "structured") for p in ("ddp", "fsdp")
-                for ac in ("none", "block", "selective")]
+    variants = [(k, p, ac) for k in ("dense", "structured") for p in parallels for ac in modes]
     for kind, parallel, ac in tqdm(variants, desc="bench memory", unit="run",
                                    disable=not is_tty()):
         c = dataclasses.replace(cfg, ffn=LinearSpec()) if kind == "dense" else cfg

@@ -72,3 +72,18 @@ def test_ffn_compiled_rows():
     assert {r["variant"] for r in rows} == {"dense", "lowrank-32", "blockdense-32",
                                             "blockshuffle-32"}
     assert all(r["compiled"] and r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_memory_rows_from_torchrun_probes():
+    """bench memory: one 2-rank torchrun per variant; a structured model holds fewer parameters,
+    and every row has a peak and a throughput."""
+    from structlm.bench import bench_memory, quick_model
+
+    cfg = quick_model(ModelConfig(ffn=LinearSpec("lowrank", rank=32)))
+    rows = bench_memory(cfg, torch.device("cpu"), None, batch=2, seq=16, steps=1,
+                        parallels=("fsdp",), modes=("none",))
+    assert [(r["variant"], r["parallel"]) for r in rows] == [("dense", "fsdp"),
+                                                            ("structured", "fsdp")]
+    assert rows[1]["params"] < rows[0]["params"]
+    assert all(r["peak_mib"] > 0 and r["tokens_per_s"] > 0 and r["world"] == 2 for r in rows)
