@@ -11,6 +11,7 @@
     structlm export   RUN_DIR OUT_DIR [--format hf-merged] [--dtype fp32|bf16|fp16]
     structlm import   HF_DIR OUT_RUN_DIR
     structlm convert  RUN_OR_HF_DIR OUT_RUN_DIR [--model.ffn.kind K --fraction F --calib FILE]
+    structlm serve    RUN_DIR [--host 127.0.0.1 --port 8000 --max_batch 32 --api_key KEY]
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -167,6 +168,34 @@ def cmd_eval(argv: list[str]) -> None:
     else:
         print(f"{res['source']}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | "
               f"{res['tokens']:,} tokens")
+
+
+def cmd_serve(argv: list[str]) -> None:
+    """An OpenAI-compatible server (completions, chat completions, streaming) with continuous
+    batching and per-step pre-merge."""
+    p = argparse.ArgumentParser(prog="structlm serve", description=cmd_serve.__doc__)
+    p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch", type=positive_int, default=32,
+                   help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max_tokens", type=positive_int, default=1024,
+                   help="the most tokens one request may generate")
+    p.add_argument("--max_queue", type=positive_int, default=256,
+                   help="requests waiting for a slot before new ones get 429")
+    p.add_argument("--prefill_chunk", type=positive_int, default=256,
+                   help="prompt tokens prefilled per engine step")
+    p.add_argument("--api_key", default=None, help="require Authorization: Bearer API_KEY")
+    p.add_argument("--no_premerge", action="store_true", help="decode with the structured factors")
+    p.add_argument("--calibrate", action="store_true", help="measure pre-merge thresholds first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    a = p.parse_args(argv)
+    from structlm.serving.server import serve
+
+    serve(a.run_dir, a.host, a.port, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
+          max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, premerge=not a.no_premerge,
+          calibrate=a.calibrate, max_tokens=a.max_tokens, api_key=a.api_key)
 
 
 def cmd_generate(argv: list[str]) -> None:
@@ -430,6 +459,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "export": cmd_export,
     "import": cmd_import,
     "convert": cmd_convert,
+    "serve": cmd_serve,
 }
 
 

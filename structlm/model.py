@@ -30,11 +30,16 @@ from structlm.linear import build_linear
 def rope_angles(cfg: ModelConfig, start: int, T: int, device) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (T, head_dim) for positions start..start+T-1 (docs/method.md §3.3, Megatron
     layout)."""
+    return rope_angles_at(cfg, torch.arange(start, start + T, device=device))
+
+
+def rope_angles_at(cfg: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (*positions.shape, head_dim) for integer positions of any shape."""
     hd = cfg.head_dim
-    exponents = torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd
+    exponents = torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd
     inv_freq = 1.0 / cfg.rope_base**exponents
-    pos = torch.arange(start, start + T, device=device, dtype=torch.float32) / cfg.rope_scale
-    freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
+    pos = positions.to(torch.float32) / cfg.rope_scale
+    freqs = pos[..., None] * inv_freq  # (..., hd/2)
     if cfg.rope_interleaved:
         emb = freqs.repeat_interleave(2, dim=-1)  # (T, hd): f0 f0 f1 f1 ...
     else:
@@ -92,6 +97,51 @@ class KVCache:
         return kc[:, :, :end], vc[:, :, :end]
 
 
+class SlotCache:
+    """The KV cache of continuous batching: `slots` independent sequences, each with its own
+    length, in per-layer buffers (slots, n_kv_head, max_len, head_dim). A forward works on the
+    slots `select`ed for it (its batch rows, in order): row b's T new tokens take positions
+    lengths[slot_b] .. +T-1 and attend to that slot's keys up to their own position, so a sequence
+    computes the same whichever others share the batch, and no row waits for the longest."""
+
+    def __init__(self, n_layer: int, slots: int, max_len: int) -> None:
+        self.max_len, self.slots = max_len, slots
+        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    def select(self, slots: list[int]) -> None:
+        """The slots the next forward's batch rows are (row b = slots[b])."""
+        self.rows = torch.tensor(slots, dtype=torch.long)
+
+    def positions(self, T: int, device) -> Tensor:
+        """(B, T) absolute positions of the next forward's tokens."""
+        return (self.lengths[self.rows][:, None] + torch.arange(T)).to(device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write k, v: (B, n_kv, T, hs) at each row's positions; return the rows' keys and values
+        (B, n_kv, L, hs), L the longest row's length, and the mask (B, 1, T, L) of the keys each
+        query may see."""
+        B, nkv, T, hs = k.shape
+        pos = self.positions(T, k.device)  # (B, T)
+        if int(pos.max()) >= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {int(pos.max()) + 1} "
+                             "requested")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_zeros(self.slots, nkv, self.max_len, hs)
+            self.v[layer] = v.new_zeros(self.slots, nkv, self.max_len, hs)
+        rows = self.rows.to(k.device)
+        self.k[layer][rows[:, None], :, pos] = k.transpose(1, 2)  # (B, T, nkv, hs) at (row, pos)
+        self.v[layer][rows[:, None], :, pos] = v.transpose(1, 2)
+        L = int(pos.max()) + 1
+        mask = torch.arange(L, device=k.device)[None, None, :] <= pos[:, :, None]  # (B, T, L)
+        return self.k[layer][rows, :, :L], self.v[layer][rows, :, :L], mask[:, None]
+
+    def advance(self, T: int) -> None:
+        self.lengths[self.rows] += T
+
+
 # --- layers ---------------------------------------------------------------------------------------
 
 
@@ -119,12 +169,17 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope, cfg.rope_interleaved)
             k = apply_rope(k, *rope, cfg.rope_interleaved)
+        g = nq // nkv  # query heads per K/V head (GQA); query head h reads K/V head h // g
+        if isinstance(cache, SlotCache):  # continuous batching: each row its own length
+            k, v, mask = cache.update(self.layer, k, v)  # (B, nkv, L, hs), mask (B, 1, T, L)
+            k, v = k.to(q.dtype).repeat_interleave(g, 1), v.to(q.dtype).repeat_interleave(g, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nq, T, hs)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
         start = 0
         if cache is not None:
             start = cache.length
             k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hs)
         k, v = k.to(q.dtype), v.to(q.dtype)
-        g = nq // nkv  # query heads per K/V head (GQA); query head h reads K/V head h // g
         if start == 0:  # training and prefill
             if g > 1:
                 k = k.repeat_interleave(g, dim=1)
@@ -217,25 +272,32 @@ class GPT(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
 
-    def hidden(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def hidden(self, idx: Tensor, kv_cache: KVCache | SlotCache | None = None) -> Tensor:
         """Final-norm hidden states (B, T, d_model) for tokens idx: (B, T)."""
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if self.wpe is not None and start + T > self.cfg.block_size:
+        if isinstance(kv_cache, SlotCache):
+            pos = kv_cache.positions(T, idx.device)  # (B, T): every row its own
+        else:
+            start = kv_cache.length if kv_cache is not None else 0
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if self.wpe is not None and int(pos.max()) >= self.cfg.block_size:
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds block_size={self.cfg.block_size} "
-                "(absolute position embeddings); crop the input"
+                f"sequence of {int(pos.max()) + 1} tokens exceeds block_size={self.cfg.block_size}"
+                " (absolute position embeddings); crop the input"
             )
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos)
         else:
-            rope = rope_angles(self.cfg, start, T, idx.device)
+            cos, sin = rope_angles_at(self.cfg, pos)  # (T, hd) or (B, T, hd)
+            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, kv_cache)
-        if kv_cache is not None:
+        if isinstance(kv_cache, SlotCache):
+            kv_cache.advance(T)
+        elif kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
 

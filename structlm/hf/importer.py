@@ -219,8 +219,9 @@ def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_di
     cfg.train.out_dir = str(out)
 
     def write(tmp: Path) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tok_dir / name).exists():  # the chat template lives in tokenizer_config.json
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "chat_template.jinja"):
+            if (tok_dir / name).exists():  # the chat template: tokenizer_config.json or .jinja
                 shutil.copyfile(tok_dir / name, tmp / name)
         checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": str(hf_dir.resolve())})
         save_json(cfg, str(tmp / "config.json"))

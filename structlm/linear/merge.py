@@ -48,6 +48,7 @@ class PreMergedLinear(Wrapper):
         self.max_dense_tokens = max_dense_tokens
         self.register_buffer("merged", torch.empty(0), persistent=False)
         self._versions: tuple[int, ...] | None = None
+        self.calls = {"merged": 0, "structured": 0}  # which path each call took (for serving)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -63,9 +64,11 @@ class PreMergedLinear(Wrapper):
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.numel() // x.shape[-1]
         if tokens >= self.max_dense_tokens or (self.training and torch.is_grad_enabled()):
+            self.calls["structured"] += 1
             return self.structured(x)  # large calls, and training: gradients must reach the factors
         if self._versions != self._current_versions() or self.merged.device != x.device:
             self.refresh()
+        self.calls["merged"] += 1
         return F.linear(x, self.merged, self.structured.bias)
 
     def unwrap(self) -> StructuredLinear:

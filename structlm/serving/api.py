@@ -1,0 +1,280 @@
+"""The HTTP API: OpenAI-compatible completions and chat completions (with server-sent-event
+streaming), models, health and Prometheus metrics, over an `Engine`. FastAPI is imported only
+here (the optional `[serve]` extra).
+
+Every error is an OpenAI-format JSON body with a 4xx status (bad JSON, non-UTF-8 bodies, wrong
+types, unknown fields, prompts beyond the context, limits, sampling values out of range); the
+server keeps serving. A full queue answers 429; with an API key, requests without its bearer
+token get 401. A client that disconnects frees its slot at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from tokenizers import Tokenizer
+
+from structlm.serving.engine import Engine, Event, QueueFull, Request
+from structlm.serving.schemas import ChatBody, CompletionBody, error_body
+
+
+@dataclass
+class ServeConfig:
+    name: str  # the model id /v1/models lists
+    max_tokens: int = 1024  # the most tokens one request may ask for
+    api_key: str | None = None
+    chat_template: str | None = None  # jinja, from the run's tokenizer files
+    bos: str = ""
+    eos: str = ""
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.response = JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
+    app = FastAPI(title="structlm", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    template = compile_template(cfg.chat_template) if cfg.chat_template else None
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next):
+        if (cfg.api_key and request.url.path.startswith("/v1/")
+                and request.headers.get("authorization") != f"Bearer {cfg.api_key}"):
+            return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                                           code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: HTTPRequest, e: BadRequest):
+        return e.response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": engine.running, "waiting": engine.queue_depth}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.name, "object": "model",
+                                            "created": created, "owned_by": "structlm"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await parse(request, CompletionBody)
+        ids = encode(tokenizer, body.prompt, engine)
+        return await run(request, engine, body, ids, cfg, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        if template is None:
+            raise BadRequest("this model has no chat template (its tokenizer files define none); "
+                             "use /v1/completions", status=404, code="no_chat_template")
+        body = await parse(request, ChatBody)
+        text = template.render(messages=[m.model_dump(exclude_none=True) for m in body.messages],
+                               add_generation_prompt=True, bos_token=cfg.bos, eos_token=cfg.eos)
+        body.max_tokens = body.max_completion_tokens or body.max_tokens or 256
+        return await run(request, engine, body, encode(tokenizer, text, engine), cfg, chat=True)
+
+    return app
+
+
+def compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise TemplateError(message)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+async def parse(request: HTTPRequest, schema):
+    """The body as `schema`, or a BadRequest naming what is wrong."""
+    raw = await request.body()
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON ({e.msg} at character {e.pos})") \
+            from None
+    if not isinstance(obj, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        body = schema.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise BadRequest(f"Unrecognized request argument supplied: {loc}", loc) from None
+        raise BadRequest(f"{loc}: {err['msg']}", loc) from None
+    if (name := body.unsupported()) is not None:
+        raise BadRequest(f"{name}={getattr(body, name)!r} is not supported by this server; leave "
+                         "it unset", name)
+    return body
+
+
+def encode(tokenizer: Tokenizer, text: str, engine: Engine) -> list[int]:
+    ids = tokenizer.encode(text).ids if text else []
+    ids = ids or [engine.eos]
+    if len(ids) >= engine.max_len:
+        raise BadRequest(f"This model's maximum context length is {engine.max_len} tokens; the "
+                         f"prompt has {len(ids)}: shorten it", "prompt",
+                         code="context_length_exceeded")
+    return ids
+
+
+async def run(request: HTTPRequest, engine: Engine, body, ids: list[int], cfg: ServeConfig,
+              chat: bool) -> Response:
+    if body.max_tokens > cfg.max_tokens:
+        raise BadRequest(f"max_tokens={body.max_tokens} is above this server's limit of "
+                         f"{cfg.max_tokens} (structlm serve --max_tokens)", "max_tokens")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    req = Request(ids, body.max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
+    try:
+        engine.submit(req)
+    except QueueFull as e:
+        raise BadRequest(str(e), status=429, kind="rate_limit_error", code="queue_full") from None
+    except ValueError as e:
+        raise BadRequest(str(e), "prompt", code="context_length_exceeded") from None
+    reply = Reply(cfg.name, chat, len(ids))
+    if body.stream:
+        return StreamingResponse(stream(req, events, engine, reply, body.include_usage()),
+                                 media_type="text/event-stream")
+    return await collect(request, req, events, engine, reply)
+
+
+@dataclass
+class Reply:
+    """The response objects of one request, streamed or whole."""
+
+    model: str
+    chat: bool
+    prompt_tokens: int
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _obj(self, chunk: bool) -> dict:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""),
+                "created": self.created, "model": self.model}
+
+    def choice(self, text: str | None, finish: str | None, chunk: bool) -> dict:
+        c: dict = {"index": 0, "finish_reason": finish}
+        if not self.chat:
+            c.update(text=text or "", logprobs=None)
+        elif chunk:
+            c["delta"] = {} if text is None else {"content": text}
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+        return c
+
+    def usage(self, completion: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def whole(self, text: str, ev: Event) -> dict:
+        return {**self._obj(False), "choices": [self.choice(text, ev.finish_reason, False)],
+                "usage": self.usage(ev.completion_tokens)}
+
+    def chunk(self, text: str | None, finish: str | None = None, usage: dict | None = None,
+              choices: bool = True) -> str:
+        obj = {**self._obj(True), "choices": [self.choice(text, finish, True)] if choices else []}
+        if usage is not None:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+async def stream(req: Request, events: asyncio.Queue, engine: Engine, reply: Reply,
+                 include_usage: bool):
+    """Server-sent events: a chunk per text delta, the finish reason, [DONE]. The request is
+    cancelled (its slot freed) if the client goes away first."""
+    try:
+        if reply.chat:
+            yield reply.chunk(None).replace('"delta": {}', '"delta": {"role": "assistant"}')
+        while True:
+            ev = await events.get()
+            if ev.finish_reason == "error":
+                yield f"data: {json.dumps(error_body(ev.text, 'server_error'))}\n\n"
+                break
+            if ev.text:
+                yield reply.chunk(ev.text)
+            if ev.finish_reason:
+                yield reply.chunk(None if reply.chat else "", ev.finish_reason)
+                if include_usage:
+                    yield reply.chunk(None, usage=reply.usage(ev.completion_tokens),
+                                      choices=False)
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not req.done:
+            engine.cancel(req)
+
+
+async def collect(http: HTTPRequest, req: Request, events: asyncio.Queue, engine: Engine,
+                  reply: Reply) -> Response:
+    """The whole response; the request is cancelled if the client disconnects while it runs."""
+    parts = []
+    while True:
+        try:
+            ev = await asyncio.wait_for(events.get(), timeout=0.5)
+        except TimeoutError:
+            if await http.is_disconnected():
+                engine.cancel(req)
+                return Response(status_code=499)
+            continue
+        if ev.finish_reason == "error":
+            return JSONResponse(error_body(ev.text, "server_error"), status_code=500)
+        parts.append(ev.text)
+        if ev.finish_reason:
+            return JSONResponse(reply.whole("".join(parts), ev))
+
+
+def render_metrics(engine: Engine) -> str:
+    """Prometheus text format."""
+    s = engine.stats
+    out = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        out.extend([f"# HELP structlm_{name} {help_}", f"# TYPE structlm_{name} {kind}"])
+        out.extend(f"structlm_{name}{labels} {value}" for labels, value in samples)
+
+    metric("requests_total", "counter", "Finished requests by outcome.",
+           [(f'{{outcome="{k}"}}', v) for k, v in s.requests.items()])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", s.prompt_tokens)])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)])
+    metric("tokens_per_second", "gauge", "Decoded tokens per second over the last 10 s.",
+           [("", round(s.tokens_per_s(), 3))])
+    metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", engine.queue_depth)])
+    metric("running", "gauge", "Requests holding a slot.", [("", engine.running)])
+    metric("batch_size", "gauge", "Sequences in the last decode step.", [("", s.last_batch)])
+    metric("peak_batch_size", "gauge", "The most sequences one decode step has held.",
+           [("", s.peak_batch)])
+    metric("decode_steps_total", "counter", "Decode forwards.", [("", s.decode_steps)])
+    metric("prefill_chunks_total", "counter", "Prefill forwards.", [("", s.prefill_chunks)])
+    metric("layer_calls_total", "counter",
+           "Calls of each structured layer shape by path (merged dense or structured factors).",
+           [(f'{{kind="{k}",d_in="{n}",d_out="{m}",path="{p}"}}', c)
+            for (k, n, m), paths in engine.layer_paths().items() for p, c in paths.items()])
+    return "\n".join(out) + "\n"

@@ -1,0 +1,256 @@
+"""Continuous batching: requests join and leave a running decode batch at step boundaries.
+
+Every request owns one slot of a `SlotCache` (its own length, no padding to the longest). Each
+engine step prefills at most `prefill_chunk` prompt tokens (new prompts in arrival order; a long
+prompt is cut into chunks over several steps, so it delays the running streams by one chunk per
+step, not by its whole length), then runs one decode forward for every running request together.
+A structured model is pre-merged: each layer takes its merged dense matrix or its factors by the
+number of tokens in the call, so the dispatch follows the batch size step by step (counted per
+layer shape for /metrics).
+
+The engine runs in its own thread; `submit` and `cancel` are safe from any thread, and a request's
+`emit` callback receives its text deltas and the finish reason from the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from structlm.linear.merge import PreMergedLinear
+from structlm.model import SlotCache, sample
+from structlm.utils import autocast
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the queue holds."""
+
+
+@dataclass
+class Event:
+    """What a request receives: a text delta, and at the end a finish reason and the counts."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    # engine state
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""  # the text emitted so far
+    cancelled: bool = False
+    done: bool = False
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Stats:
+    """Counters /metrics reports (read without a lock: plain ints and floats)."""
+
+    requests: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "cancelled": 0,
+                                                    "error": 0})
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_chunks: int = 0
+    last_batch: int = 0
+    peak_batch: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens) per step
+
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        pts = [(t, n) for t, n in list(self.recent) if now - t <= window]
+        return sum(n for _, n in pts) / window if pts else 0.0
+
+
+class Engine:
+    def __init__(
+        self, model: nn.Module, tokenizer: Tokenizer, eos: int, *, max_batch: int = 32,
+        max_queue: int = 256, prefill_chunk: int = 256, device: torch.device | None = None,
+        dtype: torch.dtype | None = None, max_len: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.eos = model, tokenizer, eos
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_len = max_len or model.cfg.block_size
+        self.cache = SlotCache(model.cfg.n_layer, max_batch, self.max_len)
+        self.free = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # holding a slot: prefilling or decoding
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # --- from any thread ----------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        if len(req.prompt) + 1 > self.max_len:
+            raise ValueError(f"the prompt has {len(req.prompt)} tokens; this model's context is "
+                             f"{self.max_len} tokens: shorten the prompt")
+        if req.seed is not None:
+            req.generator = torch.Generator(self.device).manual_seed(req.seed)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue limit); "
+                                "retry later")
+            self.waiting.append(req)
+        self._wake.set()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True  # its slot is freed at the next step
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="structlm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.step():
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    # --- the engine thread --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One scheduling step: drop cancelled requests, admit waiting ones into free slots, one
+        prefill chunk, one decode forward. Returns whether there was anything to do."""
+        for req in [r for r in self.active if r.cancelled]:
+            self._finish(req, "cancelled")
+        with self._lock:
+            while self.free and self.waiting:
+                req = self.waiting.popleft()
+                if req.cancelled:
+                    continue
+                req.slot = self.free.pop(0)
+                self.cache.lengths[req.slot] = 0
+                self.active.append(req)
+        if not self.active:
+            return False
+        try:
+            self._prefill()
+            self._decode()
+        except Exception as e:  # a failed forward ends the requests in it, not the server
+            for req in list(self.active):
+                self._finish(req, "error", f"internal error: {type(e).__name__}: {e}")
+        return True
+
+    def _forward(self, slots: list[int], idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) at the last position of idx (B, T) for the given slots."""
+        self.cache.select(slots)
+        with autocast(self.device, self.dtype):
+            return self.model.lm_head(self.model.hidden(idx.to(self.device), self.cache)[:, -1])
+
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens this step, request by request in arrival order (a
+        long prompt takes several steps); a finished prompt samples its first token."""
+        budget = self.prefill_chunk
+        for req in [r for r in self.active if r.prefilled < len(r.prompt)]:
+            if budget <= 0:
+                break
+            chunk = req.prompt[req.prefilled:req.prefilled + budget]
+            logits = self._forward([req.slot], torch.tensor([chunk]))
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            self.stats.prefill_chunks += 1
+            if req.prefilled == len(req.prompt):  # the prompt is in: its first token
+                self.stats.prompt_tokens += len(req.prompt)
+                self._take(req, self._sample(req, logits[0:1]))
+
+    def _decode(self) -> None:
+        batch = [r for r in self.active if r.prefilled == len(r.prompt) and r.generated
+                 and not r.done and len(r.generated) < r.max_tokens]
+        if not batch:
+            return
+        logits = self._forward([r.slot for r in batch],
+                               torch.tensor([[r.generated[-1]] for r in batch]))
+        self.stats.decode_steps += 1
+        self.stats.last_batch = len(batch)
+        self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
+        self.stats.recent.append((time.monotonic(), len(batch)))
+        for b, req in enumerate(batch):
+            self._take(req, self._sample(req, logits[b:b + 1]))
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        return int(sample(logits.float(), req.temperature, None, req.top_p, req.generator))
+
+    def _take(self, req: Request, token: int) -> None:
+        """A request's next token: emit the new text; finish on end-of-text, a stop string, its
+        max_tokens or the full context."""
+        self.stats.generated_tokens += 1
+        if token == self.eos:
+            return self._finish(req, "stop")
+        req.generated.append(token)
+        text = self.tokenizer.decode(req.generated)
+        cut = min((i for s in req.stop if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self._emit(req, text[:cut])
+            return self._finish(req, "stop")
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all out yet
+            self._emit(req, text)
+        full = int(self.cache.lengths[req.slot]) + 1 >= self.max_len
+        if len(req.generated) >= req.max_tokens or full:
+            self._emit(req, text)
+            self._finish(req, "length")
+
+    def _emit(self, req: Request, text: str) -> None:
+        if len(text) > len(req.sent) and text.startswith(req.sent):
+            req.emit(Event(text[len(req.sent):]))
+            req.sent = text
+
+    def _finish(self, req: Request, reason: str, message: str = "") -> None:
+        req.done = True
+        if req in self.active:
+            self.active.remove(req)
+            self.free.append(req.slot)
+            self.free.sort()
+        self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
+        if reason != "cancelled":
+            req.emit(Event(message, reason, len(req.prompt), len(req.generated)))
+
+    def layer_paths(self) -> dict[tuple, dict[str, int]]:
+        """Calls per (kind, d_in, d_out) and path (merged / structured) so far."""
+        out: dict[tuple, dict[str, int]] = {}
+        for m in self.model.modules():
+            if isinstance(m, PreMergedLinear):
+                s = m.structured
+                acc = out.setdefault((s.kind, s.d_in, s.d_out), {"merged": 0, "structured": 0})
+                for k, v in m.calls.items():
+                    acc[k] += v
+        return out

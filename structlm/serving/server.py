@@ -1,0 +1,56 @@
+"""`structlm serve RUN_DIR`: load a run (pre-merged for few-token calls), start the engine, serve
+the API with uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from structlm.data import eot_id
+from structlm.generate import Generator
+from structlm.serving.engine import Engine
+
+
+def chat_template(run_dir: Path) -> tuple[str | None, str, str]:
+    """(the chat template, bos, eos) from the run's tokenizer files; None when it has none."""
+    conf = run_dir / "tokenizer_config.json"
+    meta = json.loads(conf.read_text()) if conf.exists() else {}
+    tpl = meta.get("chat_template")
+    if isinstance(tpl, list):  # several named templates: the default one
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    jinja = run_dir / "chat_template.jinja"
+    if tpl is None and jinja.exists():
+        tpl = jinja.read_text()
+    token = lambda k: meta.get(k) if isinstance(meta.get(k), str) else ""  # noqa: E731
+    return tpl, token("bos_token"), token("eos_token")
+
+
+def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
+          max_queue: int = 256, prefill_chunk: int = 256, premerge: bool = True,
+          calibrate: bool = False, max_tokens: int = 1024, api_key: str | None = None):
+    """(the ASGI app, its engine, not started) for a run directory."""
+    from structlm.serving.api import ServeConfig, create_app  # the [serve] extra
+
+    g = Generator.load(run_dir, device, dtype, premerge=premerge, calibrate=calibrate)
+    engine = Engine(g.model, g.tokenizer, eot_id(g.tokenizer) or 0, max_batch=max_batch,
+                    max_queue=max_queue, prefill_chunk=prefill_chunk, device=g.device,
+                    dtype=g.dtype)
+    tpl, bos, eos = chat_template(Path(run_dir))
+    cfg = ServeConfig(Path(run_dir).resolve().name, max_tokens, api_key, tpl, bos, eos)
+    return create_app(engine, g.tokenizer, cfg), engine
+
+
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImportError("structlm serve needs the serve extra: pip install 'structlm[serve]'") \
+            from None
+    app, engine = build(run_dir, **kw)
+    engine.start()
+    print(f"serving {run_dir} on http://{host}:{port}/v1 (max batch {engine.max_batch}); "
+          "Ctrl-C stops", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()

@@ -1,0 +1,215 @@
+"""structlm serve: a real uvicorn server on an ephemeral loopback port, driven by the official
+openai client and by raw HTTP: completions and chat, streaming, batched = alone under greedy
+decoding, every bad input answered in the OpenAI error format, disconnects, the queue limit, the
+API key, and the per-step pre-merge dispatch in /metrics."""
+
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from structlm import checkpoint
+from structlm.config import DataConfig, LinearSpec, ModelConfig, RunConfig, save_json
+from structlm.data import prepare
+from structlm.model import GPT
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from structlm.serving.server import build  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A random LowRank GPT (block 0 dense) with a BPE of the corpus and a chat template."""
+    tmp = tmp_path_factory.mktemp("serve")
+    data = prepare(DataConfig(source=str(corpus), data_dir=str(tmp / "data"), vocab_size=300,
+                              val_fraction=0.2), progress=False)
+    cfg = RunConfig(model=ModelConfig(vocab_size=300, block_size=96, n_layer=2, n_head=2,
+                                      d_model=32, d_ff=128, ffn=LinearSpec("lowrank", rank=8)))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    out = tmp / "run"
+    checkpoint.save(out, model, None, cfg, 1, {})
+    save_json(cfg, str(out / "config.json"))
+    (out / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    return out
+
+
+class Server:
+    """uvicorn serving `app` on 127.0.0.1:<ephemeral> in a thread."""
+
+    def __init__(self, app, engine, start_engine: bool = True) -> None:
+        self.engine = engine
+        if start_engine:
+            engine.start()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1",
+                                    api_key="unused", max_retries=0)
+
+    def post(self, path: str, body, headers=None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read() or b"{}")
+        conn.close()
+        return out
+
+    def get(self, path: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", path)
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return text
+
+    def metric(self, name: str) -> float:
+        return sum(float(ln.split()[-1]) for ln in self.get("/metrics").splitlines()
+                   if ln.startswith(f"structlm_{name}"))
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=32, max_tokens=64,
+                        prefill_chunk=48)
+    s = Server(app, engine)
+    yield s
+    s.close()
+
+
+def test_openai_client_completions_stream_chat_and_models(server):
+    c = server.client
+    assert [m.id for m in c.models.list().data] == ["run"]
+    r = c.completions.create(model="run", prompt="Scene 1", max_tokens=12, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens > 0
+    parts = [ch.choices[0].text for ch in c.completions.create(
+        model="run", prompt="Scene 1", max_tokens=12, temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == r.choices[0].text  # streamed = whole
+    chat = c.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=6, temperature=0.7, seed=1)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 6
+    again = c.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=6, temperature=0.7, seed=1)
+    assert again.choices[0].message.content == chat.choices[0].message.content  # seeded
+    deltas = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="run", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0.7, seed=1, stream=True) if ch.choices]
+    assert "".join(deltas) == chat.choices[0].message.content
+
+
+def test_batched_outputs_equal_alone_and_dispatch_follows_the_batch(server):
+    """32 greedy requests of different prompt and output lengths at once give what each gives
+    alone; the decode batch was big (structured factors) and alone it was one (merged)."""
+    prompts = [("Scene " + "and the " * (i % 7)) + str(i) for i in range(32)]
+    lengths = [20 + (i * 5) % 24 for i in range(32)]
+    ask = lambda i: server.client.completions.create(  # noqa: E731
+        model="run", prompt=prompts[i], max_tokens=lengths[i], temperature=0).choices[0].text
+    before = server.metric('layer_calls_total{kind="lowrank",d_in="32",d_out="128",path="merged"')
+    alone = [ask(i) for i in range(32)]
+    assert server.metric(
+        'layer_calls_total{kind="lowrank",d_in="32",d_out="128",path="merged"') > before
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(ask, range(32)))
+    assert together == alone
+    assert server.metric("peak_batch_size") >= 16
+    assert server.metric('layer_calls_total{kind="lowrank",d_in="32",d_out="128",'
+                         'path="structured"') > 0
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (b'{"prompt": "a", "max_tokens": ', 400, "not valid JSON"),
+    (b"\xff\xfe\x00", 400, "not UTF-8"),
+    ({"prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "a", "colour": "red"}, 400, "Unrecognized request argument supplied: colour"),
+    ({"prompt": 7}, 400, "prompt"),
+    ({"prompt": "a", "temperature": -0.5}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "a", "max_tokens": 65}, 400, "limit of 64"),
+    ({"prompt": "a", "n": 2}, 400, "n=2 is not supported"),
+    ({"prompt": "and the " * 200}, 400, "maximum context length is 96"),
+    ({"prompt": "a", "stop": ["", "x"]}, 400, "stop"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, body, status, words):
+    code, out = server.post("/v1/completions", body)
+    assert code == status and words in out["error"]["message"], out
+    assert out["error"]["type"] == "invalid_request_error"
+    code, ok = server.post("/v1/completions", {"prompt": "Scene", "max_tokens": 2})
+    assert code == 200 and ok["choices"][0]["text"] is not None
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_is_chunked_to_the_same_output(run, server):
+    """Prefill in 48-token chunks (the server) and in 5-token chunks: the same greedy text."""
+    body = {"prompt": "Scene 3. " + "and the " * 9, "max_tokens": 16, "temperature": 0}
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=2, prefill_chunk=5)
+    small = Server(app, engine)
+    try:
+        assert small.post("/v1/completions", body)[1]["choices"] == server.post(
+            "/v1/completions", body)[1]["choices"]
+        assert small.metric("prefill_chunks_total") > 3
+    finally:
+        small.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    cancelled = server.metric('requests_total{outcome="cancelled"}')
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "Scene", "max_tokens": 64, "stream": True, "temperature": 1.0, "seed": 0}),
+        {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    conn.sock.close()
+    conn.close()
+    for _ in range(200):
+        if server.metric('requests_total{outcome="cancelled"}') > cancelled:
+            break
+        time.sleep(0.05)
+    assert server.metric('requests_total{outcome="cancelled"}') == cancelled + 1
+    assert json.loads(server.get("/health"))["running"] == 0
+
+
+def test_queue_limit_answers_429_and_api_key_401(run):
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=1, max_queue=1,
+                        api_key="sekret")
+    s = Server(app, engine, start_engine=False)  # nothing is served until the engine starts
+    try:
+        key = {"Authorization": "Bearer sekret"}
+        code, out = s.post("/v1/completions", {"prompt": "a"})
+        assert code == 401 and out["error"]["code"] == "invalid_api_key"
+        assert json.loads(s.get("/health"))["status"] == "ok"  # health needs no key
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(s.post, "/v1/completions", {"prompt": "a", "max_tokens": 3}, key)
+            while engine.queue_depth < 1:
+                time.sleep(0.01)
+            code, out = s.post("/v1/completions", {"prompt": "b"}, key)
+            assert code == 429 and out["error"]["type"] == "rate_limit_error"
+            engine.start()
+            assert first.result(timeout=60)[0] == 200
+    finally:
+        s.close()
