@@ -21,19 +21,24 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from structlm.config import ModelConfig, to_dict
+from structlm import checkpoint
+from structlm.config import DataConfig, ModelConfig, RunConfig, save_json, to_dict
+from structlm.data import load_tokenizer, prepare
 from structlm.flops import ffn_params, flops_per_token, param_groups
 from structlm.linear.base import StructuredLinear
 from structlm.linear.merge import cache_path, premerge, thresholds_for, unmerge
@@ -401,6 +406,54 @@ def bench_memory(
     return rows
 
 
+def bench_serve(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None,
+    concurrency: tuple[int, ...] = (1, 8, 32), prompt: int = 64, gen: int = 64, reps: int = 1,
+) -> list[dict]:
+    """structlm serve under load: the dense model, the structured one without and with pre-merge
+    (random weights of the config, the built-in corpus's tokenizer), each in its own server on
+    loopback; for each concurrency, 2 x concurrency streaming requests (at least 8) per server,
+    the servers interleaved `reps` times."""
+    from structlm.serving.load import run_load
+    from structlm.serving.server import BackgroundServer, build
+
+    tok = prepare(DataConfig()) / "tokenizer.json"
+    cfg = dataclasses.replace(cfg, vocab_size=load_tokenizer(tok).get_vocab_size())
+    variants = {"dense": (dataclasses.replace(cfg, ffn=LinearSpec()), False),
+                "structured": (cfg, False), "structured+premerge": (cfg, True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {}
+        for name, (c, merge) in variants.items():
+            run = random_run(Path(tmp) / name.replace("+", "-"), c, tok)
+            app, engine = build(str(run), device=device.type, max_batch=max(concurrency),
+                                dtype="fp32" if dtype is None else "bf16", premerge=merge,
+                                max_tokens=2 * gen)
+            servers[name] = BackgroundServer(app, engine)
+        rows = []
+        try:
+            for conc in concurrency:
+                for _ in range(reps):
+                    for name, srv in servers.items():
+                        r = run_load(srv.url, conc, max(8, 2 * conc), prompt, gen)
+                        rows.append({"bench": "serve", **context(device, dtype), "variant": name,
+                                     "kind": variants[name][0].ffn.kind,
+                                     "d_model": cfg.d_model, "n_layer": cfg.n_layer, **r})
+        finally:
+            for srv in servers.values():
+                srv.close()
+    return rows
+
+
+def random_run(out: Path, cfg: ModelConfig, tokenizer: Path) -> Path:
+    """A run directory of a randomly initialised model (for speed measurements)."""
+    torch.manual_seed(0)
+    run_cfg = RunConfig(model=cfg)
+    checkpoint.save(out, GPT(cfg), None, run_cfg, 0, {})
+    save_json(run_cfg, str(out / "config.json"))
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    return out
+
+
 def plot_rows(
     rows: list[dict], png: str, x: str, y: str, group: str, title: str, logx: bool = True,
     facet: str | None = None,
@@ -447,6 +500,7 @@ class BenchOptions:
     max_batch: int = 4096  # maxbatch
     calibrate: bool = False  # decode: calibrate pre-merge first
     procs: int = 2  # memory: ranks of each torchrun
+    concurrency: tuple[int, ...] = (1, 8, 32)  # serve: concurrent clients
     kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
 
 
@@ -530,6 +584,13 @@ BENCHMARKS: dict[str, Benchmark] = {
                                   o.procs),
         ("variant", "parallel", "activation_checkpointing", "params", "peak_mib",
          "tokens_per_s"), plot=("params", "peak_mib", "parallel")),
+    "serve": Benchmark(
+        lambda o, m: bench_serve(quick_model(m) if o.quick else m, o.device, o.dtype,
+                                 (1, 4) if o.quick else o.concurrency, 16 if o.quick else o.prompt,
+                                 8 if o.quick else o.gen, 1 if o.quick else o.reps),
+        ("variant", "clients", "requests", "errors", "req_per_s", "out_tok_per_s", "ttft_p50_ms",
+         "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms", "itl_p99_ms"),
+        plot=("clients", "out_tok_per_s", "variant")),
     "crossover": Benchmark(
         _crossover, ("kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"),
         plot=("tokens", "speedup", "d_out"), facet="d_in", notes=_crossover_notes),

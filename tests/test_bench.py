@@ -87,3 +87,15 @@ def test_memory_rows_from_torchrun_probes():
                                                             ("structured", "fsdp")]
     assert rows[1]["params"] < rows[0]["params"]
     assert all(r["peak_mib"] > 0 and r["tokens_per_s"] > 0 and r["world"] == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_serve_rows_from_the_load_generator():
+    """bench serve --quick: three servers on loopback, every request answered."""
+    pytest.importorskip("uvicorn")
+    rows = bench.BENCHMARKS["serve"].run(
+        bench.BenchOptions(torch.device("cpu"), None, quick=True),
+        ModelConfig(ffn=LinearSpec("lowrank", rank=32)))
+    assert {r["variant"] for r in rows} == {"dense", "structured", "structured+premerge"}
+    assert all(r["errors"] == 0 and r["out_tok_per_s"] > 0 and r["ttft_p50_ms"] > 0
+               for r in rows)

@@ -5,7 +5,6 @@ API key, and the per-step pre-merge dispatch in /metrics."""
 
 import http.client
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from structlm.serving.server import build  # noqa: E402
+from structlm.serving.server import BackgroundServer, build  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -49,22 +48,12 @@ def run(corpus, tmp_path_factory):
     return out
 
 
-class Server:
-    """uvicorn serving `app` on 127.0.0.1:<ephemeral> in a thread."""
+class Server(BackgroundServer):
+    """The background server with an openai client and raw-HTTP helpers."""
 
     def __init__(self, app, engine, start_engine: bool = True) -> None:
-        self.engine = engine
-        if start_engine:
-            engine.start()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1",
-                                    api_key="unused", max_retries=0)
+        super().__init__(app, engine, start_engine)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
 
     def post(self, path: str, body, headers=None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -85,11 +74,6 @@ class Server:
     def metric(self, name: str) -> float:
         return sum(float(ln.split()[-1]) for ln in self.get("/metrics").splitlines()
                    if ln.startswith(f"structlm_{name}"))
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.engine.stop()
 
 
 @pytest.fixture(scope="module")

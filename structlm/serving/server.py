@@ -54,3 +54,33 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.stop()
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on 127.0.0.1 at an ephemeral port, in a thread (benchmarks, tests);
+    `close()` stops it and the engine."""
+
+    def __init__(self, app, engine: Engine, start_engine: bool = True) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.engine = engine
+        if start_engine:
+            engine.start()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.stop()
