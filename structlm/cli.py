@@ -186,6 +186,9 @@ def cmd_serve(argv: list[str]) -> None:
     p.add_argument("--prefill_chunk", type=positive_int, default=256,
                    help="prompt tokens prefilled per engine step")
     p.add_argument("--api_key", default=None, help="require Authorization: Bearer API_KEY")
+    p.add_argument("--context", type=positive_int, default=None,
+                   help="tokens per sequence the KV cache holds (default: the model's context, "
+                        "at most 4096; the cache takes max_batch x context positions)")
     p.add_argument("--no_premerge", action="store_true", help="decode with the structured factors")
     p.add_argument("--calibrate", action="store_true", help="measure pre-merge thresholds first")
     p.add_argument("--device", default="auto")
@@ -195,7 +198,7 @@ def cmd_serve(argv: list[str]) -> None:
 
     serve(a.run_dir, a.host, a.port, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
           max_queue=a.max_queue, prefill_chunk=a.prefill_chunk, premerge=not a.no_premerge,
-          calibrate=a.calibrate, max_tokens=a.max_tokens, api_key=a.api_key)
+          calibrate=a.calibrate, max_tokens=a.max_tokens, api_key=a.api_key, context=a.context)
 
 
 def cmd_generate(argv: list[str]) -> None:

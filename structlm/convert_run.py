@@ -19,7 +19,7 @@ from structlm.data import encode_text_file, load_tokenizer, run_tokenizer_path
 from structlm.hf.importer import import_hf
 from structlm.linear.registry import choose_hparams
 from structlm.linear.structure import structure
-from structlm.utils import publish_dir, require_empty
+from structlm.utils import is_tty, publish_dir, require_empty
 
 DENSE_FILE = "dense_ffn.safetensors"  # the replaced dense FFN weights, by layer name
 CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activation-aware)
@@ -46,8 +46,13 @@ def convert_run(
         calib = _calib_ids(calib_text, run, m.block_size) if calib_text else None
         dense = {k.removesuffix(".weight"): v.clone() for k, v in model.state_dict().items()
                  if ".mlp.fc" in k and k.endswith(".weight")}
+        layers = 2 * (m.n_layer - len(m.dense_ffn_layers))
+        hp = {"rank": spec.rank, "nblocks": spec.nblocks, **spec.params}
+        print(f"convert: projecting {layers} FFN layers onto {kind} ("
+              + ", ".join(f"{k}={v}" for k, v in hp.items() if v is not None)
+              + (", activation-aware" if calib is not None else "") + ")", flush=True)
         model, report = structure(model, spec, include="blocks.*.mlp.*", exclude=exclude,
-                                  calib=calib)
+                                  calib=calib, progress=is_tty())
         dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
         new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
         new.train.out_dir = str(out)
@@ -55,6 +60,9 @@ def convert_run(
 
         def write(tmp: Path) -> None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (tokenizer.parent / name).exists():  # the chat template, when there is one
+                    shutil.copyfile(tokenizer.parent / name, tmp / name)
             checkpoint.save(tmp, model, None, new, 0, {"imported_from": origin})
             save_json(new, str(tmp / "config.json"))
             (tmp / "conversion.json").write_text(json.dumps(report, indent=2))

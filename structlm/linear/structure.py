@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.convert import Patterns, named_modules, replace_modules
@@ -45,15 +46,19 @@ def _dense_weight(m: nn.Module) -> Tensor | None:
 def structure(
     model: nn.Module, spec_or_fraction: LinearSpec | float, *, kind: str = "lowrank",
     include: Patterns = DEFAULT_INCLUDE, exclude: Patterns = DEFAULT_EXCLUDE,
-    init: str = "project", calib: Tensor | None = None,
+    init: str = "project", calib: Tensor | None = None, progress: bool = False,
 ) -> tuple[nn.Module, list[dict]]:
     """Replace the matching dense linear layers of `model`, in place, by structured layers of
     `spec_or_fraction` (a LinearSpec, or a share of each layer's parameters for `kind`, by the
-    paper's budget rule per shape); returns (model, a report row per layer)."""
+    paper's budget rule per shape); returns (model, a report row per layer). `progress`: a bar
+    over the layers (the activation-aware block projections take seconds each)."""
     if init not in ("project", "paper"):
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
     report: list[dict] = []
+    total = sum(_dense_weight(m) is not None for _, m, _, _ in named_modules(model, include,
+                                                                              exclude))
+    bar = tqdm(total=total, desc="structure", unit="layer", disable=not progress)
 
     def convert(name: str, m: nn.Module) -> nn.Module | None:
         w = _dense_weight(m)
@@ -71,9 +76,13 @@ def structure(
             if bias is not None:
                 layer.bias.copy_(bias)
         report.append(_row(name, w.detach(), layer, covs.get(name)))
+        bar.update(1)
         return layer
 
-    replace_modules(model, convert, include, exclude)
+    try:
+        replace_modules(model, convert, include, exclude)
+    finally:
+        bar.close()
     if not report:
         raise ValueError(f"no nn.Linear matches include={include} exclude={exclude}; name the "
                          "layers to structure with fnmatch patterns of their qualified names")

@@ -27,14 +27,16 @@ def chat_template(run_dir: Path) -> tuple[str | None, str, str]:
 
 def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
           max_queue: int = 256, prefill_chunk: int = 256, premerge: bool = True,
-          calibrate: bool = False, max_tokens: int = 1024, api_key: str | None = None):
-    """(the ASGI app, its engine, not started) for a run directory."""
+          calibrate: bool = False, max_tokens: int = 1024, api_key: str | None = None,
+          context: int | None = None):
+    """(the ASGI app, its engine, not started) for a run directory. `context`: positions each
+    slot of the KV cache holds (default: the model's block_size, at most 4096)."""
     from structlm.serving.api import ServeConfig, create_app  # the [serve] extra
 
     g = Generator.load(run_dir, device, dtype, premerge=premerge, calibrate=calibrate)
     engine = Engine(g.model, g.tokenizer, eot_id(g.tokenizer) or 0, max_batch=max_batch,
                     max_queue=max_queue, prefill_chunk=prefill_chunk, device=g.device,
-                    dtype=g.dtype)
+                    dtype=g.dtype, max_len=min(context or 4096, g.model.cfg.block_size))
     tpl, bos, eos = chat_template(Path(run_dir))
     cfg = ServeConfig(Path(run_dir).resolve().name, max_tokens, api_key, tpl, bos, eos)
     return create_app(engine, g.tokenizer, cfg), engine
