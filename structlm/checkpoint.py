@@ -58,26 +58,43 @@ def save(
     return publish(root, final, tmp, keep_last)
 
 
+class ShardedSave:
+    """A sharded checkpoint being written (collective). Construction: rank 0 prepares the temporary
+    directory and every rank starts writing its shards (`write_shards(folder)`, which may return
+    a Future: the writing then goes on in the background). `complete()`: wait for every rank's
+    shards, then rank 0 adds state.pt, config.json and the manifest and publishes it as `save`
+    does. Killed anywhere before the rename, the previous checkpoint stays the one that loads."""
+
+    def __init__(self, run_dir: str | Path, write_shards, cfg: RunConfig, step: int,
+                 state: dict, keep_last: int, master: bool, barrier) -> None:
+        self.cfg, self.step, self.state, self.keep_last = cfg, step, state, keep_last
+        self.master, self.barrier = master, barrier
+        self.root, self.final, self.tmp = (begin(run_dir, step) if master
+                                           else _paths(run_dir, step))
+        barrier()
+        self.future = write_shards(self.tmp / SHARDED)
+
+    def complete(self) -> Path:
+        if self.future is not None:
+            self.future.result()
+        self.barrier()
+        if self.master:
+            try:
+                _write(self.tmp, None, None, self.cfg, self.step, {**self.state, "sharded": True})
+            except OSError as e:
+                _failed(self.tmp, self.final, e)
+            publish(self.root, self.final, self.tmp, self.keep_last)
+        self.barrier()
+        return self.final
+
+
 def save_sharded(
     run_dir: str | Path, write_shards, cfg: RunConfig, step: int, state: dict, keep_last: int,
     master: bool, barrier,
 ) -> Path:
-    """Collective: the sharded form of `save`. Rank 0 prepares the temporary directory, every rank
-    writes its shards (`write_shards(folder)`), then rank 0 adds state.pt, config.json and the
-    manifest and publishes it as `save` does. Killed anywhere before the rename, the previous
-    checkpoint stays the one that loads."""
-    root, final, tmp = begin(run_dir, step) if master else _paths(run_dir, step)
-    barrier()
-    write_shards(tmp / SHARDED)
-    barrier()
-    if master:
-        try:
-            _write(tmp, None, None, cfg, step, {**state, "sharded": True})
-        except OSError as e:
-            _failed(tmp, final, e)
-        publish(root, final, tmp, keep_last)
-    barrier()
-    return final
+    """Collective: the sharded form of `save`, written and published before it returns."""
+    return ShardedSave(run_dir, write_shards, cfg, step, state, keep_last, master,
+                       barrier).complete()
 
 
 def _paths(run_dir: str | Path, step: int) -> tuple[Path, Path, Path]:

@@ -270,6 +270,8 @@ class TrainConfig:
     # ddp: every rank holds the whole model, gradients and AdamW state; fsdp: FSDP2 shards them
     # per transformer block (and saves sharded checkpoints that resume at any world size)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp on several ranks: write each sharded checkpoint in the background while training goes on
+    async_checkpoint: bool = True
     # recompute activations in the backward instead of keeping them: none, every block's
     # (block), or all but the matmul outputs (selective)
     activation_checkpointing: Literal["none", "block", "selective"] = "none"

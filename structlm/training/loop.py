@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from structlm import checkpoint
 from structlm.config import RunConfig, TrainConfig, to_dict
 from structlm.convert_run import dense_guides
 from structlm.data import Batches, eval_batches
@@ -45,6 +44,7 @@ from structlm.training.rundir import (
     restore,
     start_files,
 )
+from structlm.training.saving import Checkpointer
 from structlm.training.sgt import GuidePhase, SGTPlan, make_plan
 from structlm.utils import atomic_write_text, autocast, autocast_dtype, is_tty, json_safe, seed_all
 
@@ -126,6 +126,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     (recorded in metrics.jsonl and the summary)."""
     t = cfg.train
     world = distributed.setup(t.device)
+    saver = Checkpointer(cfg, world)  # collective: its process group, on every rank
     amp = autocast_dtype(world.device, t.dtype)
     progress = (is_tty() if progress is None else progress) and world.master
     tokens_per_step = t.batch_size * cfg.seq_len
@@ -192,10 +193,10 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
             log.val(done, val, done * tokens_per_step)
         due = done % t.ckpt_interval == 0 if t.ckpt_interval else is_eval
         if due and done < steps:  # the last step is saved once, after the final evaluation
-            save(raw, optimizer, cfg, done, tally, data, plan, world, log, resume)
+            save(saver, raw, optimizer, cfg, done, tally, data, plan, world, log, resume)
     log.close_bar()
     tally.stop()
-    return finish(raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
+    return finish(saver, raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
 
 
 def leave_guided(
@@ -213,17 +214,18 @@ def leave_guided(
 
 
 def finish(
-    raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: SGTPlan, world: World,
-    amp: torch.dtype | None, data: RunData, phase: GuidePhase, tally: Tally, log: MetricsLog,
-    resume: Resume,
+    saver: Checkpointer, raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+    plan: SGTPlan, world: World, amp: torch.dtype | None, data: RunData, phase: GuidePhase,
+    tally: Tally, log: MetricsLog, resume: Resume,
 ) -> Summary:
     """Full validation, the final checkpoint, summary.json and loss.png. Killed anywhere in here, a
     rerun redoes it from the final checkpoint (or the last step) to the same summary."""
     steps = plan.total_steps
     final_val = val_loss(raw, data, phase, steps, cfg, world, amp, None)
     tally.best_val = min(tally.best_val, final_val)
+    saver.wait()
     if resume.step < steps:  # a resumed final phase already has its final checkpoint
-        save(raw, optimizer, cfg, steps, tally, data, plan, world, log, resume)
+        save(saver, raw, optimizer, cfg, steps, tally, data, plan, world, log, resume, final=True)
     log.val(steps, final_val, steps * cfg.train.batch_size * cfg.seq_len, echo=False)
     log.close()
     summary = make_summary(cfg, plan, world, amp, final_val, tally, resume.overrides)
@@ -333,22 +335,16 @@ def sharded_eval_sums(
 
 
 def save(
-    raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int, tally: Tally,
-    data: RunData, plan: SGTPlan, world: World, log: MetricsLog, resume: Resume,
+    saver: Checkpointer, raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+    step: int, tally: Tally, data: RunData, plan: SGTPlan, world: World, log: MetricsLog,
+    resume: Resume, final: bool = False,
 ) -> None:
-    """The checkpoint of `step`: one file of weights from rank 0 (ddp), or every rank's shards
-    (fsdp, collective)."""
+    """The checkpoint of `step` (single-file from rank 0, or every rank's shards)."""
     if world.master:
         log.sync()  # the rows this checkpoint covers are on disk before it is
     state = {**tally.state(), "tokenizer_sha256": data.meta["tokenizer_sha256"],
              "sgt_plan": asdict(plan), "metrics_rows": log.rows, "overrides": resume.overrides}
-    t = cfg.train
-    if t.parallel == "fsdp":
-        checkpoint.save_sharded(t.out_dir, lambda d: sharded.save_dcp(d, raw, optimizer), cfg,
-                                step, state, t.keep_last, world.master,
-                                lambda: distributed.barrier(world))
-    elif world.master:
-        checkpoint.save(t.out_dir, raw, optimizer, cfg, step, state, t.keep_last)
+    saver.save(raw, optimizer, cfg, step, state, final)
 
 
 def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | None) -> None:

@@ -50,6 +50,14 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
                  no_dist=not dist.is_initialized())
 
 
+def async_save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group):
+    """Collective: stage every rank's shards to CPU memory now, write them in a background thread
+    (its collectives on `group`, not the training's); returns the Future of the writing."""
+    return dcp.async_save({"model": get_model_state_dict(model),
+                           "optim": get_optimizer_state_dict(model, optimizer)},
+                          checkpoint_id=str(path), process_group=group)
+
+
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Collective: load a DCP checkpoint saved at any world size into `model` (sharded or not)
     and `optimizer`, each rank reading the slices it holds."""
