@@ -1,7 +1,8 @@
 """Training: `train(cfg) -> Summary`, the paper's recipe (docs/method.md §6.3) as one loop.
 
     build:    process group, step plan, run directory + checkpoint, data      (all checked first)
-    restore:  GPT(cfg.model), SGT guides if inside the guided phase, AdamW, checkpoint state
+    restore:  GPT(cfg.model), SGT guides if inside the guided phase, memory levers, FSDP2 sharding,
+              AdamW, checkpoint state (single-file or sharded, any world size)
     for step in range(start, total_steps):
         lr; forward/backward over grad_accum micro-batches; clip; optimizer.step()
         leave the guided phase when alpha reaches 0
@@ -9,8 +10,8 @@
         every eval_interval: validation loss; every ckpt_interval (or eval): checkpoint
     finish:   full validation, final checkpoint, summary.json, loss.png
 
-Data order is a pure function of (seed, step), so a resumed run, a DDP rank and an uninterrupted run
-read the same rows. Only rank 0 logs and writes.
+Data order is a pure function of (seed, step), so a resumed run, a DDP or FSDP rank and an
+uninterrupted run read the same rows. Only rank 0 logs; under fsdp every rank writes its shards.
 """
 
 from __future__ import annotations
@@ -141,16 +142,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         return finished_summary(resume, world)
 
     # --- model, guides, optimizer, restored state ---
-    seed_all(t.seed)
-    raw = GPT(cfg.model).to(world.device)
-    if resume.ckpt is None and t.init_from:
-        load_init(t.init_from, raw, cfg.model)  # weights only: a fresh optimizer and schedule
-    phase = GuidePhase(plan, t.sgt, t.seed)
-    fresh_dense = t.sgt.guide_init == "dense" and resume.ckpt is None
-    phase.enter(raw, resume.step, dense_guides(t.init_from) if fresh_dense else None)
-    raw = distributed.prepare(raw, world, t, amp)  # memory levers; FSDP2 shards it in place
-    optimizer = make_optimizer(raw, cfg.optim)
-    restore(resume, raw, optimizer, cfg.optim, world)
+    raw, optimizer, phase = build(cfg, plan, resume, world, amp)
     tally = Tally.from_state(resume.state)
     if world.master:
         start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
@@ -197,6 +189,25 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     log.close_bar()
     tally.stop()
     return finish(saver, raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
+
+
+def build(
+    cfg: RunConfig, plan: SGTPlan, resume: Resume, world: World, amp: torch.dtype | None,
+) -> tuple[nn.Module, torch.optim.Optimizer, GuidePhase]:
+    """GPT(cfg.model) with its starting weights, its SGT guides if inside the guided phase, the
+    memory levers and sharding, AdamW, and the checkpoint's state restored."""
+    t = cfg.train
+    seed_all(t.seed)
+    raw = GPT(cfg.model).to(world.device)
+    if resume.ckpt is None and t.init_from:
+        load_init(t.init_from, raw, cfg.model)  # weights only: a fresh optimizer and schedule
+    phase = GuidePhase(plan, t.sgt, t.seed)
+    fresh_dense = t.sgt.guide_init == "dense" and resume.ckpt is None
+    phase.enter(raw, resume.step, dense_guides(t.init_from) if fresh_dense else None)
+    raw = distributed.prepare(raw, world, t, amp)  # memory levers; FSDP2 shards it in place
+    optimizer = make_optimizer(raw, cfg.optim)
+    restore(resume, raw, optimizer, cfg.optim, world)
+    return raw, optimizer, phase
 
 
 def leave_guided(
