@@ -15,6 +15,7 @@ SPECS = {
     "lowrank": LinearSpec("lowrank", rank=8),
     "blockdense": LinearSpec("blockdense", rank=16, nblocks=4),
     "blockshuffle": LinearSpec("blockshuffle", nblocks=4),
+    "btt": LinearSpec("btt", rank=2, nblocks=4),
 }
 
 

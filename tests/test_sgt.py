@@ -31,6 +31,7 @@ SPECS = {
     "lowrank": LinearSpec("lowrank", rank=4),
     "blockdense": LinearSpec("blockdense", rank=8, nblocks=2),
     "blockshuffle": LinearSpec("blockshuffle", nblocks=4),
+    "btt": LinearSpec("btt", rank=2, nblocks=4),
 }
 
 

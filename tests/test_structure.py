@@ -17,6 +17,7 @@ SPECS = {  # kind: spec for 24 -> 48 and 48 -> 24 layers
     "blockshuffle-2": LinearSpec("blockshuffle", nblocks=2),
     "blockshuffle-4": LinearSpec("blockshuffle", nblocks=4),
     "blockdense": LinearSpec("blockdense", rank=8, nblocks=4),
+    "btt": LinearSpec("btt", rank=2, nblocks=4),
 }
 SHAPES = [(24, 48), (48, 24), (24, 24)]
 
@@ -46,7 +47,7 @@ def test_lowrank_error_is_the_tail_singular_energy():
     assert (layer.to_dense() - w).norm().item() == pytest.approx(s[7:].norm().item(), rel=1e-10)
 
 
-@pytest.mark.parametrize("name", ["blockshuffle-2", "blockshuffle-4", "blockdense"])
+@pytest.mark.parametrize("name", ["blockshuffle-2", "blockshuffle-4", "blockdense", "btt"])
 def test_block_projections_are_local_optima(name):
     """No small step of any factor lowers the Frobenius error of the projection."""
     torch.manual_seed(1)
@@ -95,7 +96,7 @@ def test_activation_aware_projection_lowers_the_weighted_error(name, shape):
     assert err(aware, w) > err(plain, w)  # it traded the plain error for the weighted one
 
 
-@pytest.mark.parametrize("name", ["blockshuffle-4", "blockdense"])
+@pytest.mark.parametrize("name", ["blockshuffle-4", "blockdense", "btt"])
 def test_weighted_refinement_is_monotone_and_exact_on_representable_matrices(name):
     from structlm.linear.factors import weighted_refine
 
@@ -277,3 +278,14 @@ def test_self_guided_in_a_users_own_loop_heals_from_the_dense_weights():
     assert not any("guide" in n for n, _ in model.named_parameters())
     left = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert left == n_params - 2 * 16 * 64  # the two guides' parameters are gone
+
+
+def test_btt_error_is_the_tail_energy_of_every_block_pair():
+    """BTT's projection: each (output block, input block) sub-matrix keeps its top `rank`
+    singular values, so the error is the energy of all the others."""
+    w = torch.randn(48, 24, dtype=torch.float64)
+    layer = build_linear(SPECS["btt"], 24, 48, bias=False, dtype=torch.float64)
+    project_(layer, w)  # 4 x 4 sub-matrices of 12 x 6, rank 2 each
+    tail = sum(torch.linalg.svdvals(w[i * 12:(i + 1) * 12, j * 6:(j + 1) * 6])[2:].square().sum()
+               for i in range(4) for j in range(4))
+    assert (layer.to_dense() - w).norm().item() == pytest.approx(tail.sqrt().item(), rel=1e-10)
