@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.factors import dense_weights, polar_, weighted_refine
+from structlm.linear.factors import check_blocks_divide, dense_weights, polar_, weighted_refine
 from structlm.linear.kernels import block_diag_matmul, transpose_within_rows
 
 
@@ -106,13 +106,7 @@ class BlockShuffleLinear(StructuredLinear):
     @classmethod
     def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
         super().check(d_in, d_out, **hp)
-        nb = hp["nblocks"]
-        for name, d in (("d_in", d_in), ("d_out", d_out)):
-            if d % nb:
-                raise ValueError(
-                    f"{name}={d} is not divisible by nblocks={nb}; choose nblocks dividing both "
-                    f"d_in={d_in} and d_out={d_out}"
-                )
+        check_blocks_divide(d_in, d_out, hp["nblocks"])
 
     @classmethod
     def weight_params(cls, d_in: int, d_out: int, *, nblocks: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.factors import dense_weights, polar_, weighted_refine
+from structlm.linear.factors import check_blocks_divide, dense_weights, polar_, weighted_refine
 from structlm.linear.kernels import block_diag_matmul
 
 
@@ -79,10 +79,7 @@ class BTTLinear(StructuredLinear):
     def check(cls, d_in: int, d_out: int, **hp: int | None) -> None:
         super().check(d_in, d_out, **hp)
         rank, nb = hp["rank"], hp["nblocks"]
-        for name, d in (("d_in", d_in), ("d_out", d_out)):
-            if d % nb:
-                raise ValueError(f"{name}={d} is not divisible by nblocks={nb}; choose nblocks "
-                                 f"dividing both d_in={d_in} and d_out={d_out}")
+        check_blocks_divide(d_in, d_out, nb)
         if rank > min(d_in, d_out):
             raise ValueError(f"rank={rank} is larger than min(d_in, d_out)={min(d_in, d_out)}; "
                              f"choose rank <= {min(d_in, d_out)} (at most {min(d_in, d_out) // nb}"

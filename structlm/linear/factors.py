@@ -23,6 +23,16 @@ def rank_step(shapes: list[tuple[int, int]]) -> int:
     return 2 ** max(0, int(math.floor(math.log2(max(1, smallest // 16)))))
 
 
+def check_blocks_divide(d_in: int, d_out: int, nblocks: int) -> None:
+    """Both sides of a layer cut into `nblocks` equal blocks, or ValueError naming the fix."""
+    for name, d in (("d_in", d_in), ("d_out", d_out)):
+        if d % nblocks:
+            raise ValueError(
+                f"{name}={d} is not divisible by nblocks={nblocks}; choose nblocks dividing both "
+                f"d_in={d_in} and d_out={d_out}"
+            )
+
+
 def dense_weights(shapes: list[tuple[int, int]]) -> int:
     """Weight parameters of dense layers of these (d_in, d_out) shapes together."""
     return sum(n * m for n, m in shapes)
