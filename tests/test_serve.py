@@ -197,3 +197,23 @@ def test_queue_limit_answers_429_and_api_key_401(run):
             assert first.result(timeout=60)[0] == 200
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_an_imported_instruct_model_chats_through_its_own_template(tmp_path):
+    """SmolLM2-135M-Instruct (GGUF) imported keeps its chat template; /v1/chat/completions renders
+    it and the model answers in words."""
+    from test_hf import smollm2_file
+
+    from structlm.hf.importer import import_hf
+
+    run = import_hf(smollm2_file(), tmp_path / "smol")
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=2, context=512)
+    s = Server(app, engine)
+    try:
+        r = s.client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12, temperature=0)
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        s.close()
