@@ -31,7 +31,11 @@ def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch:
           context: int | None = None):
     """(the ASGI app, its engine, not started) for a run directory. `context`: positions each
     slot of the KV cache holds (default: the model's block_size, at most 4096)."""
-    from structlm.serving.api import ServeConfig, create_app  # the [serve] extra
+    try:
+        from structlm.serving.api import ServeConfig, create_app  # the [serve] extra
+    except ImportError as e:
+        raise ImportError(f"structlm serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'structlm[serve]'") from None
 
     g = Generator.load(run_dir, device, dtype, premerge=premerge, calibrate=calibrate)
     engine = Engine(g.model, g.tokenizer, eot_id(g.tokenizer) or 0, max_batch=max_batch,
@@ -46,8 +50,8 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None
     try:
         import uvicorn
     except ImportError:
-        raise ImportError("structlm serve needs the serve extra: pip install 'structlm[serve]'") \
-            from None
+        raise ImportError("structlm serve needs the serve extra (uvicorn is missing): "
+                          "pip install 'structlm[serve]'") from None
     app, engine = build(run_dir, **kw)
     engine.start()
     print(f"serving {run_dir} on http://{host}:{port}/v1 (max batch {engine.max_batch}); "
