@@ -62,11 +62,11 @@ def plot(ppl: dict, kept: dict, speed: dict, png: Path) -> None:
             if pts:
                 left.plot(*zip(*pts, strict=True), "o-", label=f"{kind} {stage}", ms=5,
                           alpha=0.85)
-        pts = sorted((speed[f"{kind}-{f}"]["model_prefill"], ppl[f"{kind}-{f}-aware-heal-sgt"])
+        pts = sorted((speed[f"{kind}-{f}"]["model_prefill"], ppl[f"{kind}-{f}-aware-heal"])
                      for f in ("63", "32") if f"{kind}-{f}" in speed
-                     and f"{kind}-{f}-aware-heal-sgt" in ppl)
+                     and f"{kind}-{f}-aware-heal" in ppl)
         if pts:
-            right.plot(*zip(*pts, strict=True), "o-", label=f"{kind} (aware, guided healing)")
+            right.plot(*zip(*pts, strict=True), "o-", label=f"{kind} (aware, healed)")
     for ax in (left, right):
         ax.axhline(ppl["dense"], color="k", lw=0.8, ls="--", label="dense")
         ax.set_yscale("log")
