@@ -48,7 +48,7 @@ class _Body(BaseModel):
         """The first field set away from its neutral value, which this server cannot honour."""
         for name, neutral in NEUTRAL.items():
             v = getattr(self, name, neutral)
-            if v is not None and v != neutral and not (name == "best_of" and v == 1):
+            if v is not None and v != neutral:
                 return name
         return None
 
