@@ -1,4 +1,5 @@
-"""Shared test setup: hypothesis profile, the gpu marker, seeded RNG, and the test corpus."""
+"""Shared test setup: hypothesis profile, the gpu marker, seeded RNG, Triton's interpreter on CPU,
+and the test corpus."""
 
 import os
 from pathlib import Path
@@ -12,6 +13,11 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (tests/test_triton.py).
+# It is read when triton is first imported (by torch.utils.flop_counter, through structlm), so it is
+# set before any test module imports structlm.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
-"""The same code on a CUDA device: every kind and the whole model agree with the CPU, in fp32 and
-under bf16 autocast, and pre-merge and training run unchanged. Skipped without a GPU."""
+"""The same code on a CUDA device: every kind and the whole model agree with the CPU, in fp32 (with
+the Triton kernels and without) and under bf16 autocast, and pre-merge and training run unchanged.
+Skipped without a GPU."""
 
 import json
 
@@ -18,7 +19,9 @@ KINDS = sorted(LINEARS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_on_cuda_matches_cpu_values_and_grads(kind):
+@pytest.mark.parametrize("triton", ["auto", "0"])  # the Triton kernels where installed; bmm path
+def test_layer_on_cuda_matches_cpu_values_and_grads(kind, triton, monkeypatch):
+    monkeypatch.setenv("STRUCTLM_TRITON", triton)
     torch.manual_seed(0)
     layer = build_linear(LinearSpec.of(kind, **small_hparams(kind, 64, 256)), 64, 256)
     x = torch.randn(37, 64, requires_grad=True)

@@ -27,7 +27,13 @@ from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import check_blocks_divide, dense_weights, polar_, weighted_refine
-from structlm.linear.kernels import block_diag_matmul, transpose_within_rows
+from structlm.linear.kernels import (
+    block_diag_matmul,
+    cast_operands,
+    transpose_within_rows,
+    use_triton,
+)
+from structlm.linear.triton_block import blockshuffle_matmul_triton
 
 
 def shuffle_indices(nblocks: int, q: int) -> Tensor:
@@ -65,6 +71,10 @@ def blockshuffle_matmul(
     nb, q, p = blkdiag1.shape
     s = blkdiag2.shape[1]
     lead = x.shape[:-1]
+    if use_triton(x, blkdiag1, blkdiag2, bias):  # the shuffles folded into the kernels' addressing
+        y = blockshuffle_matmul_triton(*cast_operands(x.reshape(-1, nb * p), blkdiag1, blkdiag2,
+                                                      bias))
+        return y.view(*lead, nb * s)
     h = block_diag_matmul(x.reshape(-1, nb * p), blkdiag1)  # (T, B*q), flat k*q + i
     z = transpose_within_rows(h, q, nb)  # (T, B*q): z_j[i] = h[i*B + j]
     b = None if bias is None else bias.view(s, nb).t().reshape(-1)  # u's order: b_j[i] = b[i*B+j]

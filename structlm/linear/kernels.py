@@ -5,17 +5,24 @@
 
 Each op exists three ways: an eager autograd.Function with a hand-written backward (the fast path),
 a torch.library custom op with a fake kernel (what torch.compile traces), and a path from
-composable ops (einsum/reshape: for torch.func transforms, forward AD and double backward). FLOP
-formulas for the custom ops are registered with torch.utils.flop_counter, so FlopCounterMode
-counts them as it counts mm.
+composable ops (einsum/reshape: for torch.func transforms, forward AD and double backward). On
+CUDA with Triton installed, a fourth: Triton kernels (`triton_block`) that fold BlockShuffle's
+permutations into their loads and stores (`use_triton` decides). FLOP formulas for the custom ops
+are registered with torch.utils.flop_counter, so FlopCounterMode counts them as it counts mm.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
+
+from structlm.linear import triton_block
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -208,6 +215,34 @@ def transpose_within_rows(x: Tensor, a: int, b: int) -> Tensor:
     return _transpose_rows(x, a, b)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(*ts: Tensor | None) -> bool:
+    """Whether the block products of these operands run as Triton kernels. STRUCTLM_TRITON=auto
+    (default): on CUDA tensors when Triton is installed; 1: on any tensors (CPU tensors need
+    TRITON_INTERPRET=1, the interpreter); 0: never. Never under torch.compile (which traces the
+    custom ops), torch.func transforms or forward AD."""
+    mode = os.environ.get("STRUCTLM_TRITON", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"STRUCTLM_TRITON={mode!r}: use auto, 1 or 0")
+    if mode == "0" or torch.compiler.is_compiling() or _needs_composable_ops(*ts):
+        return False
+    if mode == "1" and not _triton_installed():
+        raise ModuleNotFoundError("STRUCTLM_TRITON=1 but Triton is not installed: pip install "
+                                  "triton (or unset STRUCTLM_TRITON)")
+    return mode == "1" or (ts[0].is_cuda and _triton_installed())
+
+
+def cast_operands(x: Tensor, *ts: Tensor | None) -> list[Tensor | None]:
+    """x and the weights in the dtype the product runs in (`compute_dtype`): inside autocast a
+    cast through autograd, so the gradients reach the fp32 parameters, as autocast does for mm."""
+    dtype = compute_dtype(x)
+    return [None if t is None else t.to(dtype) for t in (x, *ts)]
+
+
 def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """blockdiag(w) applied to the last axis of x, plus bias: x (..., B*p), w (B, q, p),
     bias (B*q,) -> (..., B*q), block k of the output from block k of the input.
@@ -217,11 +252,10 @@ def block_diag_matmul(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tenso
     transforms and forward AD work (through composable ops, slower)."""
     nb, q, p = w.shape
     lead = x.shape[:-1]
-    dtype = compute_dtype(x)
-    x2 = x.reshape(-1, nb * p).to(dtype)
-    w2 = w.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    if torch.compiler.is_compiling():
+    x2, w2, b = cast_operands(x.reshape(-1, nb * p), w, bias)
+    if use_triton(x2, w2, b):
+        y = triton_block.block_diag_matmul_triton(x2, w2, b)
+    elif torch.compiler.is_compiling():
         y = _block_diag_op(x2, w2, b)
     elif _needs_composable_ops(x2, w2, b):
         y = _block_diag_composable(x2, w2, b)
