@@ -3,7 +3,8 @@
     peak       square-matmul throughput (the roofline)
     kernel     each structured op vs its dense matrix and vs a dense matmul of the same FLOPs
     ffn        a whole FFN per structure at 63% / 32% vs dense, over widths and token counts
-    train      a training step of the dense and the structured model (MFU against peak)
+    train      a training step of the dense and the structured model (MFU against peak), and of
+               nanoGPT's GPT at the same shapes with --against PATH/model.py
     prefill    whole-model forward throughput
     decode     per-token decode latency: dense, structured, pre-merged
     maxbatch   the largest decode batch that fits, and its throughput
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -37,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from structlm import checkpoint
-from structlm.config import DataConfig, ModelConfig, RunConfig, save_json, to_dict
+from structlm.config import DataConfig, ModelConfig, OptimConfig, RunConfig, save_json, to_dict
 from structlm.data import load_tokenizer, prepare
 from structlm.flops import ffn_params, flops_per_token, param_groups
 from structlm.linear.base import StructuredLinear
@@ -46,6 +48,7 @@ from structlm.linear.registry import LinearSpec, build_linear, choose_hparams, l
 from structlm.linear.registry import structured_kinds as registered_kinds
 from structlm.model import GPT, MLP
 from structlm.timing import context, median_ms, time_interleaved
+from structlm.training.optim import make_optimizer
 from structlm.utils import autocast, is_tty, synchronize
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -252,45 +255,87 @@ def bench_ffn(
     return rows
 
 
+def load_nanogpt(path: Path, cfg: ModelConfig, seq: int, device: torch.device) -> tuple:
+    """(model, optimizer) of nanoGPT's GPT from the user's model.py, at cfg's shapes, with its own
+    `configure_optimizers` (AdamW, fused on CUDA): what nanoGPT's train.py steps."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--against {path}: no such file (nanoGPT's model.py)")
+    if cfg.act != "gelu" or cfg.d_ff != 4 * cfg.d_model or cfg.n_kv_head not in (None, cfg.n_head):
+        raise ValueError(f"--against: nanoGPT's block is a GELU MLP of 4*d_model with full "
+                         f"attention; this model has act={cfg.act}, d_ff={cfg.d_ff}, "
+                         f"n_kv_head={cfg.n_kv_head} (use --model.act gelu --model.d_ff "
+                         f"{4 * cfg.d_model} and no --model.n_kv_head)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not (hasattr(mod, "GPT") and hasattr(mod, "GPTConfig")):
+        raise ValueError(f"--against {path}: defines no GPT and GPTConfig (is it nanoGPT's "
+                         "model.py?)")
+    conf = mod.GPTConfig(block_size=seq, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
+        model = mod.GPT(conf).to(device)
+        opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+    return model, opt
+
+
+def _train_variants(cfg: ModelConfig, device: torch.device, seq: int, kinds: tuple[str, ...],
+                    against: Path | None) -> dict[str, tuple]:
+    """name -> (model, optimizer, config for the FLOP count): structlm's dense and structured
+    models with the trainer's own optimizer, and nanoGPT's model when `against` is given."""
+    cfgs = {"dense": dataclasses.replace(cfg, ffn=LinearSpec()), "structured": cfg}
+    out = {}
+    if against is not None:
+        out["nanogpt"] = (*load_nanogpt(against, cfg, seq, device), cfgs["dense"])
+    for k in kinds:
+        model = GPT(cfgs[k]).to(device)
+        out[k] = (model, make_optimizer(model, OptimConfig(lr=1e-4)), cfgs[k])
+    return out
+
+
 def bench_train(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None, batch: int = 8,
     seq: int = 256, steps: int = 5, peak: float | None = None,
     kinds: tuple[str, ...] = ("dense", "structured"), compile: bool = False,
+    against: Path | None = None,
 ) -> list[dict]:
-    """Training-step throughput (forward + backward + AdamW) of the dense and the structured model,
-    interleaved step by step; MFU against `peak` GFLOP/s (paper FLOP convention, flops.py).
-    compile=True times torch.compile'd models (compiled during the warm-up step)."""
-
-    cfgs = {"dense": dataclasses.replace(cfg, ffn=LinearSpec()), "structured": cfg}
-    models = {k: GPT(cfgs[k]).to(device) for k in kinds}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    if compile:
-        models = {k: torch.compile(m) for k, m in models.items()}
+    """Training-step throughput (forward, backward, gradient clipping at 1.0, AdamW) of the dense
+    and the structured model, and of nanoGPT's GPT at the same shapes when `against` names its
+    model.py, interleaved step by step; speed-ups against the first (nanoGPT where given). MFU
+    against `peak` GFLOP/s (paper FLOP convention, flops.py). compile=True times
+    torch.compile'd models (compiled during the warm-up step)."""
+    variants = _train_variants(cfg, device, seq, kinds, against)
+    models = {k: torch.compile(v[0]) if compile else v[0] for k, v in variants.items()}
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # nanoGPT .view()s the targets
 
     def step(k):
+        opt = variants[k][1]
+
         def go():
             with autocast(device, dtype):
-                _, loss = models[k](x[:, :-1], x[:, 1:])
+                _, loss = models[k](idx, targets)
             loss.backward()
-            opts[k].step()
-            opts[k].zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(variants[k][0].parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return go
 
-    t = time_interleaved({k: step(k) for k in kinds}, device, reps=steps, min_time=0.0, warmup=1)
-    base = statistics.median(t[kinds[0]])
+    t = time_interleaved({k: step(k) for k in variants}, device, reps=steps, min_time=0.0,
+                         warmup=1)
+    base = statistics.median(next(iter(t.values())))
     rows = []
     for k, ts in t.items():
         ms, lo, hi = median_ms(ts)
-        fpt = 3 * flops_per_token(cfgs[k], seq)["total"]
+        fpt = 3 * flops_per_token(variants[k][2], seq)["total"]
         achieved = fpt * batch * seq / (ms * 1e-3) / 1e9
         rows.append({"bench": "train", **context(device, dtype), "compiled": compile,
-                     "variant": k,
-                     "kind": cfgs[k].ffn.kind, "d_model": cfg.d_model, "n_layer": cfg.n_layer,
-                     "batch": batch, "seq": seq, "ms": ms,
-                     "ms_min": lo, "ms_max": hi, "tokens_per_s": batch * seq / (ms * 1e-3),
-                     "gflops": achieved, "mfu": achieved / peak if peak else None,
-                     "speedup": base / (ms * 1e-3)})
+                     "variant": k, "kind": variants[k][2].ffn.kind, "d_model": cfg.d_model,
+                     "n_layer": cfg.n_layer, "params": sum(p.numel() for p in
+                                                           variants[k][0].parameters()),
+                     "batch": batch, "seq": seq, "ms": ms, "ms_min": lo, "ms_max": hi,
+                     "tokens_per_s": batch * seq / (ms * 1e-3), "gflops": achieved,
+                     "mfu": achieved / peak if peak else None, "speedup": base / (ms * 1e-3)})
     return rows
 
 
@@ -502,6 +547,7 @@ class BenchOptions:
     procs: int = 2  # memory: ranks of each torchrun
     concurrency: tuple[int, ...] = (1, 8, 32)  # serve: concurrent clients
     kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
+    against: Path | None = None  # train: nanoGPT's model.py, timed beside structlm's models
 
 
 @dataclass(frozen=True)
@@ -562,8 +608,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "train": Benchmark(
         lambda o, m: bench_train(quick_model(m) if o.quick else m, o.device, o.dtype,
                                  o.batch or 8, 32 if o.quick else o.seq, 2 if o.quick else o.reps,
-                                 _peak_of(o), compile=o.compile),
-        ("variant", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu", "speedup")),
+                                 _peak_of(o), compile=o.compile, against=o.against),
+        ("variant", "params", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu",
+         "speedup")),
     "prefill": Benchmark(
         lambda o, m: bench_prefill(quick_model(m) if o.quick else m, o.device, o.dtype,
                                    o.batch or 4, 32 if o.quick else o.seq, o.reps),

@@ -268,6 +268,8 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
                    help="decode: calibrate pre-merge thresholds first")
     p.add_argument("--procs", type=int, default=2, help="memory: ranks of each torchrun")
     p.add_argument("--concurrency", default="1,8,32", help="serve: concurrent clients")
+    p.add_argument("--against", type=Path, default=None,
+                   help="train: nanoGPT's model.py (yours), timed at the same shapes")
     return p
 
 
@@ -289,7 +291,7 @@ def cmd_bench(argv: list[str]) -> None:
         compile=ns.compile, widths=ints(ns.widths), tokens=ints(ns.tokens), batch=ns.batch,
         seq=ns.seq, prompt=ns.prompt, gen=ns.gen, reps=ns.reps, max_batch=ns.max_batch,
         calibrate=ns.calibrate, kinds=tuple(ns.kinds) if ns.kinds else None, procs=ns.procs,
-        concurrency=ints(ns.concurrency),
+        concurrency=ints(ns.concurrency), against=ns.against,
     )
     bench = BENCHMARKS[sub]
     rows = bench.run(opts, cfg.model)

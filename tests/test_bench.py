@@ -100,3 +100,62 @@ def test_serve_rows_from_the_load_generator():
     assert {r["variant"] for r in rows} == {"dense", "structured", "structured+premerge"}
     assert all(r["errors"] == 0 and r["out_tok_per_s"] > 0 and r["ttft_p50_ms"] > 0
                for r in rows)
+
+
+# A stand-in with nanoGPT's interface (GPTConfig, GPT(config), forward(idx, targets) -> (logits,
+# loss), configure_optimizers), written for this test: structlm ships none of nanoGPT's code.
+NANOGPT_LIKE = '''
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.mlp = nn.Sequential(*[nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                                   for _ in range(config.n_layer)])
+        print("number of parameters:", sum(p.numel() for p in self.parameters()))
+
+    def forward(self, idx, targets=None):
+        logits = self.mlp(self.wte(idx)) @ self.wte.weight.T
+        loss = nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas,
+                                 weight_decay=weight_decay)
+'''
+
+
+def test_train_against_a_nanogpt_style_file(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(NANOGPT_LIKE)
+    rows = bench.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, against=path)
+    check(rows, ["variant", "params", "tokens_per_s", "speedup"])
+    assert [r["variant"] for r in rows] == ["nanogpt", "dense", "structured"]
+    assert rows[0]["speedup"] == 1.0  # the speed-ups are against nanoGPT's step
+    assert rows[0]["params"] == 128 * 32 + 2 * (32 * 32 + 32)  # built at TINY's shapes
+    assert rows[2]["params"] < rows[1]["params"]
+
+
+def test_train_against_refuses_what_it_cannot_compare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        bench.load_nanogpt(tmp_path / "model.py", TINY, 16, CPU)
+    (tmp_path / "other.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no GPT and GPTConfig"):
+        bench.load_nanogpt(tmp_path / "other.py", TINY, 16, CPU)
+    swiglu = ModelConfig(**{**vars(TINY), "act": "swiglu"})
+    with pytest.raises(ValueError, match="--model.act gelu --model.d_ff 128"):
+        bench.load_nanogpt(tmp_path / "other.py", swiglu, 16, CPU)
