@@ -7,6 +7,7 @@
     structlm generate RUN_DIR --prompt "..." [--max_new_tokens N --temperature T --top_k K --top_p P]
     structlm sweep    [FILE.toml] [--sizes 2x128 4x256 --structures dense lowrank:0.32 --tokens_per_param R] [--dry-run]
     structlm scaling  RUNS... [--x train_flops|params] [--json F] [--plot F.png]
+    structlm plan     --flops C [--target_loss L --max_params N --from RUNS... --extrapolate] [--json F]
     structlm report   RUNS... [--decode_batch B...] [--md F.md] [--csv F.csv]
     structlm export   RUN_DIR OUT_DIR [--format hf-merged] [--dtype fp32|bf16|fp16]
     structlm import   HF_DIR OUT_RUN_DIR
@@ -40,12 +41,13 @@ from structlm.hf.importer import import_hf
 from structlm.info import format_info, model_info
 from structlm.linear.registry import LINEARS
 from structlm.model import check_sampling
+from structlm.plan import PlanOptions, format_plan, paper_rows, plan
 from structlm.report import report as report_runs
-from structlm.scaling import FORMS, X_KEYS
+from structlm.scaling import FORMS, X_KEYS, collect
 from structlm.scaling import report as scaling_report
 from structlm.sweep import SweepConfig, load_sweep, run_sweep
 from structlm.training import train
-from structlm.utils import autocast_dtype, autodetect_device, reuse_freed_memory
+from structlm.utils import autocast_dtype, autodetect_device, json_safe, reuse_freed_memory
 
 
 def parse_run_config(
@@ -385,6 +387,42 @@ def cmd_scaling(argv: list[str]) -> None:
                    json_path=ns.json, png=ns.plot)
 
 
+def cmd_plan(argv: list[str]) -> None:
+    """For a compute budget: structure, model size and tokens from fitted scaling laws."""
+    p = argparse.ArgumentParser(
+        prog="structlm plan",
+        description="Recommend a structure, model size and token count for a budget from "
+        "L(N, D) or L(C) fits per family: the paper's published points by default, or your "
+        "sweep's finished runs (--from).")
+    p.add_argument("--flops", type=float, default=None, help="compute budget (training FLOPs)")
+    p.add_argument("--target_loss", type=float, default=None,
+                   help="the validation loss to reach (with --flops: families that miss it are "
+                   "not recommended; alone: the least compute per family)")
+    p.add_argument("--max_params", type=float, default=None, help="a parameter limit")
+    p.add_argument("--from", dest="runs", nargs="+", default=None,
+                   help="fit these run directories / sweeps instead of the paper's points")
+    p.add_argument("--form", default="power", choices=FORMS,
+                   help="the L(C) form where a family's runs cannot separate N from D")
+    p.add_argument("--max_extrapolation", type=float, default=10.0,
+                   help="refuse budgets beyond this factor of a family's fitted range")
+    p.add_argument("--extrapolate", action="store_true", help="predict beyond it anyway")
+    p.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the plans here")
+    ns = p.parse_args(argv)
+    rows = collect(ns.runs) if ns.runs else paper_rows()
+    print(f"fits from {', '.join(ns.runs) if ns.runs else rows[0]['source']}")
+    opts = PlanOptions(ns.flops, ns.target_loss, ns.max_params, ns.form, ns.max_extrapolation,
+                       ns.extrapolate, ns.bootstrap, ns.seed)
+    result = plan(rows, opts)
+    print(format_plan(result))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(json_safe(result), indent=1) + "\n")
+        print(f"plans: {ns.json}")
+    if result["recommendation"] is None:
+        raise SystemExit(1)
+
+
 def cmd_report(argv: list[str]) -> None:
     """The paper's Table 1 / 2 layout (params, FFN params, tokens, FLOPs, PPL, decode tokens/s)."""
     p = argparse.ArgumentParser(prog="structlm report",
@@ -462,6 +500,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "info": cmd_info,
     "sweep": cmd_sweep,
     "scaling": cmd_scaling,
+    "plan": cmd_plan,
     "report": cmd_report,
     "export": cmd_export,
     "import": cmd_import,
