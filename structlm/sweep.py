@@ -20,7 +20,10 @@ steps so their training FLOPs equal the dense model's (docs/method.md §4.5, fix
 reduce_flop, as in the paper's SGT runs).
 
 A sweep file is TOML: the SweepConfig fields at the top level, and optionally several [[grid]]
-tables, each overriding sizes / structures / sgt for a sub-grid (e.g. BlockShuffle at two sizes).
+tables, each overriding sizes / structures / sgt for a sub-grid (e.g. BlockShuffle at two sizes),
+or giving it its own base (preset, and set overrides added to the sweep's): a grid with a preset
+and no sizes runs at the preset's size and names its runs by it (paper-m-lowrank32). With
+gpu_peak_flops, the plan shows each run's GPU-hours at the stated MFU.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from structlm.training.rundir import check_run_dir
 from structlm.training.sgt import make_plan
 from structlm.utils import is_tty
 
+GRID_KEYS = ("sizes", "structures", "sgt", "preset", "set")
 _SIZE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")  # LxD or LxDhH: layers, width, heads
 
 
@@ -77,8 +81,12 @@ class SweepConfig:
     flops: float | None = None  # budget: the same training FLOPs for every run (iso-FLOP)
     tokens: float | None = None  # budget: the same tokens for every run
     evals: int = 4  # periodic validations per run (the final one always happens)
-    # [[grid]] tables of a sweep file: sub-grids overriding sizes/structures/sgt (not a CLI flag)
+    # [[grid]] tables of a sweep file: sub-grids overriding sizes/structures/sgt, and preset/set
+    # (a sub-grid on its own base, e.g. one paper size each) (not a CLI flag)
     grids: tuple[dict, ...] = ()
+    # the plan's GPU-hours per run: train FLOPs / (gpu_peak_flops x mfu); None = not shown
+    gpu_peak_flops: float | None = None  # per GPU, e.g. 989e12 (H100 SXM bf16 dense)
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the estimate
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(SweepConfig)
@@ -96,11 +104,13 @@ class SweepConfig:
             raise ValueError(f"budget_from={self.budget_from!r}: choose 'dense' or 'self'")
         if self.evals < 0:
             raise ValueError(f"evals={self.evals} must be >= 0")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu={self.mfu} must be in (0, 1]")
         for g in self.grids:
-            bad = set(g) - {"sizes", "structures", "sgt"}
+            bad = set(g) - set(GRID_KEYS)
             if bad:
                 raise ValueError(
-                    f"a [[grid]] table may set sizes, structures and sgt only; got {sorted(bad)}"
+                    f"a [[grid]] table may set {', '.join(GRID_KEYS)} only; got {sorted(bad)}"
                 )
 
 
@@ -209,7 +219,7 @@ def parse_structure(text: str) -> tuple[str, float]:
 def _sized(base: RunConfig, size: str | None, spec: LinearSpec) -> RunConfig:
     d = to_dict(base)
     m = d["model"]
-    if size is not None:
+    if size is not None and size not in PRESETS:  # a preset's name: its own size
         m["n_layer"], m["d_model"], m["n_head"] = parse_size(size)
         m["d_ff"], m["attn_dim"], m["n_kv_head"] = 4 * m["d_model"], None, None
         m["dense_ffn_layers"] = [i for i in m["dense_ffn_layers"] if i < m["n_layer"]]
@@ -227,11 +237,14 @@ def _name(size: str | None, kind: str, frac: float, sgt: bool) -> str:
 
 def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
     """Every run of the sweep with its configuration, parameters, steps, tokens and FLOPs."""
-    base = base_config(sweep)
     grids = sweep.grids or ({},)
     runs: dict[str, PlannedRun] = {}
     for g in grids:
-        sizes = tuple(g.get("sizes", sweep.sizes)) or (None,)
+        base = base_config(dataclasses.replace(
+            sweep, preset=g.get("preset", sweep.preset), set=(*sweep.set, *g.get("set", ()))))
+        # a grid on its own preset and at its size: its runs are named by the preset
+        sizes = tuple(g.get("sizes", sweep.sizes)) or ((None,) if "preset" not in g else
+                                                         (g["preset"],))
         structures = [parse_structure(s) for s in g.get("structures", sweep.structures)]
         sgts = tuple(g.get("sgt", sweep.sgt))
         for size in sizes:
@@ -284,7 +297,8 @@ def _plan_one(
     cfg.train.eval_interval = max(1, plan.total_steps // sweep.evals) if sweep.evals else 0
     g = param_groups(cfg.model)
     return PlannedRun(
-        name=name, size=size or f"{m.n_layer}x{m.d_model}", structure=_name(None, kind, frac, sgt),
+        name=name, size=size if size and size not in PRESETS else f"{m.n_layer}x{m.d_model}",
+        structure=_name(None, kind, frac, sgt),
         sgt=sgt, cfg=cfg, params=g["total"], ffn_params=g["ffn"], steps=plan.total_steps,
         tokens=plan.total_steps * per_step, train_flops=plan.train_flops,
     )
@@ -303,25 +317,33 @@ def status(run: PlannedRun) -> str:
     return "todo"
 
 
-def format_plan(runs: list[PlannedRun]) -> str:
-    """The plan as an aligned table (also the --dry-run output)."""
-    head = f"{'run':<28}{'params':>11}{'FFN':>11}{'steps':>8}{'tokens':>12}{'FLOPs':>11}  status"
+def format_plan(runs: list[PlannedRun], gpu_flops: float | None = None) -> str:
+    """The plan as an aligned table (also the --dry-run output); with `gpu_flops` (achieved
+    FLOP/s of one GPU: peak x MFU) each run's GPU-hours."""
+    hours = (lambda r: r.train_flops / gpu_flops / 3600) if gpu_flops else None
+    head = (f"{'run':<28}{'params':>14}{'FFN':>14}{'steps':>8}{'tokens':>16}{'FLOPs':>11}"
+            + (f"{'GPU-h':>9}" if hours else "") + "  status")
     lines = [head, "-" * len(head)]
     for r in runs:
         lines.append(
-            f"{r.name:<28}{r.params:>11,}{r.ffn_params:>11,}{r.steps:>8,}{r.tokens:>12,}"
-            f"{r.train_flops:>11.3e}  {status(r)}"
+            f"{r.name:<28}{r.params:>14,}{r.ffn_params:>14,}{r.steps:>8,}{r.tokens:>16,}"
+            f"{r.train_flops:>11.3e}" + (f"{hours(r):>9.1f}" if hours else "") + f"  {status(r)}"
         )
     total = sum(r.train_flops for r in runs)
     todo = sum(r.train_flops for r in runs if status(r) != "done")
-    lines.append(f"{len(runs)} runs, {total:.3e} training FLOPs ({todo:.3e} still to do)")
+    lines.append(f"{len(runs)} runs, {total:.3e} training FLOPs ({todo:.3e} still to do)"
+                 + (f", {sum(map(hours, runs)):,.0f} GPU-hours" if hours else ""))
     return "\n".join(lines)
 
 
 def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
     """Plan, then train every run not yet done, in order; returns the summaries (dicts)."""
     runs = plan_sweep(sweep)
-    print(format_plan(runs), flush=True)
+    gpu = sweep.gpu_peak_flops * sweep.mfu if sweep.gpu_peak_flops else None
+    print(format_plan(runs, gpu), flush=True)
+    if gpu:
+        print(f"GPU-hours at {sweep.mfu:.0%} MFU of {sweep.gpu_peak_flops:.3g} FLOP/s per GPU "
+              "(the paper's FLOP accounting; attention and the LM head included)", flush=True)
     for r in runs:  # refuse a directory holding another run before training anything
         check_run_dir(Path(r.cfg.train.out_dir), r.cfg)
     if dry_run:

@@ -103,7 +103,8 @@ def test_grids_union_without_duplicates_and_eval_cadence(tmp_path):
     (dict(tokens=1e6, flops=1e12), "exactly one budget rule"),
     (dict(tokens=-5.0), "must be positive"),
     (dict(tokens=1e6, budget_from="other"), "budget_from"),
-    (dict(tokens=1e6, grids=({"sizes": ["2x64"], "lr": 1},)), "sizes, structures and sgt"),
+    (dict(tokens=1e6, grids=({"sizes": ["2x64"], "lr": 1},)),
+     "sizes, structures, sgt, preset, set only"),
 ])
 def test_bad_sweep_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -259,3 +260,31 @@ def test_a_new_budget_extends_finished_runs_instead_of_skipping_them(corpus, tmp
     shorter = tiny_sweep(corpus, out, structures=("dense",), tokens=2048.0)
     with pytest.raises(ValueError, match="beyond the budget"):
         run_sweep(shorter)
+
+
+def test_grids_on_their_own_presets_are_named_by_them_and_keep_their_size(tmp_path):
+    sweep = SweepConfig(out_dir=str(tmp_path), structures=("dense", "lowrank:0.32"),
+                        tokens_per_param=0.1, grids=({"preset": "tiny"},
+                                                      {"preset": "small", "set": ["optim.lr=1e-3"],
+                                                       "structures": ["dense"]}))
+    runs = plan_sweep(sweep)
+    assert [r.name for r in runs] == ["tiny-dense", "tiny-lowrank32", "small-dense"]
+    small = runs[2].cfg
+    assert small.optim.lr == 1e-3 and runs[0].cfg.optim.lr != 1e-3
+    assert (small.model.n_layer, small.model.d_model) == (4, 256)  # the preset's own size
+    assert (runs[0].cfg.model.n_layer, runs[0].cfg.model.d_model) == (2, 64)
+
+
+def test_gpu_recipe_reproduces_the_papers_sizes_and_flops(capsys):
+    """experiments/gpu_recipe/paper.toml: Table 1's xl rows (1274M params, 2.10e20 FLOPs dense) and
+    a GPU-hour estimate per run."""
+    sweep = load_sweep(str(Path(__file__).parents[1] / "experiments/gpu_recipe/paper.toml"))
+    runs = {r.name: r for r in plan_sweep(sweep)}
+    assert len(runs) == 4 * 9
+    xl = runs["paper-xl-dense"]
+    assert xl.params == pytest.approx(1274e6, rel=1e-3)
+    assert xl.train_flops == pytest.approx(2.10e20, rel=5e-3)
+    assert runs["paper-xl-lowrank32"].train_flops == pytest.approx(1.29e20, rel=5e-3)
+    run_sweep(sweep, dry_run=True)
+    out = capsys.readouterr().out
+    assert "GPU-h" in out and "GPU-hours at 40% MFU" in out
