@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from structlm.config import ModelConfig
 from structlm.linear import build_linear
+from structlm.linear.kernels import _needs_composable_ops
 
 # --- positions ------------------------------------------------------------------------------------
 
@@ -52,9 +53,48 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _rotate_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x rotated by the angles, halves layout: [x1 c - x2 s | x2 c + x1 s] with c, s the first half
+    of cos, sin (the second repeats it); the products and sums in at least fp32, one rounding to
+    x's dtype at the end. Three passes over each half (the composable form takes seven over the
+    whole: upcast, negate, concatenate, two products, sum, cast)."""
+    h = x.shape[-1] // 2
+    c, s = cos[..., :h], sin[..., :h]
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    y1 = (x1 * c).addcmul_(x2, s, value=-1.0)  # fp32 (c is fp32), (..., hs/2)
+    out[..., :h].copy_(y1)
+    y2 = (x2 * c).addcmul_(x1, s)
+    out[..., h:].copy_(y2)
+    return out
+
+
+class _RopeFn(torch.autograd.Function):
+    """RoPE with its backward as the inverse rotation (angle -θ): nothing but cos and sin is saved,
+    and the backward is as cheap as the forward. Differentiable ops inside, so double backward
+    works."""
+
+    @staticmethod
+    def forward(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return _rotate_halves(x, cos, sin)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate_halves(dy, cos, -sin), None, None
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     """Rotate x: (B, nh, T, hs) by the angles (T, hs); computed in at least fp32, returned in x's
-    dtype."""
+    dtype. The halves layout takes the fast path (`_RopeFn`) unless torch.func transforms or
+    forward AD are active (or the angles need gradients)."""
+    if not interleaved and not cos.requires_grad and not sin.requires_grad \
+            and not _needs_composable_ops(x):
+        return _RopeFn.apply(x, cos, sin)
     xf = at_least_fp32(x)
     if interleaved:
         pairs = xf.unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)

@@ -48,9 +48,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel over all tensors: 88 -> 24 ms a step for a 49M
+    parameter model on a 2-core CPU, BENCHMARKS.md) takes these parameters: plain floating
+    tensors on CPU or CUDA. Sharded (DTensor) parameters keep the per-tensor loop."""
+    return all(type(p.data) is torch.Tensor and p.is_floating_point()
+               and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; decay on every parameter as in the paper, or (decay_all=False) only on >=2-D
-    tensors."""
+    """AdamW (fused where `fused_supported`); decay on every parameter as in the paper, or
+    (decay_all=False) only on >=2-D tensors."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.decay_all:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
@@ -59,7 +67,8 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused_supported(params) or None)
 
 
 def apply_hparams(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
