@@ -28,8 +28,10 @@ gpu_peak_flops, the plan shows each run's GPU-hours at the stated MFU.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -337,8 +339,11 @@ def format_plan(runs: list[PlannedRun], gpu_flops: float | None = None) -> str:
 
 
 def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
-    """Plan, then train every run not yet done, in order; returns the summaries (dicts)."""
+    """Plan, then train every run not yet done, in order; returns the summaries (dicts). Under
+    torchrun every rank trains each run together; only rank 0 prints and writes sweep.json."""
     runs = plan_sweep(sweep)
+    lead = int(os.environ.get("RANK", "0")) == 0
+    print = builtins.print if lead else (lambda *a, **k: None)  # noqa: A001
     gpu = sweep.gpu_peak_flops * sweep.mfu if sweep.gpu_peak_flops else None
     print(format_plan(runs, gpu), flush=True)
     if gpu:
@@ -350,8 +355,9 @@ def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
         return []
     out = Path(sweep.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
-    tty = is_tty()
+    if lead:
+        (out / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
+    tty = is_tty() and lead
     bar = tqdm(total=sum(r.train_flops for r in runs), unit="FLOP", unit_scale=True,
                desc="sweep", disable=not tty, position=1)
     summaries = []
