@@ -22,7 +22,8 @@ reduce_flop, as in the paper's SGT runs).
 A sweep file is TOML: the SweepConfig fields at the top level, and optionally several [[grid]]
 tables, each overriding sizes / structures / sgt for a sub-grid (e.g. BlockShuffle at two sizes),
 or giving it its own base (preset, and set overrides added to the sweep's): a grid with a preset
-and no sizes runs at the preset's size and names its runs by it (paper-m-lowrank32). With
+and no sizes runs at the preset's size and names its runs by it (paper-m-lowrank32); a grid's tag
+is appended to its run names (a second seed: set = ["train.seed=2"], tag = "seed2"). With
 gpu_peak_flops, the plan shows each run's GPU-hours at the stated MFU.
 """
 
@@ -59,7 +60,7 @@ from structlm.training.rundir import check_run_dir
 from structlm.training.sgt import make_plan
 from structlm.utils import is_tty
 
-GRID_KEYS = ("sizes", "structures", "sgt", "preset", "set")
+GRID_KEYS = ("sizes", "structures", "sgt", "preset", "set", "tag")
 _SIZE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")  # LxD or LxDhH: layers, width, heads
 
 
@@ -253,7 +254,7 @@ def plan_sweep(sweep: SweepConfig) -> list[PlannedRun]:
             dense = _sized(base, size, LinearSpec())
             for kind, frac in structures:
                 for sgt in sgts if kind != DENSE else (False,):
-                    name = _name(size, kind, frac, sgt)
+                    name = _name(size, kind, frac, sgt) + (f"-{g['tag']}" if "tag" in g else "")
                     if name not in runs:
                         runs[name] = _plan_one(sweep, dense, size, kind, frac, sgt, name)
     return list(runs.values())

@@ -1,6 +1,7 @@
 """The experiment scripts' smoke versions run end to end (QUICK=1: tiny models, a small corpus)."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import write_corpus  # the tests directory is on sys.path under pytest
+
+from structlm.config import LinearSpec, ModelConfig, to_dict
+from structlm.flops import param_groups
+from structlm.sweep import load_sweep, plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +41,44 @@ def test_cpu_study_quick_runs_every_step(tmp_path):
     seeds = list(csv.DictReader((docs / "seeds_table.csv").open()))
     assert sorted(r["run"] for r in seeds) == sorted(
         f"seed{s}/3x32h2-{k}" for s in (2, 3) for k in ("dense", "lowrank63", "lowrank32"))
+
+
+def _load_gap():
+    spec = importlib.util.spec_from_file_location(
+        "gap", ROOT / "experiments/chinchilla_study/gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_chinchilla_sweep_plans_twenty_tokens_per_parameter():
+    runs = plan_sweep(load_sweep(str(ROOT / "experiments/chinchilla_study/sweep.toml")))
+    assert len(runs) == 17 and len({r.name for r in runs}) == 17
+    for r in runs:
+        if r.name.endswith("-dense"):
+            ratio = r.tokens / param_groups(r.cfg.model)["non_embedding"]
+            assert 19.5 < ratio <= 20.0
+
+
+def test_gap_trend_finds_a_shrinking_gap(tmp_path):
+    """Synthetic summaries: the LowRank gap halves per doubling of N, with two seeds at one size."""
+    gap = _load_gap()
+    for i, d in enumerate((32, 64, 128, 256)):
+        dense = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=d, d_ff=4 * d)
+        lr = ModelConfig(**{**vars(dense), "ffn": LinearSpec("lowrank", rank=d // 8)})
+        n = 4 ** i * 1e5
+        for name, cfg, loss in (("dense", dense, 3.0), ("lr", lr, 3.0 + 0.2 / 2 ** i),
+                                ("lr-seed2", lr, 3.0 + 0.2 / 2 ** i + 0.004 * (i == 1))):
+            run = tmp_path / f"{d}-{name}"
+            run.mkdir()
+            (run / "summary.json").write_text(json.dumps({
+                "config": {"model": to_dict(cfg)}, "train_flops": 1e12 * (i + 1), "tokens": 1e6,
+                "param_groups": {"total": int(n), "non_embedding": int(n), "ffn": 0},
+                "final_val_loss": loss, "final_val_ppl": 2.0 ** loss}))
+    g = gap.gaps(gap.collect([str(tmp_path)]))
+    fit = gap.slope(g["lowrank-32%"] if "lowrank-32%" in g else next(iter(g.values())))
+    assert fit["n"] == 4 and fit["per_doubling"] < 0 and fit["ci90"][1] < 0
+    assert fit["seed_spread"] == pytest.approx(0.004, abs=1e-9)
+    assert "shrinks" in gap.verdict("lowrank", fit)
+    gap.plot(g, {k: gap.slope(v) for k, v in g.items()}, str(tmp_path / "gap.png"))
+    assert (tmp_path / "gap.png").stat().st_size > 0

@@ -104,7 +104,7 @@ def test_grids_union_without_duplicates_and_eval_cadence(tmp_path):
     (dict(tokens=-5.0), "must be positive"),
     (dict(tokens=1e6, budget_from="other"), "budget_from"),
     (dict(tokens=1e6, grids=({"sizes": ["2x64"], "lr": 1},)),
-     "sizes, structures, sgt, preset, set only"),
+     "sizes, structures, sgt, preset, set, tag only"),
 ])
 def test_bad_sweep_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -288,3 +288,12 @@ def test_gpu_recipe_reproduces_the_papers_sizes_and_flops(capsys):
     run_sweep(sweep, dry_run=True)
     out = capsys.readouterr().out
     assert "GPU-h" in out and "GPU-hours at 40% MFU" in out
+
+
+def test_a_grid_tag_names_a_second_seed_apart(tmp_path):
+    sweep = SweepConfig(out_dir=str(tmp_path), sizes=("2x64",), structures=("dense",),
+                        tokens_per_param=0.1,
+                        grids=({}, {"set": ["train.seed=2"], "tag": "seed2"}))
+    runs = plan_sweep(sweep)
+    assert [r.name for r in runs] == ["2x64-dense", "2x64-dense-seed2"]
+    assert runs[1].cfg.train.seed == 2 and runs[0].cfg.train.seed != 2
