@@ -332,12 +332,19 @@ def test_warnings_go_to_stderr_not_into_generated_text(corpus, tmp_path):
 ROW_TIMING = ("tok_per_s", "ms_per_step")
 
 
+def _last_step(ckpts: Path) -> int:
+    """The newest complete checkpoint's step (0 when none)."""
+    steps = [int(p.name.removeprefix("step_")) for p in ckpts.glob("step_*")
+             if p.name.removeprefix("step_").isdigit()]
+    return max(steps, default=0)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_resumes_to_the_uninterrupted_run(corpus, tmp_path):
-    """SIGKILL a tiny run at 20 random moments (start-up, steps, checkpoint saves every step, the
-    final phase), rerunning after each: the same trajectory, weights, metrics rows and summary as
-    an uninterrupted run, and no temporary file left. The kill times are scaled to this machine:
-    an uninterrupted run (the reference) and a rerun of it (start-up only) are timed first."""
+    """SIGKILL a tiny run at 20 random moments (start-up, steps, checkpoint saves every step),
+    rerunning after each: the same trajectory, weights, metrics rows and summary as an
+    uninterrupted run, and no temporary file left. Start-up kills are scaled to a timed rerun of
+    the finished reference; step kills wait for their step's checkpoint, then land within a step."""
     kw = dict(max_steps=200, eval_interval=50, ckpt_interval=1)
     cmds = {}
     for name in ("ref", "run"):
@@ -352,10 +359,20 @@ def test_sigkill_at_random_points_resumes_to_the_uninterrupted_run(corpus, tmp_p
     startup, work = time.time() - t1, max(t1 - t0 - (time.time() - t1), 1.0)
     cmd = cmds["run"]
     rng, kills, start = random.Random(1005), 0, time.time()
-    while kills < 20 and time.time() - start < 600:
+    # 4 kills in start-up, 16 at random steps (in order): each waits for its step's checkpoint, so
+    # the campaign spreads over the run whatever this machine's speed
+    targets = [0] * 4 + sorted(rng.sample(range(5, 195), 16))
+    ckpts = tmp_path / "run" / "checkpoints"
+    for target in targets:
+        if time.time() - start > 600:
+            break
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # start-up, then about 1/20 of the work on average: the kills spread over the whole run
-        time.sleep(startup * rng.uniform(0.7, 1.0) + rng.uniform(0.0, work / 10))
+        if target == 0:
+            time.sleep(startup * rng.uniform(0.2, 0.9))
+        else:
+            while proc.poll() is None and _last_step(ckpts) < target:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, work / 200))  # somewhere inside the next step
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
             break
