@@ -200,6 +200,15 @@ def bench_kernel(
     return rows
 
 
+def compile_variants(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """torch.compile each variant. Variants share their forward's code, so each one compiles as a
+    recompilation of it: dynamo's recompile limit (8) is lifted above their number (x4 for token
+    counts), or the variants past the limit would silently run eagerly."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 4 * len(models))
+    return {name: torch.compile(m) for name, m in models.items()}
+
+
 def bench_ffn(
     device: torch.device, dtype: torch.dtype | None,
     widths: tuple[int, ...] = (768, 1024, 1536, 2048),
@@ -226,7 +235,7 @@ def bench_ffn(
         params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1)
                   for name, m in mlps.items()}
         if compile:
-            mlps = {name: torch.compile(m) for name, m in mlps.items()}
+            mlps = compile_variants(mlps)
         for T in tokens:
             x = torch.randn(T, d, device=device, requires_grad=backward)
 
@@ -305,7 +314,8 @@ def bench_train(
     against `peak` GFLOP/s (paper FLOP convention, flops.py). compile=True times
     torch.compile'd models (compiled during the warm-up step)."""
     variants = _train_variants(cfg, device, seq, kinds, against)
-    models = {k: torch.compile(v[0]) if compile else v[0] for k, v in variants.items()}
+    models = {k: v[0] for k, v in variants.items()}
+    models = compile_variants(models) if compile else models
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     idx, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # nanoGPT .view()s the targets
 

@@ -75,6 +75,16 @@ def test_ffn_compiled_rows():
     assert all(r["compiled"] and r["ms"] > 0 for r in rows)
 
 
+def test_compile_variants_lifts_the_recompile_limit(monkeypatch):
+    """Nine variants share MLP.forward: each compiles as a recompilation, so with dynamo's default
+    limit (8) the ninth would silently run eagerly under --compile."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    mods = {str(i): torch.nn.Linear(2, 2) for i in range(9)}
+    compiled = bench.compile_variants(mods)
+    assert torch._dynamo.config.recompile_limit >= 4 * 9
+    assert set(compiled) == set(mods)
+
+
 @pytest.mark.slow
 def test_memory_rows_from_torchrun_probes():
     """bench memory: one 2-rank torchrun per variant; a structured model holds fewer parameters,
