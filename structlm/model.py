@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from structlm.config import ModelConfig
 from structlm.linear import build_linear
 from structlm.linear.kernels import _needs_composable_ops
+from structlm.loss import cross_entropy
 
 # --- positions ------------------------------------------------------------------------------------
 
@@ -348,7 +349,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, kv_cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(at_least_fp32(logits).flatten(0, 1), targets.flatten())
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
     def make_cache(self, max_len: int | None = None) -> KVCache:
