@@ -9,6 +9,7 @@
     decode     per-token decode latency: dense, structured, pre-merged
     maxbatch   the largest decode batch that fits, and its throughput
     crossover  where pre-merge stops paying off, per layer shape (cached for generation)
+    coord      muP's coordinate check: activation moves per layer vs width, standard vs mup
 
 Methodology (structlm.timing): warm up, interleave the variants, repeat, report medians and ratios
 from one run. Every function returns rows (dicts with their full context: device, dtype, torch
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from structlm import checkpoint
 from structlm.config import DataConfig, ModelConfig, OptimConfig, RunConfig, save_json, to_dict
+from structlm.coord import coord_check, plot_coord
 from structlm.data import load_tokenizer, prepare
 from structlm.flops import ffn_params, flops_per_token, param_groups
 from structlm.linear.base import StructuredLinear
@@ -66,12 +68,12 @@ def decode_latency(
     for r in range(reps + 1):
         cache = model.make_cache(prompt + gen)
         with autocast(device, dtype):
-            logits = model.lm_head(model.hidden(idx, cache)[:, -1])
+            logits = model.logits(model.hidden(idx, cache)[:, -1])
             nxt = logits.argmax(-1, keepdim=True)
             synchronize(device)
             t0 = time.perf_counter()
             for _ in range(gen):
-                logits = model.lm_head(model.hidden(nxt, cache)[:, -1])
+                logits = model.logits(model.hidden(nxt, cache)[:, -1])
                 nxt = logits.argmax(-1, keepdim=True)
             synchronize(device)
         if r:  # the first repetition is warm-up
@@ -394,7 +396,7 @@ def decode_step(
     def step() -> None:
         cache.length = gen - 1
         with autocast(device, dtype):
-            model.lm_head(model.hidden(idx, cache)[:, -1])
+            model.logits(model.hidden(idx, cache)[:, -1])
 
     return step
 
@@ -558,6 +560,9 @@ class BenchOptions:
     concurrency: tuple[int, ...] = (1, 8, 32)  # serve: concurrent clients
     kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
     against: Path | None = None  # train: nanoGPT's model.py, timed beside structlm's models
+    steps: int = 5  # coord: AdamW steps per width
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # coord: lr, base_width
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # coord: its batch's source
 
 
 @dataclass(frozen=True)
@@ -567,6 +572,8 @@ class Benchmark:
     plot: tuple[str, str, str] = ("batch", "tokens_per_s", "variant")  # x, y, one line per
     facet: str | None = None  # one panel per value of this column
     notes: Callable[[list[dict]], list[str]] | None = None  # lines printed after the table
+    widths: tuple[int, ...] = (768, 1024, 1536, 2048)  # --widths when not given
+    draw: Callable[[list[dict], str, str], None] | None = None  # its own plot instead of plot_rows
 
 
 def quick_model(cfg: ModelConfig) -> ModelConfig:
@@ -599,6 +606,15 @@ def _crossover_notes(rows: list[dict]) -> list[str]:
 
 def _peak_of(o: BenchOptions) -> float:
     return max(r["gflops"] for r in bench_peak(o.device, o.dtype, quick=True))
+
+
+def _coord(o: BenchOptions, m: ModelConfig) -> list[dict]:
+    m = quick_model(m) if o.quick else m
+    kinds = o.kinds or ("dense", *structured_kinds())
+    seq = min(32 if o.quick else o.seq, m.block_size)
+    rows = coord_check(m, o.optim, o.data, o.widths, kinds, 3 if o.quick else o.steps,
+                       1 if o.quick else o.reps, o.batch or 8, seq, o.device, o.dtype)
+    return [{**r, **context(o.device, o.dtype)} for r in rows]
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -648,6 +664,9 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("variant", "clients", "requests", "errors", "req_per_s", "out_tok_per_s", "ttft_p50_ms",
          "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms", "itl_p99_ms"),
         plot=("clients", "out_tok_per_s", "variant")),
+    "coord": Benchmark(
+        _coord, ("kind", "scaling", "layer", "width", "act_rms", "delta_rms", "slope"),
+        widths=(64, 128, 256, 512), draw=plot_coord),
     "crossover": Benchmark(
         _crossover, ("kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"),
         plot=("tokens", "speedup", "d_out"), facet="d_in", notes=_crossover_notes),

@@ -256,7 +256,8 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="kernel/ffn: time forward+backward")
     p.add_argument("--compile", action="store_true",
                    help="ffn/train: torch.compile every variant (compiled in the warm-up)")
-    p.add_argument("--widths", default="768,1024,1536,2048", help="ffn: comma-separated widths")
+    p.add_argument("--widths", default=None,
+                   help="ffn: comma-separated widths (768,1024,1536,2048); coord: 64,128,256,512")
     p.add_argument("--tokens", default="1,16,256,4096",
                    help="ffn: token counts; kernel: the last one")
     p.add_argument("--kinds", nargs="+", default=None, help="kernel/ffn: only these structures")
@@ -264,7 +265,9 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
     p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
     p.add_argument("--gen", type=int, default=32, help="decode/maxbatch: generated tokens")
-    p.add_argument("--reps", type=int, default=5, help="repetitions (interleaved)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="repetitions (interleaved); coord: seeds per width")
+    p.add_argument("--steps", type=int, default=5, help="coord: AdamW steps per width")
     p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true",
                    help="decode: calibrate pre-merge thresholds first")
@@ -290,10 +293,12 @@ def cmd_bench(argv: list[str]) -> None:
     ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
     opts = BenchOptions(
         device, autocast_dtype(device, ns.dtype), quick=ns.quick, backward=ns.backward,
-        compile=ns.compile, widths=ints(ns.widths), tokens=ints(ns.tokens), batch=ns.batch,
+        compile=ns.compile, widths=ints(ns.widths) if ns.widths else BENCHMARKS[sub].widths,
+        tokens=ints(ns.tokens), batch=ns.batch,
         seq=ns.seq, prompt=ns.prompt, gen=ns.gen, reps=ns.reps, max_batch=ns.max_batch,
         calibrate=ns.calibrate, kinds=tuple(ns.kinds) if ns.kinds else None, procs=ns.procs,
-        concurrency=ints(ns.concurrency), against=ns.against,
+        concurrency=ints(ns.concurrency), against=ns.against, steps=ns.steps, optim=cfg.optim,
+        data=cfg.data,
     )
     bench = BENCHMARKS[sub]
     rows = bench.run(opts, cfg.model)
@@ -305,7 +310,10 @@ def cmd_bench(argv: list[str]) -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     if ns.plot:
         title = f"structlm bench {sub} ({rows[0]['device']}, {rows[0]['dtype']})"
-        plot_rows(rows, ns.plot, *bench.plot, title, facet=bench.facet)
+        if bench.draw:
+            bench.draw(rows, ns.plot, title)
+        else:
+            plot_rows(rows, ns.plot, *bench.plot, title, facet=bench.facet)
         print(f"plot: {ns.plot}")
 
 

@@ -23,7 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from structlm.linear.registry import DENSE, LinearSpec, check_spec, structured_kinds
+from structlm.linear.registry import (
+    DENSE,
+    LinearSpec,
+    check_spec,
+    choose_hparams,
+    linear_class,
+    structured_kinds,
+)
 from structlm.utils import atomic_write_text
 
 __all__ = [
@@ -60,6 +67,11 @@ class ModelConfig:
     ffn: LinearSpec = field(default_factory=LinearSpec)  # the FFN linear map (fc1 and fc2)
     # blocks whose FFN stays dense (the paper keeps block 0)
     dense_ffn_layers: tuple[int, ...] = (0,)
+    # attention logits q.k * attn_scale; None = 1/sqrt(head_dim); under --optim.param_scaling mup
+    # derived from the widths (a value given is replaced)
+    attn_scale: float | None = None
+    # logits = lm_head(h * logit_scale); under --optim.param_scaling mup base_width / d_model
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ffn, dict):
@@ -86,8 +98,11 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         for name, example in (("init_std", "0.02"), ("rope_scale", "1.0"), ("rope_base", "1e4"),
-                              ("norm_eps", "1e-5")):
+                              ("norm_eps", "1e-5"), ("logit_scale", "1.0"),
+                              ("attn_scale", "0.125")):
             v = getattr(self, name)
+            if v is None:
+                continue
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"model.{name}={v} must be a positive number (e.g. {example})")
         bad = [i for i in self.dense_ffn_layers if not 0 <= i < self.n_layer]
@@ -122,6 +137,28 @@ class ModelConfig:
     def ffn_spec(self, layer: int) -> LinearSpec:
         """The LinearSpec of block `layer`: dense for `dense_ffn_layers`, else `ffn`."""
         return LinearSpec() if layer in self.dense_ffn_layers else self.ffn
+
+    def at_width(self, width: int) -> ModelConfig:
+        """This architecture at residual width `width` (muP's base model, `structlm bench
+        coord`'s widths): d_ff and attn_dim scaled with it (head count kept, so head_dim scales),
+        a structured FFN at the same share of its dense parameters by its kind's budget rule."""
+        if width < 2 * self.n_head:
+            raise ValueError(f"width {width} is below 2 * n_head = {2 * self.n_head}: every "
+                             "head needs an even head_dim; choose a larger width")
+        f = width / self.d_model
+        step = 2 * self.n_head  # an even head_dim for every head
+        attn = max(step, round(self.attention_dim * f / step) * step)
+        d_ff = max(8, round(self.d_ff * f / 8) * 8)
+        out = dataclasses.replace(self, d_model=width, d_ff=d_ff, ffn=LinearSpec(),
+                                  attn_dim=None if attn == width else attn, attn_scale=None,
+                                  logit_scale=1.0)
+        if self.ffn.kind == DENSE:
+            return out
+        share = (sum(linear_class(self.ffn.kind).weight_params(n, m, **self.ffn.hparams())
+                     for _, n, m in self.ffn_shapes())
+                 / sum(n * m for _, n, m in self.ffn_shapes()))
+        spec = choose_hparams(self.ffn.kind, [(n, m) for _, n, m in out.ffn_shapes()], share)
+        return dataclasses.replace(out, ffn=dataclasses.replace(spec, init=self.ffn.init))
 
 
 @dataclass
@@ -190,8 +227,14 @@ class OptimConfig:
     weight_decay: float = 0.1  # AdamW decoupled weight decay
     decay_all: bool = True  # decay every parameter (paper); False: only matrices and embeddings
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    # standard: one lr and init_std for every parameter (the paper); mup: per-factor lr and init
+    # from each factor's fan-in, relative to a model of d_model = base_width (docs/method.md §10)
+    param_scaling: Literal["standard", "mup"] = "standard"
+    base_width: int = 256  # mup: the width whose lr and init are those of standard
 
     def __post_init__(self) -> None:
+        if self.base_width < 1:
+            raise ValueError(f"optim.base_width={self.base_width} must be a positive width")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"optim.lr={self.lr} must be a positive number (e.g. 6e-4)")
         for name in ("grad_clip", "weight_decay"):
@@ -330,6 +373,8 @@ class RunConfig:
                 "train.sgt.guide_init=dense starts the guides from the dense weights of a "
                 "converted run: give it as --train.init_from RUN (made by structlm convert)"
             )
+        if self.optim.param_scaling == "mup":
+            self.model = mup_model(self.model, self.optim.base_width, bool(self.train.init_from))
         seq = self.train.seq_len
         if seq is not None and not 0 < seq <= self.model.block_size:
             raise ValueError(
@@ -339,6 +384,26 @@ class RunConfig:
     @property
     def seq_len(self) -> int:
         return self.train.seq_len or self.model.block_size
+
+
+def mup_scales(model: ModelConfig, base_width: int) -> tuple[float, float]:
+    """muP's (attn_scale, logit_scale) for `model` against its base at `base_width`: attention
+    logits over head_dim rather than its square root (equal at the base), logits times
+    base_width / d_model."""
+    hd0 = model.at_width(base_width).head_dim
+    return math.sqrt(hd0) / model.head_dim, base_width / model.d_model
+
+
+def mup_model(model: ModelConfig, base_width: int, pretrained: bool) -> ModelConfig:
+    """`model` with muP's attention and output scales, derived from its widths (so a config
+    resized after they were set, as a sweep does, gets its own); refuses a pretrained start,
+    whose function those scales would change."""
+    if pretrained:
+        raise ValueError("optim.param_scaling=mup initialises a model from scratch; a run from "
+                         "--train.init_from keeps its own parametrisation: use "
+                         "--optim.param_scaling standard")
+    attn, logit = mup_scales(model, base_width)
+    return dataclasses.replace(model, attn_scale=attn, logit_scale=logit)
 
 
 # --- serialisation --------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ class CausalSelfAttention(nn.Module):
         if isinstance(cache, SlotCache):  # continuous batching: each row its own length
             k, v, mask = cache.update(self.layer, k, v)  # (B, nkv, L, hs), mask (B, 1, T, L)
             k, v = k.to(q.dtype).repeat_interleave(g, 1), v.to(q.dtype).repeat_interleave(g, 1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nq, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.attn_scale)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, nq * hd))
         start = 0
         if cache is not None:
@@ -225,7 +225,8 @@ class CausalSelfAttention(nn.Module):
             if g > 1:
                 k = k.repeat_interleave(g, dim=1)
                 v = v.repeat_interleave(g, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nq, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               scale=cfg.attn_scale)  # (B, nq, T, hs)
         else:
             # decoding with a cache: fold each group's query heads into the query axis,
             # (B, nkv, g*T, hs), so every K/V head is read once instead of copying the cache g times
@@ -235,7 +236,8 @@ class CausalSelfAttention(nn.Module):
                 queries = (start + torch.arange(T, device=x.device)).repeat(g)  # row i*T+t: t
                 mask = keys[None, :] <= queries[:, None]  # (g*T, start+T)
             qg = q.reshape(B, nkv, g * T, hd)
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, nq, T, hd)
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=cfg.attn_scale)
+            y = y.view(B, nq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nq * hd)  # (B, T, attn_dim)
         return self.o_proj(y)
 
@@ -346,11 +348,17 @@ class GPT(nn.Module):
         self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """logits (B, T, vocab) and, given targets (B, T), the mean next-token cross-entropy."""
-        logits = self.lm_head(self.hidden(idx, kv_cache))
+        logits = self.logits(self.hidden(idx, kv_cache))
         loss = None
         if targets is not None:
             loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(..., d_model) final hidden states -> (..., vocab) logits, times `logit_scale`
+        (applied to h, the narrower tensor)."""
+        s = self.cfg.logit_scale
+        return self.lm_head(h if s == 1.0 else h * s)
 
     def make_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layer, max_len or self.cfg.block_size)
@@ -388,7 +396,7 @@ class GPT(nn.Module):
     def _last_logits(self, idx: Tensor, cache: KVCache | None) -> Tensor:
         if cache is None or cache.length == 0:
             idx = idx[:, -self.cfg.block_size :]
-        return self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
+        return self.logits(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, **kw) -> Tensor:

@@ -55,8 +55,8 @@ NOMINAL = (63, 32)  # FFN parameter shares (%) the paper names its structured mo
 def family(summary: dict) -> str:
     """The run's family label: "dense", "lowrank-32%" (structured FFN matrix params of one
     structured block as a ceil'd percentage of the dense block's, snapped to the paper's 63% or
-    32% when within 3 points), "+sgt" when self-guided, and a "gqa-" prefix when n_kv_head <
-    n_head."""
+    32% when within 3 points), "+sgt" when self-guided, "+mup" under param_scaling=mup, and a
+    "gqa-" prefix when n_kv_head < n_head."""
     config = summary["config"]
     cfg = from_dict(ModelConfig, config["model"])
     structured = [i for i in range(cfg.n_layer) if i not in cfg.dense_ffn_layers]
@@ -73,6 +73,8 @@ def family(summary: dict) -> str:
         label = f"{cfg.ffn.kind}-{pct}%"
     if config.get("train", {}).get("sgt", {}).get("mode", "off") != "off":
         label += "+sgt"
+    if config.get("optim", {}).get("param_scaling", "standard") == "mup":
+        label += "+mup"
     if cfg.n_kv_head is not None and cfg.n_kv_head < cfg.n_head:
         label = "gqa-" + label
     return label

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,11 +54,22 @@ def _load_gap():
 
 def test_chinchilla_sweep_plans_twenty_tokens_per_parameter():
     runs = plan_sweep(load_sweep(str(ROOT / "experiments/chinchilla_study/sweep.toml")))
-    assert len(runs) == 17 and len({r.name for r in runs}) == 17
+    assert len(runs) == 23 and len({r.name for r in runs}) == 23
     for r in runs:
         if r.name.endswith("-dense"):
             ratio = r.tokens / param_groups(r.cfg.model)["non_embedding"]
             assert 19.5 < ratio <= 20.0
+    mup = [r for r in runs if r.name.endswith("-mup")]
+    assert len(mup) == 6 and all(r.cfg.optim.param_scaling == "mup" for r in mup)
+    assert {r.cfg.model.logit_scale for r in mup} == {64 / 96, 64 / 112}
+
+
+def test_lr_transfer_sweep_plans_one_lr_grid_per_parametrisation():
+    runs = plan_sweep(load_sweep(str(ROOT / "experiments/lr_transfer/sweep.toml")))
+    assert len(runs) == 72 and len({r.tokens for r in runs}) == 1
+    for scaling in ("standard", "mup"):
+        lrs = {r.cfg.optim.lr for r in runs if r.cfg.optim.param_scaling == scaling}
+        assert len(lrs) == 6
 
 
 def test_gap_trend_finds_a_shrinking_gap(tmp_path):
@@ -82,3 +94,34 @@ def test_gap_trend_finds_a_shrinking_gap(tmp_path):
     assert "shrinks" in gap.verdict("lowrank", fit)
     gap.plot(g, {k: gap.slope(v) for k, v in g.items()}, str(tmp_path / "gap.png"))
     assert (tmp_path / "gap.png").stat().st_size > 0
+
+
+def test_lr_transfer_finds_a_moving_and_a_fixed_optimum(tmp_path):
+    """Synthetic summaries: under standard the best lr halves per width doubling, under mup it
+    stays at 8e-3; the table's shifts say so, and the plot is drawn."""
+    spec = importlib.util.spec_from_file_location(
+        "transfer", ROOT / "experiments/lr_transfer/transfer.py")
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
+    for scaling in ("standard", "mup"):
+        for k, d in enumerate((32, 64, 128)):
+            best = 8e-3 / 2 ** k if scaling == "standard" else 8e-3
+            for lr in (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2):
+                m = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=d, d_ff=4 * d)
+                run = tmp_path / f"{scaling}-{d}-{lr}"
+                run.mkdir()
+                (run / "summary.json").write_text(json.dumps({
+                    "config": {"model": to_dict(m), "optim": {"lr": lr, "param_scaling": scaling}},
+                    "train_flops": 1e12, "tokens": 1e6,
+                    "param_groups": {"total": d * 100, "non_embedding": d * 10, "ffn": 0},
+                    "final_val_loss": 3.0 + 0.1 * math.log2(lr / best) ** 2,
+                    "final_val_ppl": 20.0}))
+    data = tr.curves(tr.collect([str(tmp_path)]))
+    assert tr.optimum(data["dense", "mup"][128]) == (pytest.approx(8e-3), True)
+    assert tr.optimum(data["dense", "standard"][128]) == (pytest.approx(2e-3), False)  # an edge
+    lines = tr.table(data)
+    shifts = {ln.split("|")[2].strip(): ln.split("|")[-2].strip() for ln in lines
+              if "| 128 |" in ln}
+    assert shifts == {"mup": "+0.00", "standard": "-2.00"}
+    tr.plot(data, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 10_000

@@ -383,3 +383,19 @@ def test_lm_eval_harness_scores_an_export_as_structlm_does(tmp_path, tokenizer_p
     for d in docs:
         assert got[d["context"]] == pytest.approx(_loglik(model, tok, d["context"],
                                                           d["continuation"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("case,fmt", [("gpt2", "hf-merged"), ("llama-gqa", "hf-merged"),
+                                      ("neox-lowrank-ffn", "hf")])
+def test_mup_scales_fold_into_a_plain_export(case, fmt, tmp_path, tokenizer_path):
+    """A model with muP's attention and logit factors exports as the plain class (or the plain
+    factor code): the factors are in the weights, the logits the same."""
+    run, model = random_run(tmp_path, tokenizer_path, attn_scale=0.09, logit_scale=0.37,
+                            **CASES.get(case, FACTOR_CASES.get(case, {})))
+    out = export_run(run, tmp_path / "hf", format=fmt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=fmt == "hf").eval()
+    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        close(hf(idx).logits, model(idx)[0])
+    same_greedy(model, hf, idx[:1, :8])

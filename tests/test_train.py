@@ -82,12 +82,11 @@ def test_overfit_one_batch():
     assert loss.item() < 0.05
 
 
-def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
-    """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same
-    losses."""
-    train(tiny_cfg(corpus, tmp_path / "a"))
+def crash_and_resume(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Train make_cfg(tmp_path / "a") uninterrupted; train make_cfg(tmp_path / "b") until it
+    crashes at step 13, then again: it resumes from its step-10 checkpoint."""
+    train(make_cfg(tmp_path / "a"))
     T = importlib.import_module("structlm.training.loop")
-
     real = T.lr_at
 
     def crash(step, *a):
@@ -97,10 +96,16 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "lr_at", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(corpus, tmp_path / "b"))
+        train(make_cfg(tmp_path / "b"))
     monkeypatch.setattr(T, "lr_at", real)
     assert checkpoint.find_latest(tmp_path / "b").name == "step_0000010"
-    train(tiny_cfg(corpus, tmp_path / "b"))  # auto-resume: same config in the same out_dir
+    train(make_cfg(tmp_path / "b"))  # auto-resume: same config in the same out_dir
+
+
+def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    """A run that crashes at step 13 and resumes from its step-10 checkpoint logs exactly the same
+    losses."""
+    crash_and_resume(lambda out: tiny_cfg(corpus, out), tmp_path, monkeypatch)
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     # rows of the lost steps 11-13 were not kept twice
     assert [r["step"] for r in b] == list(range(1, 21))

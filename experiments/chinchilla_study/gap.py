@@ -4,8 +4,9 @@ the model grows, and by how much per doubling of the non-embedding parameters?
     python experiments/chinchilla_study/gap.py SUMMARIES... --md gap.md --plot gap.png
 
 For every structured family and size: gap = its final validation loss minus the dense model's of
-the same size (seeds averaged). Per family, gap = a + b * log2(N) by least squares over the sizes
-(N = the dense model's non-embedding parameters); b is the change per doubling, with a 90%
+the same size (seeds averaged; a "+mup" family against dense+mup where that size has it). Per
+family, gap = a + b * log2(N) by least squares over the sizes (N = the dense model's
+non-embedding parameters); b is the change per doubling, with a 90%
 t-interval (n - 2 degrees of freedom). The seed spread of the gap, where a size has two seeds, is
 reported beside it: a slope smaller than that is not a finding.
 """
@@ -32,8 +33,12 @@ def gaps(rows: list[dict]) -> dict[str, list[tuple[float, float, list[float]]]]:
         by[(r["n_layer"], r["d_model"]), r["family"]].append(r)
     out = defaultdict(list)
     for (size, fam), runs in sorted(by.items()):
-        dense = by.get((size, "dense"))
-        if fam == "dense" or not dense:
+        if fam.startswith("dense"):
+            continue
+        # the dense model of the same parametrisation (muP families: dense+mup) where it ran
+        dense = by.get((size, "dense+mup")) if fam.endswith("+mup") else None
+        dense = dense or by.get((size, "dense"))
+        if not dense:
             continue
         dl = np.mean([r["val_loss"] for r in dense])
         per_seed = [r["val_loss"] - dl for r in runs]

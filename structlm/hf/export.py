@@ -27,6 +27,7 @@ from structlm.flops import param_groups
 from structlm.hf.families import Unsupported, family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
 from structlm.linear.registry import DENSE
+from structlm.mup import fold_scales
 from structlm.utils import publish_dir, require_empty
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +74,9 @@ def export_run(
     out = Path(out_dir)
     require_empty(out)
     model, cfg = load_model(run_dir)
+    model = fold_scales(model)  # muP's attention and logit factors into the weights
+    cfg = dataclasses.replace(cfg, model=model.cfg,  # a standard model from here on
+                              optim=dataclasses.replace(cfg.optim, param_scaling="standard"))
     if format == "hf":
         return _export_factors(_transformers(), model, cfg, run_dir, out, dtype, check_tokens)
     dense_cfg = dataclasses.replace(cfg.model, ffn=LinearSpec())

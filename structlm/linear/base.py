@@ -157,6 +157,7 @@ class StructuredLinear(nn.Module):
         selects for each kind."""
         self.check_init(init)
         init = self.default_init if init == "default" else init
+        self.init = init  # what re-initialising at another std (muP) draws again
         if self.bias is not None:
             self.bias.zero_()
         for w in self.weights():

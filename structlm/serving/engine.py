@@ -175,7 +175,7 @@ class Engine:
         """Logits (B, vocab) at the last position of idx (B, T) for the given slots."""
         self.cache.select(slots)
         with autocast(self.device, self.dtype):
-            return self.model.lm_head(self.model.hidden(idx.to(self.device), self.cache)[:, -1])
+            return self.model.logits(self.model.hidden(idx.to(self.device), self.cache)[:, -1])
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens this step, request by request in arrival order (a

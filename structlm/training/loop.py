@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from structlm import mup
 from structlm.config import RunConfig, TrainConfig, to_dict
 from structlm.convert_run import dense_guides
 from structlm.data import Batches, eval_batches
@@ -198,7 +199,10 @@ def build(
     memory levers and sharding, AdamW, and the checkpoint's state restored."""
     t = cfg.train
     seed_all(t.seed)
-    raw = GPT(cfg.model).to(world.device)
+    raw = GPT(cfg.model)
+    if cfg.optim.param_scaling == "mup":
+        mup.init_(raw, cfg.optim.base_width)  # each layer's init at its fan-in's scale
+    raw = raw.to(world.device)
     if resume.ckpt is None and t.init_from:
         load_init(t.init_from, raw, cfg.model)  # weights only: a fresh optimizer and schedule
     phase = GuidePhase(plan, t.sgt, t.seed)

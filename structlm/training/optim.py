@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from structlm import mup
 from structlm.config import OptimConfig, RunConfig
 from structlm.flops import tokens_for_budget
 
@@ -44,8 +45,9 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr on every group, times the group's muP multiplier (1 when standard)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
 
 
 def fused_supported(params: list[torch.Tensor]) -> bool:
@@ -58,25 +60,36 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (fused where `fused_supported`); decay on every parameter as in the paper, or
-    (decay_all=False) only on >=2-D tensors."""
+    (decay_all=False) only on >=2-D tensors; under param_scaling=mup one group per muP lr
+    multiplier (`structlm.mup.fan_in_ratios`), in the order the parameters first appear."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.decay_all:
-        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    decays = lambda p: cfg.decay_all or p.dim() >= 2  # noqa: E731
+    if cfg.param_scaling == "mup":
+        by_name = mup.fan_in_ratios(model, cfg.base_width)
+        mult = {id(p): by_name.get(n, 1.0) for n, p in model.named_parameters()}
+        keyed: dict[tuple[float, bool], list] = {}
+        for p in params:
+            keyed.setdefault((mult[id(p)], decays(p)), []).append(p)
+        groups = [{"params": ps, "lr_mult": m, "decays": d} for (m, d), ps in keyed.items()]
+    elif cfg.decay_all:
+        groups = [{"params": params, "decays": True}]
     else:
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        groups = [{"params": [p for p in params if decays(p)], "decays": True},
+                  {"params": [p for p in params if not decays(p)], "decays": False}]
+    for g in groups:
+        g["weight_decay"] = cfg.weight_decay if g["decays"] else 0.0
+        g["lr"] = cfg.lr * g.get("lr_mult", 1.0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused_supported(params) or None)
 
 
 def apply_hparams(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
     """Give a restored optimizer the config's betas, eps and weight decay (its state dict carries
-    the values it was saved with); the groups are those `make_optimizer` built."""
+    the values it was saved with); the groups are those `make_optimizer` built (a checkpoint from
+    before groups carried `decays`: the first group decays, or all with decay_all)."""
     for i, g in enumerate(optimizer.param_groups):
         g["betas"], g["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
-        g["weight_decay"] = cfg.weight_decay if cfg.decay_all or i == 0 else 0.0
+        g["weight_decay"] = cfg.weight_decay if g.get("decays", cfg.decay_all or i == 0) else 0.0
 
 
 def drop_params(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
