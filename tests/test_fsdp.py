@@ -15,13 +15,14 @@ import pytest
 from test_train import tiny_cfg, train_rows
 
 from structlm import checkpoint
-from structlm.config import LinearSpec, to_dict
+from structlm.config import LinearSpec, from_dict, to_dict
 from structlm.training import train
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 KINDS = {"dense": LinearSpec(), "lowrank": LinearSpec("lowrank", rank=16),
          "blockshuffle": LinearSpec("blockshuffle", nblocks=2),
-         "blockdense": LinearSpec("blockdense", rank=16, nblocks=2)}
+         "blockdense": LinearSpec("blockdense", rank=16, nblocks=2),
+         "lowrank+mup": LinearSpec("lowrank", rank=16)}  # --optim.param_scaling mup
 CASES = [(k, sgt) for k in KINDS for sgt in (False, True)]
 
 
@@ -30,7 +31,9 @@ def cfg_for(corpus, out, kind, sgt, **train_kw):
     cfg.model.ffn = KINDS[kind]
     if sgt and kind != "dense":  # guided for the first 3 of 6 steps: the guides leave mid-run
         cfg.train.sgt.mode, cfg.train.sgt.ratio = "fixedstep", 0.5
-    return cfg
+    if kind.endswith("+mup"):  # per-factor lr groups, the guides' included, across shards
+        cfg.optim.param_scaling, cfg.optim.base_width = "mup", 32
+    return from_dict(type(cfg), to_dict(cfg))  # validated again: mup derives the model's scales
 
 
 def torchrun(job: dict, tmp: Path, name: str) -> None:

@@ -5,7 +5,7 @@
 Groups the runs by (structure, parametrisation, width) and reads the final validation loss at each
 lr. A curve's optimum is the minimum of a parabola in log2(lr) through the best grid point and its
 two neighbours (the grid point itself at an edge of the grid, marked as such); its shift is the
-optimum at the widest width over that at the narrowest, in factors of 2 (0 = the lr transfers).
+ratio to the previous width's optimum, in factors of 2 (0 = the lr transfers).
 """
 
 from __future__ import annotations
@@ -44,22 +44,22 @@ def optimum(losses: dict[float, float]) -> tuple[float, bool]:
 
 
 def table(data: dict) -> list[str]:
+    """One row per (structure, parametrisation, width): the loss at every lr (the best in bold),
+    the fitted optimum, and its shift from the previous width's in factors of 2."""
     lrs = sorted({lr for by_w in data.values() for c in by_w.values() for lr in c})
     lines = ["| structure | param_scaling | width | " + " | ".join(f"lr {v:g}" for v in lrs)
              + " | best lr | shift (x2) |", "|---|---|---|" + "---|" * (len(lrs) + 2)]
     for (fam, scaling), by_w in sorted(data.items()):
-        widths = sorted(by_w)
-        best = {w: optimum(by_w[w]) for w in widths}
-        shift = math.log2(best[widths[-1]][0] / best[widths[0]][0])
-        for w in widths:
+        prev = None
+        for w in sorted(by_w):
             c = by_w[w]
-            low = min(c.values())
-            cells = [("**%.3f**" if c.get(v) == low else "%.3f") % c[v] if v in c else ""
-                     for v in lrs]
-            lr, inside = best[w]
+            cells = [("**%.3f**" if c.get(v) == min(c.values()) else "%.3f") % c[v]
+                     if v in c else "" for v in lrs]
+            lr, inside = optimum(c)
+            shift = "" if prev is None else f"{math.log2(lr / prev):+.2f}"
             lines.append(f"| {fam} | {scaling} | {w} | " + " | ".join(cells)
-                         + f" | {lr:.3g}{'' if inside else ' (edge)'} | "
-                         + (f"{shift:+.2f}" if w == widths[-1] else "") + " |")
+                         + f" | {lr:.3g}{'' if inside else ' (edge)'} | {shift} |")
+            prev = lr
     return lines
 
 
