@@ -27,7 +27,7 @@ from tqdm import tqdm
 from structlm import mup
 from structlm.config import DataConfig, ModelConfig, OptimConfig, mup_model
 from structlm.data import load_tokens, resolve_data_dir
-from structlm.linear.registry import DENSE, choose_hparams, linear_class
+from structlm.linear.registry import DENSE, LinearSpec, choose_hparams, linear_class
 from structlm.model import GPT
 from structlm.training.optim import make_optimizer
 from structlm.utils import autocast, is_tty
@@ -54,14 +54,9 @@ def coord_batch(data: DataConfig, vocab: int, batch: int, seq: int, seed: int) -
 
 def kind_model(m: ModelConfig, kind: str, width: int) -> ModelConfig:
     """`m` with its FFNs of `kind` at the kind's first benchmark budget, at `width`."""
-    if kind != DENSE:
-        frac = linear_class(kind).bench_fractions[0]
-        m = dataclasses.replace(m, ffn=choose_hparams(
-            kind, [(n, k) for _, n, k in m.ffn_shapes()], frac))
-    else:
-        m = dataclasses.replace(m, ffn=dataclasses.replace(m.ffn, kind=DENSE, rank=None,
-                                                          nblocks=None, params={}))
-    return m.at_width(width)
+    spec = LinearSpec() if kind == DENSE else choose_hparams(
+        kind, [(n, k) for _, n, k in m.ffn_shapes()], linear_class(kind).bench_fractions[0])
+    return dataclasses.replace(m, ffn=spec).at_width(width)
 
 
 def _hooks(model: GPT, acts: dict[str, list[Tensor]]) -> list:

@@ -96,7 +96,6 @@ def fold_scales(model: GPT) -> GPT:
     for t in (out.ln_f.weight, getattr(out.ln_f, "bias", None)):
         if t is not None:
             t *= cfg.logit_scale
-    out.cfg = dataclasses.replace(cfg, attn_scale=None, logit_scale=1.0)
-    for block in out.blocks:
-        block.attn.cfg = out.cfg
+    # the copy's one config object, shared by its attention layers as in the original
+    out.cfg.attn_scale, out.cfg.logit_scale = None, 1.0
     return out
