@@ -408,10 +408,12 @@ def test_bf16_autocast_forward(kind, opts):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mlp_gelu_in_half_precision_equals_the_fp32_computation(dtype):
-    """The MLP calls GELU on bf16/fp16 directly: its kernel computes in fp32 and rounds once, so
-    forward and backward are bit-identical to upcasting (the paper's fp32 GELU) and rounding."""
+    """PyTorch's bf16/fp16 GELU computes in fp32 and rounds once, so forward and backward are
+    bit-identical to upcasting (the paper's fp32 GELU) and rounding; the MLP's gelu_tanh does the
+    same in its own kernel (test_activation.py) and falls back to PyTorch's for fp16."""
     import torch.nn.functional as F
 
+    from structlm.activation import gelu_tanh
     from structlm.model import MLP
 
     mlp = MLP(tiny_cfg("dense"), layer=0)
@@ -425,5 +427,5 @@ def test_mlp_gelu_in_half_precision_equals_the_fp32_computation(dtype):
     x = torch.randn(3, 5, 32)
     with torch.autocast("cpu", dtype):
         out = mlp(x)
-        want = mlp.fc2(F.gelu(mlp.fc1(x).float(), approximate="tanh").to(dtype))
+        want = mlp.fc2(gelu_tanh(mlp.fc1(x).float()).to(dtype))
     assert torch.equal(out, want)

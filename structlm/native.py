@@ -1,0 +1,104 @@
+"""CPU kernels of our own: C files in structlm/csrc, compiled on first use and loaded with ctypes.
+
+Each source is built once per machine with the system C compiler (`$CC`, else cc or gcc) at
+-O3 -march=native into a cache folder (`$STRUCTLM_CACHE`, else ~/.cache/structlm), keyed by the
+source, the flags and the CPU's feature flags, so a shared home across CPU models stays correct.
+A build takes well under a second; a later process only loads the file. The kernels take plain
+pointers (no PyTorch headers, no Python API), and ctypes releases the GIL around each call, so
+`parallel` runs one call per thread on disjoint slices.
+
+Where no compiler is found or the build fails, `load` returns None and says why once; callers
+fall back to PyTorch's own kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-shared",
+         "-fPIC")
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_pool: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm")
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+
+
+def _compiler() -> str | None:
+    cands = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
+    return next((c for c in cands if shutil.which(c)), None)
+
+
+def _build(src: Path, cc: str) -> Path:
+    """The shared library of `src`, compiled unless the cache has it; written atomically, so
+    ranks of one job building at once each end with a complete file."""
+    text = src.read_bytes()
+    key = hashlib.sha256(text + " ".join((cc, *FLAGS, _cpu_flags())).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{src.stem}-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], check=True, capture_output=True,
+                       text=True)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """csrc/<name>.c as a loaded library, or None (with one warning) where it cannot be built."""
+    if name not in _loaded:
+        cc = _compiler()
+        try:
+            if cc is None:
+                raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+            _loaded[name] = ctypes.CDLL(str(_build(CSRC / f"{name}.c", cc)))
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            warnings.warn(f"structlm's CPU kernels ({name}.c) could not be built: "
+                          f"{detail.strip()[:300]}; using PyTorch's kernels instead.",
+                          stacklevel=2)
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def parallel(fn: Callable, tensors: list[torch.Tensor], n: int, grain: int = 1 << 15) -> None:
+    """fn(ptr_0 + i, ..., ptr_k + i, count) over [0, n) in one slice per intra-op thread
+    (torch.get_num_threads()); every tensor contiguous with n elements."""
+    threads = max(1, min(torch.get_num_threads(), n // grain))
+    step = (-(-n // threads) + 63) // 64 * 64  # slices of whole cache lines
+    args = [(*(ctypes.c_void_p(t.data_ptr() + i * t.element_size()) for t in tensors),
+             ctypes.c_int64(min(step, n - i))) for i in range(0, n, step)]
+    if len(args) == 1:
+        fn(*args[0])
+        return
+    key = (os.getpid(), threads)  # a forked child must not use its parent's (dead) threads
+    pool = _pool.get(key) or _pool.setdefault(key, ThreadPoolExecutor(threads))
+    for f in [pool.submit(fn, *a) for a in args]:
+        f.result()
