@@ -27,15 +27,13 @@ from pathlib import Path
 
 import torch
 
+from structlm.utils import cache_dir
+
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-shared",
          "-fPIC")
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _pool: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm")
 
 
 def _cpu_flags() -> str:

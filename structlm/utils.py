@@ -113,6 +113,12 @@ def dist_info() -> tuple[int, int, int]:
     )
 
 
+def cache_dir() -> Path:
+    """Where structlm keeps what it derives per machine (pre-merge thresholds, built kernels):
+    $STRUCTLM_CACHE, else ~/.cache/structlm."""
+    return Path(os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm")
+
+
 def is_tty() -> bool:
     return sys.stderr.isatty()
 

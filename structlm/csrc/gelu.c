@@ -80,5 +80,6 @@ void gelu_bwd_f32(const float *restrict x, const float *restrict g, float *restr
 
 void gelu_bwd_bf16(const uint16_t *restrict x, const uint16_t *restrict g, uint16_t *restrict dx,
                    int64_t n) {
-  for (int64_t i = 0; i < n; i++) dx[i] = f32_to_bf16(gelu_grad(bf16_to_f32(x[i]), bf16_to_f32(g[i])));
+  for (int64_t i = 0; i < n; i++)
+    dx[i] = f32_to_bf16(gelu_grad(bf16_to_f32(x[i]), bf16_to_f32(g[i])));
 }

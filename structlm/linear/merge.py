@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from structlm.linear.base import StructuredLinear
 from structlm.linear.convert import Patterns, Wrapper, is_structured, replace_modules
 from structlm.timing import context, time_interleaved
-from structlm.utils import autocast
+from structlm.utils import autocast, cache_dir
 
 # pre-merge below 16 tokens per call when uncalibrated (the paper's example)
 DEFAULT_MAX_DENSE_TOKENS = 16
@@ -136,8 +135,7 @@ def merge_linears(
 
 
 def cache_path() -> Path:
-    root = os.environ.get("STRUCTLM_CACHE") or Path.home() / ".cache" / "structlm"
-    return Path(root) / "premerge.json"
+    return cache_dir() / "premerge.json"
 
 
 def crossover_key(layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None) -> str:
