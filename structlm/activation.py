@@ -19,8 +19,6 @@ Inside a torch.compile'd model the sigmoid form is traced as torch ops, which In
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,10 +60,7 @@ class _NativeGelu(torch.autograd.Function):
 
 
 def _use_native(x: Tensor) -> bool:
-    choice = os.environ.get(GELU_ENV, "native")
-    if choice not in ("native", "aten"):
-        raise ValueError(f"{GELU_ENV}={choice!r}: choose native or aten")
-    return (choice == "native" and x.device.type == "cpu" and x.dtype in _SUFFIX
+    return (native.enabled(GELU_ENV) and x.device.type == "cpu" and x.dtype in _SUFFIX
             and x.is_contiguous() and x.numel() > 0 and _kernel("fwd", x) is not None)
 
 

@@ -86,13 +86,26 @@ def load(name: str) -> ctypes.CDLL | None:
     return _loaded[name]
 
 
-def parallel(fn: Callable, tensors: list[torch.Tensor], n: int, grain: int = 1 << 15) -> None:
-    """fn(ptr_0 + i, ..., ptr_k + i, count) over [0, n) in one slice per intra-op thread
-    (torch.get_num_threads()); every tensor contiguous with n elements."""
+def enabled(env: str) -> bool:
+    """Whether the switch `env` (native, the default, or aten) picks our kernels; a bad value is
+    an error that names both."""
+    choice = os.environ.get(env, "native")
+    if choice not in ("native", "aten"):
+        raise ValueError(f"{env}={choice!r}: choose native or aten")
+    return choice == "native"
+
+
+def parallel(fn: Callable, tensors: list[torch.Tensor], n: int, *extra: int,
+             grain: int = 1 << 15, unit: int = 64) -> None:
+    """fn(ptr_0 + i, ..., ptr_k + i, count, *extra) over [0, n) in one slice per intra-op thread
+    (torch.get_num_threads()), each slice a multiple of `unit` elements (whole cache lines by
+    default, whole rows for a kernel that works on rows); every tensor contiguous with n
+    elements; `extra` are passed as int64."""
     threads = max(1, min(torch.get_num_threads(), n // grain))
-    step = (-(-n // threads) + 63) // 64 * 64  # slices of whole cache lines
+    step = (-(-n // threads) + unit - 1) // unit * unit
+    tail = [ctypes.c_int64(e) for e in extra]
     args = [(*(ctypes.c_void_p(t.data_ptr() + i * t.element_size()) for t in tensors),
-             ctypes.c_int64(min(step, n - i))) for i in range(0, n, step)]
+             ctypes.c_int64(min(step, n - i)), *tail) for i in range(0, n, step)]
     if len(args) == 1:
         fn(*args[0])
         return

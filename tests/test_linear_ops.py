@@ -172,6 +172,48 @@ def test_transpose_within_rows():
     assert torch.equal(one, x) and one.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, a, b", [(7, 4, 1024), (5, 256, 4), (3, 2, 6), (9, 16, 8),
+                                        (4, 3, 5), (1, 8, 2), (2, 32, 2), (0, 4, 8), (65, 4, 64)])
+def test_native_shuffles_equal_the_strided_copy(monkeypatch, dtype, rows, a, b):
+    """csrc/shuffle.c (block counts 2-16 on one side, any number of rows over the threads) moves
+    every element where PyTorch's strided copy does, bit for bit, forward and backward."""
+    from structlm.linear.kernels import transpose_within_rows
+
+    x = torch.randn(rows, a * b).to(dtype).requires_grad_()
+    g = torch.randn(rows, b * a).to(dtype)
+    out = {}
+    for mode in ("native", "aten"):
+        monkeypatch.setenv("STRUCTLM_SHUFFLE", mode)
+        y = transpose_within_rows(x, a, b)
+        (dx,) = torch.autograd.grad(y, x, g)
+        out[mode] = (y, dx)
+    expected = x.detach().view(-1, a, b).transpose(1, 2).reshape(rows, b * a)
+    assert torch.equal(out["native"][0], expected) and torch.equal(out["aten"][0], expected)
+    assert torch.equal(out["native"][1], out["aten"][1])
+    assert torch.equal(out["native"][1], g.view(-1, b, a).transpose(1, 2).reshape(rows, a * b))
+
+
+def test_shuffle_switch_names_its_choices(monkeypatch):
+    from structlm.linear.kernels import transpose_within_rows
+
+    monkeypatch.setenv("STRUCTLM_SHUFFLE", "fast")
+    with pytest.raises(ValueError, match="STRUCTLM_SHUFFLE='fast': choose native or aten"):
+        transpose_within_rows(torch.zeros(2, 8), 2, 4)
+
+
+def test_native_shuffle_is_used_for_small_block_counts():
+    """The kernel is picked where it applies (so the equality test above tests it), and not
+    for non-contiguous input, other widths, or no small side."""
+    from structlm.linear.kernels import _native_shuffle
+
+    assert _native_shuffle(torch.zeros(4, 64, dtype=torch.bfloat16), 4, 16) is not None
+    assert _native_shuffle(torch.zeros(4, 128), 32, 4)[1] == 32  # deinterleave_4, rows of 32
+    assert _native_shuffle(torch.zeros(4, 64, dtype=torch.float64), 4, 16) is None
+    assert _native_shuffle(torch.zeros(4, 60), 3, 20) is None
+    assert _native_shuffle(torch.zeros(64, 4).t(), 4, 16) is None
+
+
 @pytest.mark.parametrize("kind, d_in, d_out, hp", BLOCK_CASES[:3])
 def test_block_layers_under_bf16_autocast(kind, d_in, d_out, hp):
     """Under autocast the products run in bf16 and the gradients reach the fp32 parameters as

@@ -7,7 +7,9 @@ Each op exists three ways: an eager autograd.Function with a hand-written backwa
 a torch.library custom op with a fake kernel (what torch.compile traces), and a path from
 composable ops (einsum/reshape: for torch.func transforms, forward AD and double backward). On
 CUDA with Triton installed, a fourth: Triton kernels (`triton_block`) that fold BlockShuffle's
-permutations into their loads and stores (`use_triton` decides). FLOP formulas for the custom ops
+permutations into their loads and stores (`use_triton` decides). On CPU the within-row shuffle
+of a block count 2-16 is csrc/shuffle.c's kernel (~3x PyTorch's strided copy in bf16;
+STRUCTLM_SHUFFLE=aten for PyTorch's). FLOP formulas for the custom ops
 are registered with torch.utils.flop_counter, so FlopCounterMode counts them as it counts mm.
 """
 
@@ -22,7 +24,11 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from structlm import native
 from structlm.linear import triton_block
+
+SHUFFLE_ENV = "STRUCTLM_SHUFFLE"
+_SHUFFLE_BLOCKS = (2, 4, 8, 16)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -80,9 +86,28 @@ def _block_diag_bwd(
     return dx, dw
 
 
+def _native_shuffle(x: Tensor, a: int, b: int):
+    """csrc/shuffle.c's kernel for this transpose with its row length s, or None: on CPU, 2- or
+    4-byte elements, one side a block count of 2, 4, 8 or 16 (STRUCTLM_SHUFFLE=aten: never)."""
+    width = {2: "uint16_t", 4: "uint32_t"}.get(x.element_size())
+    if (x.device.type != "cpu" or width is None or not x.is_contiguous() or x.numel() == 0
+            or not native.enabled(SHUFFLE_ENV)):
+        return None
+    if a not in _SHUFFLE_BLOCKS and b not in _SHUFFLE_BLOCKS:
+        return None
+    name, s = (f"interleave_{a}", b) if a in _SHUFFLE_BLOCKS else (f"deinterleave_{b}", a)
+    lib = native.load("shuffle")
+    return None if lib is None else (getattr(lib, f"{name}_{width}"), s)
+
+
 def _transpose_rows(x: Tensor, a: int, b: int) -> Tensor:
     y = x.new_empty(x.shape[0], b * a)  # always a new tensor: a custom op's output may not alias
-    y.view(-1, b, a).copy_(x.view(-1, a, b).transpose(1, 2))
+    kernel = _native_shuffle(x, a, b)
+    if kernel is None:
+        y.view(-1, b, a).copy_(x.view(-1, a, b).transpose(1, 2))
+    else:
+        fn, s = kernel
+        native.parallel(fn, [x, y], x.numel(), s, unit=a * b)
     return y
 
 

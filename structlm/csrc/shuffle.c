@@ -1,0 +1,41 @@
+/* BlockShuffle's within-row shuffles for a small block count B, for 2- and 4-byte elements.
+
+   Every row of n = rows * B * s elements is an (a, b) matrix transposed to (b, a):
+     interleave_B:    a = B, b = s   y[i*B + j] = x[j*s + i]   (B streams of s into one)
+     deinterleave_B:  a = s, b = B   y[j*s + i] = x[i*B + j]   (one stream into B of s)
+   With B a compile-time constant gcc -O3 vectorises the inner loops with register permutes,
+   so each row is read and written once, in order; PyTorch's strided copy of the same permute
+   takes ~3x longer (bf16, B = 4). Bits are copied, so the element type is only its width.
+   structlm/linear/kernels.py calls these from several threads, each on whole rows. */
+#include <stdint.h>
+
+#define INTERLEAVE(T, B)                                                                  \
+  void interleave_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) {   \
+    for (int64_t r = 0; r < n; r += (int64_t)B * s) {                                     \
+      const T *restrict xr = x + r;                                                       \
+      T *restrict yr = y + r;                                                             \
+      for (int64_t i = 0; i < s; i++)                                                     \
+        for (int j = 0; j < B; j++) yr[i * B + j] = xr[j * s + i];                        \
+    }                                                                                     \
+  }
+
+#define DEINTERLEAVE(T, B)                                                                \
+  void deinterleave_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) { \
+    for (int64_t r = 0; r < n; r += (int64_t)B * s) {                                     \
+      const T *restrict xr = x + r;                                                       \
+      T *restrict yr = y + r;                                                             \
+      for (int64_t i = 0; i < s; i++)                                                     \
+        for (int j = 0; j < B; j++) yr[j * s + i] = xr[i * B + j];                        \
+    }                                                                                     \
+  }
+
+#define BOTH(T, B) INTERLEAVE(T, B) DEINTERLEAVE(T, B)
+
+BOTH(uint16_t, 2)
+BOTH(uint16_t, 4)
+BOTH(uint16_t, 8)
+BOTH(uint16_t, 16)
+BOTH(uint32_t, 2)
+BOTH(uint32_t, 4)
+BOTH(uint32_t, 8)
+BOTH(uint32_t, 16)
