@@ -9,27 +9,20 @@
    structlm/linear/kernels.py calls these from several threads, each on whole rows. */
 #include <stdint.h>
 
-#define INTERLEAVE(T, B)                                                                  \
-  void interleave_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) {   \
+/* one row at a time: yr[DST] = xr[SRC] over i < s, j < B */
+#define SHUFFLE(NAME, T, B, DST, SRC)                                                     \
+  void NAME##_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) {       \
     for (int64_t r = 0; r < n; r += (int64_t)B * s) {                                     \
       const T *restrict xr = x + r;                                                       \
       T *restrict yr = y + r;                                                             \
       for (int64_t i = 0; i < s; i++)                                                     \
-        for (int j = 0; j < B; j++) yr[i * B + j] = xr[j * s + i];                        \
+        for (int j = 0; j < B; j++) yr[DST] = xr[SRC];                                    \
     }                                                                                     \
   }
 
-#define DEINTERLEAVE(T, B)                                                                \
-  void deinterleave_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) { \
-    for (int64_t r = 0; r < n; r += (int64_t)B * s) {                                     \
-      const T *restrict xr = x + r;                                                       \
-      T *restrict yr = y + r;                                                             \
-      for (int64_t i = 0; i < s; i++)                                                     \
-        for (int j = 0; j < B; j++) yr[j * s + i] = xr[i * B + j];                        \
-    }                                                                                     \
-  }
-
-#define BOTH(T, B) INTERLEAVE(T, B) DEINTERLEAVE(T, B)
+#define BOTH(T, B)                                 \
+  SHUFFLE(interleave, T, B, i * B + j, j * s + i) \
+  SHUFFLE(deinterleave, T, B, j * s + i, i * B + j)
 
 BOTH(uint16_t, 2)
 BOTH(uint16_t, 4)
