@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlm.activation import gelu_tanh
+from structlm.attention import causal_attention
 from structlm.config import ModelConfig
 from structlm.linear import build_linear
 from structlm.linear.kernels import _needs_composable_ops
@@ -226,8 +227,7 @@ class CausalSelfAttention(nn.Module):
             if g > 1:
                 k = k.repeat_interleave(g, dim=1)
                 v = v.repeat_interleave(g, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               scale=cfg.attn_scale)  # (B, nq, T, hs)
+            y = causal_attention(q, k, v, cfg.attn_scale)  # (B, nq, T, hs)
         else:
             # decoding with a cache: fold each group's query heads into the query axis,
             # (B, nkv, g*T, hs), so every K/V head is read once instead of copying the cache g times

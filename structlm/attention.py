@@ -1,0 +1,94 @@
+"""Causal self-attention for training: three batched GEMMs and a softmax where they beat SDPA.
+
+    causal_attention(q, k, v, scale)   q, k, v (B, H, T, hs) -> (B, H, T, hs)
+
+On a CPU, PyTorch's fused (flash) attention kernel is slow in training at short sequences: at
+T = 256, 12 heads of 64, bf16, forward and backward take ~58 ms a layer on a 2-core AMD EPYC,
+where the plain product form below (scores = q k^T + causal mask in one GEMM, a softmax, p v, and
+a hand-written backward of four GEMMs) takes ~24; at T = 512 ~100 against ~50 (BENCHMARKS.md).
+It holds the (B, H, T, T) probabilities for the backward, which the fused kernel does not, so
+it is used only where that is small: on CPU, for inputs that need gradients, at T <= MAX_T.
+Elsewhere (CUDA, inference, longer sequences, torch.compile, torch.func transforms) SDPA runs.
+
+Numerics: in bf16 the scores are rounded to bf16 before the softmax (the softmax itself
+accumulates in fp32), as Hugging Face's eager attention does under autocast; against an fp32
+reference its errors are the size of the fused kernel's. In fp32 it is SDPA's math to ~1e-6.
+STRUCTLM_ATTENTION=sdpa picks SDPA everywhere, =bmm this path wherever it applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from structlm.linear.kernels import _needs_composable_ops
+
+ATTENTION_ENV = "STRUCTLM_ATTENTION"
+MAX_T = 512  # the probabilities cost B*H*T*T elements: 1.3x q, k, v's memory at T=256, hs=64
+
+
+@functools.cache
+def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, T): 0 on and below the diagonal, -inf above it."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+def _probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax of the masked scores from differentiable ops: (..., T, T)."""
+    s = (q @ k.transpose(-1, -2)) * scale + _causal_bias(q.shape[-2], q.dtype, q.device)
+    return torch.softmax(s, dim=-1)
+
+
+class _CausalAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        shape = q.shape  # (B, H, T, hs)
+        s = torch.baddbmm(_causal_bias(shape[-2], q.dtype, q.device), q.flatten(0, 1),
+                          k.flatten(0, 1).transpose(1, 2), alpha=scale)  # (BH, T, T), masked
+        p = torch.softmax(s, dim=-1)  # (BH, T, T)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale = scale
+        return torch.bmm(p, v.flatten(0, 1)).view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q, k, v, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): differentiable ops
+            p = _probabilities(q, k, ctx.scale)
+            dp = dy @ v.transpose(-1, -2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * ctx.scale
+            return ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ dy, None
+        shape, scale = dy.shape, ctx.scale
+        dy, qb, kb, vb = (t.flatten(0, 1) for t in (dy, q, k, v))  # (BH, T, hs)
+        dv = torch.bmm(p.transpose(1, 2), dy)
+        dp = torch.bmm(dy, vb.transpose(1, 2))  # (BH, T, T)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # the scaled scores' gradient
+        dq = torch.bmm(ds, kb).mul_(scale)
+        dk = torch.bmm(ds.transpose(1, 2), qb).mul_(scale)
+        return dq.view(shape), dk.view(shape), dv.view(shape), None
+
+
+def _use_bmm(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    choice = os.environ.get(ATTENTION_ENV, "auto")
+    if choice not in ("auto", "sdpa", "bmm"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: choose auto, sdpa or bmm")
+    if (choice == "sdpa" or torch.compiler.is_compiling() or _needs_composable_ops(q, k, v)
+            or q.shape != k.shape or k.shape != v.shape):
+        return False
+    if choice == "bmm":
+        return True
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                              or v.requires_grad)
+    return q.device.type == "cpu" and needs_grad and q.shape[-2] <= MAX_T
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale + causal mask) v over (B, H, T, hs) inputs with as many K/V heads
+    as query heads; scale None = 1/sqrt(hs). The product form where it is faster, else SDPA."""
+    if _use_bmm(q, k, v):
+        return _CausalAttentionFn.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
