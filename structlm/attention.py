@@ -5,14 +5,15 @@
 On a CPU, PyTorch's fused (flash) attention kernel is slow in training at short sequences: at
 T = 256, 12 heads of 64, bf16, forward and backward take ~58 ms a layer on a 2-core AMD EPYC,
 where the plain product form below (scores = q k^T + causal mask in one GEMM, a softmax, p v, and
-a hand-written backward of four GEMMs) takes ~24; at T = 512 ~100 against ~50 (BENCHMARKS.md).
+a hand-written backward of four GEMMs) takes ~32 (BENCHMARKS.md).
 It holds the (B, H, T, T) probabilities for the backward, which the fused kernel does not, so
 it is used only where that is small: on CPU, for inputs that need gradients, at T <= MAX_T.
 Elsewhere (CUDA, inference, longer sequences, torch.compile, torch.func transforms) SDPA runs.
 
-Numerics: in bf16 the scores are rounded to bf16 before the softmax (the softmax itself
-accumulates in fp32), as Hugging Face's eager attention does under autocast; against an fp32
-reference its errors are the size of the fused kernel's. In fp32 it is SDPA's math to ~1e-6.
+Numerics: the scores and their softmax are computed in fp32 (q and k upcast, the (T, hs)
+operands being small), the probabilities rounded once to the inputs' dtype for p v and the
+backward's GEMMs, as the fused kernel does; in bf16 its errors against an fp64 reference are the
+fused kernel's size (rounding the scores to bf16 instead was 25% faster and 4x less accurate).
 STRUCTLM_ATTENTION=sdpa picks SDPA everywhere, =bmm this path wherever it applies.
 """
 
@@ -47,9 +48,11 @@ class _CausalAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         shape = q.shape  # (B, H, T, hs)
-        s = torch.baddbmm(_causal_bias(shape[-2], q.dtype, q.device), q.flatten(0, 1),
-                          k.flatten(0, 1).transpose(1, 2), alpha=scale)  # (BH, T, T), masked
-        p = torch.softmax(s, dim=-1)  # (BH, T, T)
+        dt = torch.promote_types(q.dtype, torch.float32)  # scores in at least fp32
+        qf, kf = q.flatten(0, 1).to(dt), k.flatten(0, 1).to(dt)  # (BH, T, hs)
+        s = torch.baddbmm(_causal_bias(shape[-2], dt, q.device), qf, kf.transpose(1, 2),
+                          alpha=scale)  # (BH, T, T), masked
+        p = torch.softmax(s, dim=-1).to(q.dtype)  # (BH, T, T)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
         return torch.bmm(p, v.flatten(0, 1)).view(shape)

@@ -43,15 +43,19 @@ def test_matches_sdpa_forward_and_backward(shape, dtype, tol, scale):
 
 
 def test_bf16_errors_are_the_fused_kernels_size():
-    """Against an fp64 reference, the bf16 product form (scores rounded to bf16) errs no more
-    than twice as much as SDPA's fused kernel does in bf16."""
-    q, k, v, g = _inputs((2, 4, 128, 64), torch.bfloat16)
+    """Against an fp64 reference, the bf16 product form errs no more than 1.5x as much as SDPA's
+    fused kernel does in bf16 (relative norm of the output and of each gradient), with scores of
+    std 4, where rounding the scores themselves to bf16 would err ~4x as much."""
+    q, k, v, g = _inputs((2, 4, 128, 64), torch.float64)
+    q, k = 2 * q, 2 * k
+    q, k, v, g = (t.to(torch.bfloat16) for t in (q, k, v, g))
     ref = _run(_sdpa(None), *(t.double() for t in (q, k, v, g)))
     mine = _run(lambda *a: A._CausalAttentionFn.apply(*a, 0.125), q, k, v, g)
     fused = _run(_sdpa(None), q, k, v, g)
     for r, m, f in zip(ref, mine, fused, strict=True):
         assert m.dtype == torch.bfloat16
-        assert (m.double() - r).abs().max() <= 2 * (f.double() - r).abs().max() + 1e-3
+        err = lambda x: ((x.double() - r).norm() / r.norm()).item()  # noqa: E731
+        assert err(m) <= 1.5 * err(f), (err(m), err(f))
 
 
 def test_double_backward_and_gradcheck():
