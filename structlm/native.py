@@ -2,10 +2,14 @@
 
 Each source is built once per machine with the system C compiler (`$CC`, else cc or gcc) at
 -O3 -march=native into a cache folder (`$STRUCTLM_CACHE`, else ~/.cache/structlm), keyed by the
-source, the flags and the CPU's feature flags, so a shared home across CPU models stays correct.
+source and the shared headers beside it (csrc/*.h), the flags and the CPU's feature flags, so a
+shared home across CPU models stays correct.
 A build takes well under a second; a later process only loads the file. The kernels take plain
-pointers (no PyTorch headers, no Python API), and ctypes releases the GIL around each call, so
-`parallel` runs one call per thread on disjoint slices.
+pointers (no PyTorch headers, no Python API) and share their work among OpenMP threads: built
+with -fopenmp, they bind libgomp by its soname to the copy PyTorch has already loaded, so they
+run on PyTorch's own threads and thread count (`torch.set_num_threads`) rather than beside
+them. (Python threads started right after a PyTorch op competed with its OpenMP threads, which
+spin for a while before they sleep: a kernel took up to 1.5x as long in a training step.)
 
 Where no compiler is found or the build fails, `load` returns None and says why once; callers
 fall back to PyTorch's own kernels.
@@ -22,7 +26,6 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,8 +35,8 @@ from structlm.utils import cache_dir
 CSRC = Path(__file__).parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-shared",
          "-fPIC")
+OPENMP = "-fopenmp"  # libgomp by soname: the copy PyTorch has loaded, so its threads are ours
 _loaded: dict[str, ctypes.CDLL | None] = {}
-_pool: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _cpu_flags() -> str:
@@ -52,8 +55,9 @@ def _compiler() -> str | None:
 def _build(src: Path, cc: str) -> Path:
     """The shared library of `src`, compiled unless the cache has it; written atomically, so
     ranks of one job building at once each end with a complete file."""
-    text = src.read_bytes()
-    key = hashlib.sha256(text + " ".join((cc, *FLAGS, _cpu_flags())).encode()).hexdigest()[:16]
+    text = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))
+    flags = " ".join((cc, *FLAGS, OPENMP, _cpu_flags()))
+    key = hashlib.sha256(text + flags.encode()).hexdigest()[:16]
     out = cache_dir() / f"{src.stem}-{key}.so"
     if out.is_file():
         return out
@@ -61,8 +65,12 @@ def _build(src: Path, cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], check=True, capture_output=True,
-                       text=True)
+        try:
+            subprocess.run([cc, *FLAGS, OPENMP, "-o", tmp, str(src)], check=True,
+                           capture_output=True, text=True)
+        except subprocess.CalledProcessError:  # no OpenMP (Apple clang): its loops run serially
+            subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], check=True, capture_output=True,
+                           text=True)
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -95,21 +103,8 @@ def enabled(env: str) -> bool:
     return choice == "native"
 
 
-def parallel(fn: Callable, tensors: list[torch.Tensor], n: int, *extra: int,
-             grain: int = 1 << 15, unit: int = 64) -> None:
-    """fn(ptr_0 + i, ..., ptr_k + i, count, *extra) over [0, n) in one slice per intra-op thread
-    (torch.get_num_threads()), each slice a multiple of `unit` elements (whole cache lines by
-    default, whole rows for a kernel that works on rows); every tensor contiguous with n
-    elements; `extra` are passed as int64."""
-    threads = max(1, min(torch.get_num_threads(), n // grain))
-    step = (-(-n // threads) + unit - 1) // unit * unit
-    tail = [ctypes.c_int64(e) for e in extra]
-    args = [(*(ctypes.c_void_p(t.data_ptr() + i * t.element_size()) for t in tensors),
-             ctypes.c_int64(min(step, n - i)), *tail) for i in range(0, n, step)]
-    if len(args) == 1:
-        fn(*args[0])
-        return
-    key = (os.getpid(), threads)  # a forked child must not use its parent's (dead) threads
-    pool = _pool.get(key) or _pool.setdefault(key, ThreadPoolExecutor(threads))
-    for f in [pool.submit(fn, *a) for a in args]:
-        f.result()
+def call(fn: Callable, tensors: list[torch.Tensor], *extra: int, **floats: float) -> None:
+    """fn(ptr_0, ..., ptr_k, *extra, *floats) once: a kernel that shares its work among OpenMP
+    threads itself; `extra` go as int64, `floats` as double."""
+    fn(*(ctypes.c_void_p(t.data_ptr()) for t in tensors), *(ctypes.c_int64(e) for e in extra),
+       *(ctypes.c_double(f) for f in floats.values()))

@@ -5,50 +5,14 @@
 
    Every loop is written so that gcc -O3 vectorises it (exp_ included): fp32 arithmetic, bf16
    rounded to nearest even once at the end. structlm/native.py compiles this file on first use
-   with -march=native; structlm/activation.py calls it from several threads on disjoint slices. */
-#include <stdint.h>
-#include <string.h>
+   with -march=native -fopenmp; the loops are shared among PyTorch's own OpenMP threads. */
+#include "fp.h"
 
 #define K1 1.5957691216057308f
 #define K3 0.0713548162726009f
 #define FLAT 20.0f  /* above x = 20, gelu(x) = x and gelu'(x) = 1 in fp32 */
+#define PARALLEL_MIN 32768 /* elements below which one thread is faster */
 #define UNDER -87.0f /* below z = -87 (x < -10.05), |gelu(x)| < 2e-37 and gelu'(x) < 1e-35: 0 */
-
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return nan ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)rounded;
-}
-
-/* e^x for x in [-87, 88] (clamped): 2^n e^r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-   (relative error < 2e-7); ln2 split in two so that r is exact. */
-static inline float exp_(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f; /* round to nearest */
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  memcpy(&scale, &bits, 4);
-  return p * scale;
-}
 
 static inline float gelu(float x) {
   float z = x * (K1 + K3 * x * x);
@@ -67,19 +31,23 @@ static inline float gelu_grad(float x, float g) {
 }
 
 void gelu_fwd_f32(const float *restrict x, float *restrict y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
   for (int64_t i = 0; i < n; i++) y[i] = gelu(x[i]);
 }
 
 void gelu_fwd_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
   for (int64_t i = 0; i < n; i++) y[i] = f32_to_bf16(gelu(bf16_to_f32(x[i])));
 }
 
 void gelu_bwd_f32(const float *restrict x, const float *restrict g, float *restrict dx, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
   for (int64_t i = 0; i < n; i++) dx[i] = gelu_grad(x[i], g[i]);
 }
 
 void gelu_bwd_bf16(const uint16_t *restrict x, const uint16_t *restrict g, uint16_t *restrict dx,
                    int64_t n) {
+#pragma omp parallel for schedule(static) if (n > PARALLEL_MIN)
   for (int64_t i = 0; i < n; i++)
     dx[i] = f32_to_bf16(gelu_grad(bf16_to_f32(x[i]), bf16_to_f32(g[i])));
 }

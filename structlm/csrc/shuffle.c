@@ -6,15 +6,19 @@
    With B a compile-time constant gcc -O3 vectorises the inner loops with register permutes,
    so each row is read and written once, in order; PyTorch's strided copy of the same permute
    takes ~3x longer (bf16, B = 4). Bits are copied, so the element type is only its width.
-   structlm/linear/kernels.py calls these from several threads, each on whole rows. */
+   Built with -fopenmp (structlm/native.py), rows are shared among PyTorch's own OpenMP threads. */
 #include <stdint.h>
 
-/* one row at a time: yr[DST] = xr[SRC] over i < s, j < B */
+#define PARALLEL_MIN 32768 /* elements below which one thread is faster */
+
+/* one row at a time, rows shared among OpenMP threads: yr[DST] = xr[SRC] over i < s, j < B */
 #define SHUFFLE(NAME, T, B, DST, SRC)                                                     \
   void NAME##_##B##_##T(const T *restrict x, T *restrict y, int64_t n, int64_t s) {       \
-    for (int64_t r = 0; r < n; r += (int64_t)B * s) {                                     \
-      const T *restrict xr = x + r;                                                       \
-      T *restrict yr = y + r;                                                             \
+    const int64_t rows = n / ((int64_t)B * s);                                            \
+    _Pragma("omp parallel for schedule(static) if (n > PARALLEL_MIN)")                     \
+    for (int64_t row = 0; row < rows; row++) {                                            \
+      const T *restrict xr = x + row * B * s;                                             \
+      T *restrict yr = y + row * B * s;                                                   \
       for (int64_t i = 0; i < s; i++)                                                     \
         for (int j = 0; j < B; j++) yr[DST] = xr[SRC];                                    \
     }                                                                                     \
