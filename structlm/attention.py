@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from structlm import native
 from structlm.linear.kernels import _needs_composable_ops
 
 ATTENTION_ENV = "STRUCTLM_ATTENTION"
+PROBS_ENV = "STRUCTLM_ATTENTION_KERNEL"  # native (csrc/attention.c) or aten
 MAX_T = 512  # the probabilities cost B*H*T*T elements: 1.3x q, k, v's memory at T=256, hs=64
 
 
@@ -44,18 +46,39 @@ def _probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.softmax(s, dim=-1)
 
 
+def _probs_kernel(q: Tensor):
+    """Our fused scores-and-softmax kernel (csrc/attention.c) for bf16 CPU inputs, else None."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or not native.enabled(PROBS_ENV):
+        return None
+    lib = native.load("attention")
+    return None if lib is None else lib.causal_probs_bf16
+
+
+def _causal_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T scale + causal mask) of (BH, T, hs) inputs: (BH, T, T) in q's dtype, the
+    scores and softmax in at least fp32."""
+    fn = _probs_kernel(q)
+    BH, T, hs = q.shape
+    if fn is not None:
+        q, k, p = q.contiguous(), k.contiguous(), q.new_empty(BH, T, T)
+        native.call(fn, [q, k, p], BH, T, hs, scale=scale)
+        return p
+    dt = torch.promote_types(q.dtype, torch.float32)
+    s = torch.baddbmm(_causal_bias(T, dt, q.device), q.to(dt), k.to(dt).transpose(1, 2),
+                      alpha=scale)  # (BH, T, T), masked
+    return torch.softmax(s, dim=-1).to(q.dtype)
+
+
 class _CausalAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         shape = q.shape  # (B, H, T, hs)
-        dt = torch.promote_types(q.dtype, torch.float32)  # scores in at least fp32
-        qf, kf = q.flatten(0, 1).to(dt), k.flatten(0, 1).to(dt)  # (BH, T, hs)
-        s = torch.baddbmm(_causal_bias(shape[-2], dt, q.device), qf, kf.transpose(1, 2),
-                          alpha=scale)  # (BH, T, T), masked
-        p = torch.softmax(s, dim=-1).to(q.dtype)  # (BH, T, T)
+        with torch.autocast(q.device.type, enabled=False):  # autocast would round the scores
+            p = _causal_probs(q.flatten(0, 1), k.flatten(0, 1), scale)  # (BH, T, T)
+            y = torch.bmm(p, v.flatten(0, 1).to(p.dtype)).view(shape)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
-        return torch.bmm(p, v.flatten(0, 1)).view(shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:

@@ -57,6 +57,37 @@ def test_bf16_errors_are_the_fused_kernels_size():
         assert _rel_err(m, r) <= 1.5 * _rel_err(f, r), (_rel_err(m, r), _rel_err(f, r))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 1, 4), (3, 1, 64, 16), (1, 2, 100, 64)])
+def test_bf16_kernel_matches_the_fp32_path(shape, monkeypatch):
+    """Our scores-and-softmax kernel (bf16) against baddbmm + softmax on the upcast inputs: zeros
+    above the diagonal, every probability within one bf16 rounding of the fp32 path's."""
+    q, k, _, _ = (t.flatten(0, 1) for t in _inputs(shape, torch.bfloat16))
+    if A._probs_kernel(q) is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    got = A._causal_probs(q, k, 0.3)
+    monkeypatch.setenv(A.PROBS_ENV, "aten")
+    assert A._probs_kernel(q) is None
+    want = A._causal_probs(q, k, 0.3)
+    T = shape[-2]
+    assert got.dtype == torch.bfloat16 and got.shape == (shape[0] * shape[1], T, T)
+    assert torch.equal(got.float().triu(1), torch.zeros(T, T).expand_as(got))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["native", "aten"])
+def test_autocast_does_not_round_the_scores(kernel, monkeypatch):
+    """Under bf16 autocast (the training step) the forward computes what it computes outside it:
+    autocast would otherwise run the scores' product in bf16 (4x the error at scores of std 4)."""
+    monkeypatch.setenv(A.PROBS_ENV, kernel)
+    q, k, v, g = _inputs((2, 4, 33, 16), torch.bfloat16)
+    fn = lambda *a: A._CausalAttentionFn.apply(*a, 0.5)  # noqa: E731
+    plain = _run(fn, 2 * q, 2 * k, v, g)
+    with torch.autocast("cpu", torch.bfloat16):
+        cast = _run(fn, 2 * q, 2 * k, v, g)
+    for a, b in zip(plain, cast, strict=True):
+        assert torch.equal(a, b)
+
+
 def _rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
