@@ -22,8 +22,12 @@ def _both(logits, targets):
     return out
 
 
+@pytest.mark.parametrize("path", ["native", "aten"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_value_and_gradient_match_the_reference(dtype, monkeypatch):
+def test_value_and_gradient_match_the_reference(dtype, path, monkeypatch):
+    """Our kernel (fp32, bf16 on CPU) and the chunked torch ops (fp64, or STRUCTLM_CROSS_ENTROPY=
+    aten) against F.cross_entropy."""
+    monkeypatch.setenv(L.XENT_ENV, path)
     monkeypatch.setattr(L, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows a chunk: 37 rows straddle chunks
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(37, 50, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -39,12 +43,14 @@ def test_value_and_gradient_match_the_reference(dtype, monkeypatch):
     torch.testing.assert_close(dx.double(), rdx.double(), rtol=gtol, atol=atol)
 
 
-def test_ignored_rows_get_no_gradient_and_leave_the_mean():
-    logits = torch.randn(8, 11, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_ignored_rows_get_no_gradient_and_leave_the_mean(dtype):
+    logits = torch.randn(8, 11, dtype=torch.float64).to(dtype)
     targets = torch.tensor([1, -100, 3, -100, 0, 10, -100, 2])
     (v, dx), (rv, rdx) = _both(logits, targets)
     torch.testing.assert_close(v, rv)
-    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dx, rdx, rtol=2e-3 if dtype == torch.bfloat16 else None,
+                               atol=1e-6 if dtype == torch.bfloat16 else None)
     assert dx[targets == -100].abs().max() == 0
 
 
@@ -72,3 +78,18 @@ def test_under_torch_func():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\)"):
         L.cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_logits_and_out_of_range_targets(dtype):
+    """-inf logits (a masked vocabulary) get probability and gradient 0; a target outside the
+    vocabulary is an error before any gradient is written."""
+    logits = torch.randn(4, 40, dtype=torch.float64)
+    logits[:, 30:] = float("-inf")
+    targets = torch.tensor([0, 5, 29, -100])
+    (v, dx), (rv, rdx) = _both(logits.to(dtype), targets)
+    torch.testing.assert_close(v, rv)
+    assert torch.isfinite(v) and dx[:, 30:].abs().max() < 1e-30
+    torch.testing.assert_close(dx.double(), rdx.double(), rtol=2e-3, atol=1e-6)
+    with pytest.raises((RuntimeError, IndexError), match="out of bounds|index"):
+        L.cross_entropy(logits.to(dtype), torch.tensor([0, 5, 40, 1]))
