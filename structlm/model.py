@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from structlm import native
 from structlm.activation import gelu_tanh
 from structlm.attention import causal_attention
 from structlm.config import ModelConfig
@@ -89,6 +90,52 @@ class _RopeFn(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None, None]:
         cos, sin = ctx.saved_tensors
         return _rotate_halves(dy, cos, -sin), None, None
+
+
+ROPE_ENV = "STRUCTLM_ROPE"  # native (csrc/rope.c, CPU fp32/bf16) or aten
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _qkv_kernel(direction: str, h: Tensor, cos: Tensor):
+    """csrc/rope.c's split-and-rotate for the QKV output h (B, T, width) with angles (T, hs), or
+    None: CPU, fp32/bf16, contiguous, angles without gradients, not under torch.func or
+    torch.compile (which trace the torch ops instead)."""
+    if (h.device.type != "cpu" or h.dtype not in _SUFFIX or not h.is_contiguous()
+            or cos.dim() != 2 or cos.dtype != torch.float32 or cos.requires_grad
+            or _needs_composable_ops(h) or torch.compiler.is_compiling()
+            or not native.enabled(ROPE_ENV)):
+        return None
+    lib = native.load("rope")
+    return None if lib is None else getattr(lib, f"qkv_rope_{direction}_{_SUFFIX[h.dtype]}")
+
+
+class _QkvRopeFn(torch.autograd.Function):
+    """h (B, T, (nq + 2 nkv) hs) -> q (B, nq, T, hs), k, v (B, nkv, T, hs), contiguous, q and k
+    rotated: the split, the head transpose and RoPE in one pass each way (csrc/rope.c)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int):
+        B, T, _ = h.shape
+        hs = cos.shape[-1]
+        q, k, v = h.new_empty(B, nq, T, hs), h.new_empty(B, nkv, T, hs), h.new_empty(B, nkv, T, hs)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        native.call(_qkv_kernel("fwd", h, cos), [h, q, k, v, cos, sin], B, T, nq, nkv, hs)
+        ctx.save_for_backward(cos, sin)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
+        cos, sin = ctx.saved_tensors
+        B, nq, T, hs = dq.shape  # unused outputs' gradients come as zeros (materialize_grads)
+        if torch.is_grad_enabled():  # backward(create_graph=True): differentiable ops
+            parts = [_rotate_halves(dq, cos, -sin), _rotate_halves(dk, cos, -sin), dv]
+            return (torch.cat([t.transpose(1, 2).flatten(2) for t in parts], dim=-1),
+                    None, None, None, None)
+        dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dh = dq.new_empty(B, T, (nq + 2 * dk.shape[1]) * hs)
+        native.call(_qkv_kernel("bwd", dh, cos), [dh, dq, dk, dv, cos, sin], B, T, nq,
+                    dk.shape[1], hs)
+        return dh, None, None, None, None
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
@@ -205,13 +252,18 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
-        q, k, v = self.qkv(x).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hs)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
-            q = apply_rope(q, *rope, cfg.rope_interleaved)
-            k = apply_rope(k, *rope, cfg.rope_interleaved)
+        h = self.qkv(x)  # (B, T, (nq + 2 nkv) hs)
+        if (rope is not None and cache is None and not cfg.rope_interleaved
+                and _qkv_kernel("fwd", h, rope[0]) is not None):
+            q, k, v = _QkvRopeFn.apply(h, *rope, nq, nkv)  # contiguous, q and k rotated
+        else:
+            q, k, v = h.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+            q = q.view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hs)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hs)
+            if rope is not None:
+                q = apply_rope(q, *rope, cfg.rope_interleaved)
+                k = apply_rope(k, *rope, cfg.rope_interleaved)
         g = nq // nkv  # query heads per K/V head (GQA); query head h reads K/V head h // g
         if isinstance(cache, SlotCache):  # continuous batching: each row its own length
             k, v, mask = cache.update(self.layer, k, v)  # (B, nkv, L, hs), mask (B, 1, T, L)

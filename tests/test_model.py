@@ -353,6 +353,54 @@ def test_rope_interleaved_is_half_layout_under_a_permutation():
     torch.testing.assert_close(half[..., perm], inter)  # same fp32 operations, reordered
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"n_kv_head": 2}, {"n_kv_head": 1, "attn_dim": 48}])
+def test_fused_qkv_rope_matches_the_torch_ops(dtype, options, monkeypatch):
+    """csrc/rope.c's split + head transpose + RoPE (and its inverse in the backward) against the
+    split, transposes and `apply_rope` of torch ops: same loss and gradients (bf16: bitwise, the
+    same fp32 arithmetic rounded once; fp32: to a few ulps of fused multiply-adds)."""
+    import structlm.model as M
+
+    torch.manual_seed(0)
+    model = tiny_gpt("dense", dtype=dtype, **options)
+    idx = torch.randint(0, VOCAB, (3, 13))
+    h = torch.randn(1, 2, 3 * model.cfg.attention_dim, dtype=dtype)
+    if M._qkv_kernel("fwd", h, torch.zeros(2, model.cfg.head_dim)) is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    out = []
+    for choice in ("native", "aten"):
+        monkeypatch.setenv(M.ROPE_ENV, choice)
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    tol = 0 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=tol, atol=tol)
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_fused_qkv_rope_double_backward():
+    """backward(create_graph=True) through the fused split-and-rotate: differentiable ops, the
+    same second derivatives as the composed path (fp64 takes the torch ops, so compare fp32)."""
+    import structlm.model as M
+
+    h = torch.randn(2, 5, 3 * 8, requires_grad=True)
+    cos, sin = rope_angles(tiny_cfg(n_head=2, d_model=8), 0, 5, "cpu")
+    if M._qkv_kernel("fwd", h, cos) is None:
+        pytest.skip("no C compiler: the kernel is not built")
+    def composed(h):
+        q, k, v = (t.view(2, 5, 2, 4).transpose(1, 2) for t in h.split(8, dim=-1))
+        return apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False), v
+    w = [torch.randn(2, 2, 5, 4) for _ in range(3)]
+    hvps = []
+    for fn in (lambda h: M._QkvRopeFn.apply(h, cos, sin, 2, 2), composed):
+        loss = sum((o * o * wi).sum() for o, wi in zip(fn(h), w, strict=True))
+        (g,) = torch.autograd.grad(loss, h, create_graph=True)
+        hvps.append(torch.autograd.grad(g.square().sum(), h)[0])
+    torch.testing.assert_close(*hvps, rtol=1e-5, atol=1e-5)
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     """Query head h of a GQA model reads KV head h // (n_head / n_kv_head): copying those K/V rows
     into an MHA model gives the same logits."""
