@@ -3,17 +3,20 @@
     causal_attention(q, k, v, scale)   q, k, v (B, H, T, hs) -> (B, H, T, hs)
 
 On a CPU, PyTorch's fused (flash) attention kernel is slow in training at short sequences: at
-T = 256, 12 heads of 64, bf16, forward and backward take ~58 ms a layer on a 2-core AMD EPYC,
-where the plain product form below (scores = q k^T + causal mask in one GEMM, a softmax, p v, and
-a hand-written backward of four GEMMs) takes ~32 (BENCHMARKS.md).
+T = 256, 12 heads of 64, bf16, forward and backward take ~50-60 ms a layer on a 2-core AMD EPYC,
+where the product form below (the masked scores and their softmax, p v, and a hand-written
+backward of four GEMMs) takes ~27 (BENCHMARKS.md).
 It holds the (B, H, T, T) probabilities for the backward, which the fused kernel does not, so
 it is used only where that is small: on CPU, for inputs that need gradients, at T <= MAX_T.
 Elsewhere (CUDA, inference, longer sequences, torch.compile, torch.func transforms) SDPA runs.
 
-Numerics: the scores and their softmax are computed in fp32 (q and k upcast, the (T, hs)
-operands being small), the probabilities rounded once to the inputs' dtype for p v and the
-backward's GEMMs, as the fused kernel does; in bf16 its errors against an fp64 reference are the
-fused kernel's size (rounding the scores to bf16 instead was 25% faster and 4x less accurate).
+Numerics: the scores and their softmax are computed in fp32, the probabilities rounded once to
+the inputs' dtype for p v and the backward's GEMMs, as the fused kernel does; in bf16 its
+errors against an fp64 reference are the fused kernel's size (rounding the scores to bf16, as
+a bf16 GEMM does, errs 4x as much at scores of std 4). For bf16 on CPU, scores and softmax are
+one C kernel over the causal half (csrc/attention.c, STRUCTLM_ATTENTION_KERNEL=aten for torch's
+baddbmm of the upcast q, k and softmax instead). The forward runs outside autocast, which would
+otherwise run that baddbmm in bf16.
 STRUCTLM_ATTENTION=sdpa picks SDPA everywhere, =bmm this path wherever it applies.
 """
 
