@@ -22,6 +22,7 @@ STRUCTLM_ATTENTION=sdpa picks SDPA everywhere, =bmm this path wherever it applie
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -49,9 +50,10 @@ def _probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.softmax(s, dim=-1)
 
 
-def _probs_kernel(q: Tensor):
-    """Our fused scores-and-softmax kernel (csrc/attention.c) for bf16 CPU inputs, else None."""
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or not native.enabled(PROBS_ENV):
+def _probs_kernel(q: Tensor, k: Tensor):
+    """Our fused scores-and-softmax kernel (csrc/attention.c) for bf16 CPU q and k, else None."""
+    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or q.device.type != "cpu"
+            or not native.enabled(PROBS_ENV)):
         return None
     lib = native.load("attention")
     return None if lib is None else lib.causal_probs_bf16
@@ -60,7 +62,7 @@ def _probs_kernel(q: Tensor):
 def _causal_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """softmax(q k^T scale + causal mask) of (BH, T, hs) inputs: (BH, T, T) in q's dtype, the
     scores and softmax in at least fp32."""
-    fn = _probs_kernel(q)
+    fn = _probs_kernel(q, k)
     BH, T, hs = q.shape
     if fn is not None:
         q, k, p = q.contiguous(), k.contiguous(), q.new_empty(BH, T, T)
@@ -72,11 +74,18 @@ def _causal_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.softmax(s, dim=-1).to(q.dtype)
 
 
+def _no_autocast(device_type: str):
+    """autocast off for this device type (a no-op where it has no autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CausalAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         shape = q.shape  # (B, H, T, hs)
-        with torch.autocast(q.device.type, enabled=False):  # autocast would round the scores
+        with _no_autocast(q.device.type):  # autocast would round the scores
             p = _causal_probs(q.flatten(0, 1), k.flatten(0, 1), scale)  # (BH, T, T)
             y = torch.bmm(p, v.flatten(0, 1).to(p.dtype)).view(shape)
         ctx.save_for_backward(q, k, v, p)

@@ -96,12 +96,14 @@ ROPE_ENV = "STRUCTLM_ROPE"  # native (csrc/rope.c, CPU fp32/bf16) or aten
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def _qkv_kernel(direction: str, h: Tensor, cos: Tensor):
-    """csrc/rope.c's split-and-rotate for the QKV output h (B, T, width) with angles (T, hs), or
-    None: CPU, fp32/bf16, contiguous, angles without gradients, not under torch.func or
+def _qkv_kernel(direction: str, h: Tensor, cos: Tensor, sin: Tensor):
+    """csrc/rope.c's split-and-rotate for the QKV output h (B, T, width) with fp32 angles (T, hs)
+    without gradients, or None: CPU, fp32/bf16, contiguous, not under torch.func or
     torch.compile (which trace the torch ops instead)."""
-    if (h.device.type != "cpu" or h.dtype not in _SUFFIX or not h.is_contiguous()
-            or cos.dim() != 2 or cos.dtype != torch.float32 or cos.requires_grad
+    angles_ok = (cos.dim() == 2 and cos.shape == sin.shape and cos.shape[0] == h.shape[1]
+                 and cos.dtype == sin.dtype == torch.float32
+                 and not (cos.requires_grad or sin.requires_grad))
+    if (h.device.type != "cpu" or h.dtype not in _SUFFIX or not h.is_contiguous() or not angles_ok
             or _needs_composable_ops(h) or torch.compiler.is_compiling()
             or not native.enabled(ROPE_ENV)):
         return None
@@ -119,7 +121,7 @@ class _QkvRopeFn(torch.autograd.Function):
         hs = cos.shape[-1]
         q, k, v = h.new_empty(B, nq, T, hs), h.new_empty(B, nkv, T, hs), h.new_empty(B, nkv, T, hs)
         cos, sin = cos.contiguous(), sin.contiguous()
-        native.call(_qkv_kernel("fwd", h, cos), [h, q, k, v, cos, sin], B, T, nq, nkv, hs)
+        native.call(_qkv_kernel("fwd", h, cos, sin), [h, q, k, v, cos, sin], B, T, nq, nkv, hs)
         ctx.save_for_backward(cos, sin)
         return q, k, v
 
@@ -127,14 +129,14 @@ class _QkvRopeFn(torch.autograd.Function):
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         cos, sin = ctx.saved_tensors
         B, nq, T, hs = dq.shape  # unused outputs' gradients come as zeros (materialize_grads)
-        if torch.is_grad_enabled():  # backward(create_graph=True): differentiable ops
+        dh = dq.new_empty(B, T, (nq + 2 * dk.shape[1]) * hs)
+        kernel = _qkv_kernel("bwd", dh, cos, sin)
+        if torch.is_grad_enabled() or kernel is None:  # create_graph=True, compiled autograd
             parts = [_rotate_halves(dq, cos, -sin), _rotate_halves(dk, cos, -sin), dv]
             return (torch.cat([t.transpose(1, 2).flatten(2) for t in parts], dim=-1),
                     None, None, None, None)
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-        dh = dq.new_empty(B, T, (nq + 2 * dk.shape[1]) * hs)
-        native.call(_qkv_kernel("bwd", dh, cos), [dh, dq, dk, dv, cos, sin], B, T, nq,
-                    dk.shape[1], hs)
+        native.call(kernel, [dh, dq, dk, dv, cos, sin], B, T, nq, dk.shape[1], hs)
         return dh, None, None, None, None
 
 
@@ -254,7 +256,7 @@ class CausalSelfAttention(nn.Module):
         hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
         h = self.qkv(x)  # (B, T, (nq + 2 nkv) hs)
         if (rope is not None and cache is None and not cfg.rope_interleaved
-                and _qkv_kernel("fwd", h, rope[0]) is not None):
+                and _qkv_kernel("fwd", h, *rope) is not None):
             q, k, v = _QkvRopeFn.apply(h, *rope, nq, nkv)  # contiguous, q and k rotated
         else:
             q, k, v = h.split([nq * hd, nkv * hd, nkv * hd], dim=-1)

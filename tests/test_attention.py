@@ -62,11 +62,11 @@ def test_bf16_kernel_matches_the_fp32_path(shape, monkeypatch):
     """Our scores-and-softmax kernel (bf16) against baddbmm + softmax on the upcast inputs: zeros
     above the diagonal, every probability within one bf16 rounding of the fp32 path's."""
     q, k, _, _ = (t.flatten(0, 1) for t in _inputs(shape, torch.bfloat16))
-    if A._probs_kernel(q) is None:
+    if A._probs_kernel(q, k) is None:
         pytest.skip("no C compiler: the kernel is not built")
     got = A._causal_probs(q, k, 0.3)
     monkeypatch.setenv(A.PROBS_ENV, "aten")
-    assert A._probs_kernel(q) is None
+    assert A._probs_kernel(q, k) is None
     want = A._causal_probs(q, k, 0.3)
     T = shape[-2]
     assert got.dtype == torch.bfloat16 and got.shape == (shape[0] * shape[1], T, T)
@@ -86,6 +86,18 @@ def test_autocast_does_not_round_the_scores(kernel, monkeypatch):
         cast = _run(fn, 2 * q, 2 * k, v, g)
     for a, b in zip(plain, cast, strict=True):
         assert torch.equal(a, b)
+
+
+def test_mixed_dtypes_and_meta_tensors(monkeypatch):
+    """bf16 queries with fp32 keys take the torch ops (the kernel reads bf16 only), and meta
+    tensors (shape inference) pass through the forward, which has no autocast to leave there."""
+    q, k, v, _ = _inputs((1, 2, 8, 16), torch.float64)
+    fn = lambda *a: A._CausalAttentionFn.apply(*a, 0.25)  # noqa: E731
+    got = fn(q.bfloat16(), k.float(), v.bfloat16())
+    monkeypatch.setenv(A.PROBS_ENV, "aten")
+    torch.testing.assert_close(got, fn(q.bfloat16(), k.float(), v.bfloat16()))
+    meta = torch.empty(1, 2, 8, 16, device="meta")
+    assert fn(meta, meta, meta).shape == (1, 2, 8, 16)
 
 
 def _rel_err(x, ref):

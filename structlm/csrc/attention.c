@@ -4,8 +4,8 @@
      p[b, i, j] = softmax_j(scale q[b, i] . k[b, j]) for j <= i,  0 for j > i
 
    q, k: (nb, T, hs) bf16, p: (nb, T, T) bf16. Each score is a sum of exact products of bf16
-   values in fp32 (what an fp32 GEMM of the upcast operands computes), its softmax in fp32, one
-   rounding to bf16 at the end; only the causal half is computed. Per head, the keys are upcast
+   values in fp32 (what an fp32 GEMM of the upcast operands computes), then scaled; its softmax
+   in fp32, one rounding to bf16 at the end; only the causal half is computed. Per head, the keys are upcast
    and transposed once to (hs, Tp), so that every score block of LANES keys is LANES independent
    fp32 multiply-adds per head dimension, which gcc -O3 vectorises; the reductions of the
    softmax keep LANES partial results for the same reason. Heads are shared among OpenMP threads:
@@ -19,7 +19,7 @@
 #define ROWS 4   /* query rows per block: each key vector loaded is used ROWS times */
 #define KEYS 32  /* keys per block: ROWS * KEYS / LANES independent accumulators */
 
-/* s[r * Tp + j] = q4[r] . kt[:, j] for ROWS query rows q4 (ROWS, hs; upcast and scaled) and keys
+/* s[r * Tp + j] = q4[r] . kt[:, j] for ROWS query rows q4 (ROWS, hs; upcast) and keys
    j < n rounded up to KEYS; kt (hs, Tp) is zero past the last key */
 static void scores(const float *restrict q4, const float *restrict kt, float *restrict s,
                    int64_t n, int64_t hs, int64_t Tp) {
@@ -37,9 +37,11 @@ static void scores(const float *restrict q4, const float *restrict kt, float *re
   }
 }
 
-/* row[0..T) = bf16(softmax(s[0..n))) followed by zeros; s is overwritten */
-static void softmax_row(float *restrict s, uint16_t *restrict row, int64_t n, int64_t T) {
+/* row[0..T) = bf16(softmax(scale s[0..n))) followed by zeros; s is overwritten */
+static void softmax_row(float *restrict s, uint16_t *restrict row, int64_t n, int64_t T,
+                        float scale) {
   int64_t nv = (n + LANES - 1) / LANES * LANES;
+  for (int64_t j = 0; j < n; j++) s[j] *= scale;
   for (int64_t j = n; j < nv; j++) s[j] = -INFINITY;
   float mx[LANES], sm[LANES];
   for (int l = 0; l < LANES; l++) mx[l] = -INFINITY, sm[l] = 0.0f;
@@ -67,7 +69,7 @@ void causal_probs_bf16(const uint16_t *restrict q, const uint16_t *restrict k,
   {
     float *kt = malloc(sizeof(float) * hs * Tp);    /* (hs, Tp): one head's keys, transposed */
     float *s = malloc(sizeof(float) * ROWS * Tp);   /* (ROWS, Tp) scores */
-    float *q4 = malloc(sizeof(float) * ROWS * hs);  /* (ROWS, hs) queries, scaled */
+    float *q4 = malloc(sizeof(float) * ROWS * hs);  /* (ROWS, hs) queries */
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
       const uint16_t *qb = q + b * T * hs, *kb = k + b * T * hs;
@@ -76,10 +78,10 @@ void causal_probs_bf16(const uint16_t *restrict q, const uint16_t *restrict k,
       for (int64_t i0 = 0; i0 < T; i0 += ROWS) {
         const int64_t rows = T - i0 < ROWS ? T - i0 : ROWS;
         for (int64_t x = 0; x < ROWS * hs; x++)
-          q4[x] = x < rows * hs ? bf16_to_f32(qb[i0 * hs + x]) * (float)scale : 0.0f;
+          q4[x] = x < rows * hs ? bf16_to_f32(qb[i0 * hs + x]) : 0.0f;
         scores(q4, kt, s, i0 + rows, hs, Tp);
         for (int64_t r = 0; r < rows; r++)
-          softmax_row(s + r * Tp, p + (b * T + i0 + r) * T, i0 + r + 1, T);
+          softmax_row(s + r * Tp, p + (b * T + i0 + r) * T, i0 + r + 1, T, (float)scale);
       }
     }
     free(kt);

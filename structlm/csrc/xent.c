@@ -36,6 +36,9 @@
     return m + logf(total);                                                              \
   }
 
+/* e^z for z = x - lse <= 0: exactly 0 below e^-87 (masked, -inf logits included) */
+static inline float prob(float z) { return z < -87.0f ? 0.0f : exp_(z); }
+
 #define XENT(T, SUF)                                                                      \
   LSE_ROW(T, SUF)                                                                         \
   void xent_lse_##SUF(const T *restrict x, float *restrict lse, int64_t n, int64_t V) {   \
@@ -50,8 +53,8 @@
       const T *restrict xr = x + r * V;                                                   \
       T *restrict dr = dx + r * V;                                                        \
       const float l = lse[r], wr = w[r];                                                  \
-      for (int64_t j = 0; j < V; j++) store_##SUF(dr, j, exp_(load_##SUF(xr, j) - l) * wr); \
-      store_##SUF(dr, t[r], (exp_(load_##SUF(xr, t[r]) - l) - 1.0f) * wr);               \
+      for (int64_t j = 0; j < V; j++) store_##SUF(dr, j, prob(load_##SUF(xr, j) - l) * wr); \
+      store_##SUF(dr, t[r], (prob(load_##SUF(xr, t[r]) - l) - 1.0f) * wr);               \
     }                                                                                     \
   }
 
