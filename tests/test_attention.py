@@ -57,10 +57,11 @@ def test_bf16_errors_are_the_fused_kernels_size():
         assert _rel_err(m, r) <= 1.5 * _rel_err(f, r), (_rel_err(m, r), _rel_err(f, r))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 1, 4), (3, 1, 64, 16), (1, 2, 100, 64)])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (1, 2, 1, 4), (3, 1, 64, 16), (1, 2, 100, 64),
+                                   (1, 2, 37, 9)])  # odd hs: the fp32 form, not bf16 pairs
 def test_bf16_kernel_matches_the_fp32_path(shape, monkeypatch):
     """Our scores-and-softmax kernel (bf16) against baddbmm + softmax on the upcast inputs: zeros
-    above the diagonal, every probability within one bf16 rounding of the fp32 path's."""
+    above the diagonal, every probability within one bf16 ulp of the fp32 path's (both round)."""
     q, k, _, _ = (t.flatten(0, 1) for t in _inputs(shape, torch.bfloat16))
     if A._probs_kernel(q, k) is None:
         pytest.skip("no C compiler: the kernel is not built")
@@ -71,7 +72,7 @@ def test_bf16_kernel_matches_the_fp32_path(shape, monkeypatch):
     T = shape[-2]
     assert got.dtype == torch.bfloat16 and got.shape == (shape[0] * shape[1], T, T)
     assert torch.equal(got.float().triu(1), torch.zeros(T, T).expand_as(got))
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)  # one ulp
 
 
 @pytest.mark.parametrize("kernel", ["native", "aten"])
