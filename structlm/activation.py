@@ -28,7 +28,6 @@ from structlm import native
 GELU_ENV = "STRUCTLM_GELU"
 _K1 = 2 * 0.7978845608028654  # 2c
 _K3 = _K1 * 0.044715  # 2ca
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def sigmoid_form(x: Tensor) -> Tensor:
@@ -38,8 +37,7 @@ def sigmoid_form(x: Tensor) -> Tensor:
 
 
 def _kernel(direction: str, x: Tensor):
-    lib = native.load("gelu")
-    return None if lib is None else getattr(lib, f"gelu_{direction}_{_SUFFIX[x.dtype]}")
+    return native.kernel("gelu", f"gelu_{direction}_{native.SUFFIX[x.dtype]}", GELU_ENV)
 
 
 class _NativeGelu(torch.autograd.Function):
@@ -60,7 +58,7 @@ class _NativeGelu(torch.autograd.Function):
 
 
 def _use_native(x: Tensor) -> bool:
-    return (native.enabled(GELU_ENV) and x.device.type == "cpu" and x.dtype in _SUFFIX
+    return (native.enabled(GELU_ENV) and x.device.type == "cpu" and x.dtype in native.SUFFIX
             and x.is_contiguous() and x.numel() > 0 and _kernel("fwd", x) is not None)
 
 

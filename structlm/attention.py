@@ -52,11 +52,9 @@ def _probabilities(q: Tensor, k: Tensor, scale: float) -> Tensor:
 
 def _probs_kernel(q: Tensor, k: Tensor):
     """Our fused scores-and-softmax kernel (csrc/attention.c) for bf16 CPU q and k, else None."""
-    if (q.dtype != torch.bfloat16 or k.dtype != q.dtype or q.device.type != "cpu"
-            or not native.enabled(PROBS_ENV)):
+    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or q.device.type != "cpu":
         return None
-    lib = native.load("attention")
-    return None if lib is None else lib.causal_probs_bf16
+    return native.kernel("attention", "causal_probs_bf16", PROBS_ENV)
 
 
 def _causal_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:

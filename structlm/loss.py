@@ -26,7 +26,6 @@ from structlm.linear.kernels import _needs_composable_ops
 
 IGNORE_INDEX = -100
 XENT_ENV = "STRUCTLM_CROSS_ENTROPY"  # native (csrc/xent.c, CPU fp32/bf16) or aten
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 CHUNK_ELEMENTS = 1 << 21  # rows per chunk: ~8 MB of fp32, cache-resident on a CPU
 
 
@@ -41,11 +40,10 @@ def _chunks(n: int, vocab: int):
 
 def _kernel(direction: str, logits: Tensor):
     """Our one-pass kernel (csrc/xent.c) for contiguous fp32/bf16 CPU logits, else None."""
-    if (logits.device.type != "cpu" or logits.dtype not in _SUFFIX or not logits.is_contiguous()
-            or torch.compiler.is_compiling() or not native.enabled(XENT_ENV)):
+    if (logits.device.type != "cpu" or logits.dtype not in native.SUFFIX
+            or not logits.is_contiguous() or torch.compiler.is_compiling()):
         return None
-    lib = native.load("xent")
-    return None if lib is None else getattr(lib, f"xent_{direction}_{_SUFFIX[logits.dtype]}")
+    return native.kernel("xent", f"xent_{direction}_{native.SUFFIX[logits.dtype]}", XENT_ENV)
 
 
 class _CrossEntropyFn(torch.autograd.Function):

@@ -93,22 +93,24 @@ class _RopeFn(torch.autograd.Function):
 
 
 ROPE_ENV = "STRUCTLM_ROPE"  # native (csrc/rope.c, CPU fp32/bf16) or aten
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def _qkv_kernel(direction: str, h: Tensor, cos: Tensor, sin: Tensor):
-    """csrc/rope.c's split-and-rotate for the QKV output h (B, T, width) with fp32 angles (T, hs)
-    without gradients, or None: CPU, fp32/bf16, contiguous, not under torch.func or
-    torch.compile (which trace the torch ops instead)."""
+def _qkv_kernel(direction: str, dtype: torch.dtype):
+    """csrc/rope.c's split-and-rotate ("fwd") or its inverse ("bwd") for fp32/bf16, or None."""
+    return native.kernel("rope", f"qkv_rope_{direction}_{native.SUFFIX[dtype]}", ROPE_ENV)
+
+
+def _qkv_fused(h: Tensor, cos: Tensor, sin: Tensor):
+    """The forward kernel for the QKV output h (B, T, width) with fp32 angles (T, hs) without
+    gradients, or None: CPU, fp32/bf16, contiguous, not under torch.func or torch.compile (which
+    trace the torch ops instead)."""
     angles_ok = (cos.dim() == 2 and cos.shape == sin.shape and cos.shape[0] == h.shape[1]
                  and cos.dtype == sin.dtype == torch.float32
                  and not (cos.requires_grad or sin.requires_grad))
-    if (h.device.type != "cpu" or h.dtype not in _SUFFIX or not h.is_contiguous() or not angles_ok
-            or _needs_composable_ops(h) or torch.compiler.is_compiling()
-            or not native.enabled(ROPE_ENV)):
+    if (h.device.type != "cpu" or h.dtype not in native.SUFFIX or not h.is_contiguous()
+            or not angles_ok or _needs_composable_ops(h) or torch.compiler.is_compiling()):
         return None
-    lib = native.load("rope")
-    return None if lib is None else getattr(lib, f"qkv_rope_{direction}_{_SUFFIX[h.dtype]}")
+    return _qkv_kernel("fwd", h.dtype)
 
 
 class _QkvRopeFn(torch.autograd.Function):
@@ -116,12 +118,12 @@ class _QkvRopeFn(torch.autograd.Function):
     rotated: the split, the head transpose and RoPE in one pass each way (csrc/rope.c)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int):
-        B, T, _ = h.shape
+    def forward(ctx, h: Tensor, cos: Tensor, sin: Tensor, nq: int, nkv: int, kernel):
+        B, T, _ = h.shape  # kernel: _qkv_fused(h, cos, sin)
         hs = cos.shape[-1]
         q, k, v = h.new_empty(B, nq, T, hs), h.new_empty(B, nkv, T, hs), h.new_empty(B, nkv, T, hs)
         cos, sin = cos.contiguous(), sin.contiguous()
-        native.call(_qkv_kernel("fwd", h, cos, sin), [h, q, k, v, cos, sin], B, T, nq, nkv, hs)
+        native.call(kernel, [h, q, k, v, cos, sin], B, T, nq, nkv, hs)
         ctx.save_for_backward(cos, sin)
         return q, k, v
 
@@ -129,15 +131,16 @@ class _QkvRopeFn(torch.autograd.Function):
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):
         cos, sin = ctx.saved_tensors
         B, nq, T, hs = dq.shape  # unused outputs' gradients come as zeros (materialize_grads)
-        dh = dq.new_empty(B, T, (nq + 2 * dk.shape[1]) * hs)
-        kernel = _qkv_kernel("bwd", dh, cos, sin)
-        if torch.is_grad_enabled() or kernel is None:  # create_graph=True, compiled autograd
+        compiled = torch.compiler.is_compiling()  # compiled autograd traces the torch ops
+        kernel = None if torch.is_grad_enabled() or compiled else _qkv_kernel("bwd", dq.dtype)
+        if kernel is None:  # also backward(create_graph=True): differentiable ops
             parts = [_rotate_halves(dq, cos, -sin), _rotate_halves(dk, cos, -sin), dv]
             return (torch.cat([t.transpose(1, 2).flatten(2) for t in parts], dim=-1),
-                    None, None, None, None)
+                    None, None, None, None, None)
         dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dh = dq.new_empty(B, T, (nq + 2 * dk.shape[1]) * hs)
         native.call(kernel, [dh, dq, dk, dv, cos, sin], B, T, nq, dk.shape[1], hs)
-        return dh, None, None, None, None
+        return dh, None, None, None, None, None
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
@@ -255,9 +258,11 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
         h = self.qkv(x)  # (B, T, (nq + 2 nkv) hs)
-        if (rope is not None and cache is None and not cfg.rope_interleaved
-                and _qkv_kernel("fwd", h, *rope) is not None):
-            q, k, v = _QkvRopeFn.apply(h, *rope, nq, nkv)  # contiguous, q and k rotated
+        fused = None
+        if rope is not None and cache is None and not cfg.rope_interleaved:
+            fused = _qkv_fused(h, *rope)
+        if fused is not None:
+            q, k, v = _QkvRopeFn.apply(h, *rope, nq, nkv, fused)  # contiguous, q, k rotated
         else:
             q, k, v = h.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
             q = q.view(B, T, nq, hd).transpose(1, 2)  # (B, nq, T, hs)

@@ -103,6 +103,18 @@ def enabled(env: str) -> bool:
     return choice == "native"
 
 
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # kernels' names end in their dtype's
+
+
+def kernel(source: str, symbol: str, env: str) -> Callable | None:
+    """csrc/<source>.c's function `symbol`, or None where the switch `env` says aten or the
+    source cannot be built (`load` warns once)."""
+    if not enabled(env):
+        return None
+    lib = load(source)
+    return None if lib is None else getattr(lib, symbol)
+
+
 def call(fn: Callable, tensors: list[torch.Tensor], *extra: int, **floats: float) -> None:
     """fn(ptr_0, ..., ptr_k, *extra, *floats) once: a kernel that shares its work among OpenMP
     threads itself; `extra` go as int64, `floats` as double."""

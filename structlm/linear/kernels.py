@@ -96,8 +96,8 @@ def _native_shuffle(x: Tensor, a: int, b: int):
     if a not in _SHUFFLE_BLOCKS and b not in _SHUFFLE_BLOCKS:
         return None
     name, s = (f"interleave_{a}", b) if a in _SHUFFLE_BLOCKS else (f"deinterleave_{b}", a)
-    lib = native.load("shuffle")
-    return None if lib is None else (getattr(lib, f"{name}_{width}"), s)
+    fn = native.kernel("shuffle", f"{name}_{width}", SHUFFLE_ENV)
+    return None if fn is None else (fn, s)
 
 
 def _transpose_rows(x: Tensor, a: int, b: int) -> Tensor:
