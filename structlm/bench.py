@@ -158,7 +158,7 @@ def structured_kinds() -> list[str]:
 
 def bench_kernel(
     device: torch.device, dtype: torch.dtype | None, tokens: int = 4096, quick: bool = False,
-    backward: bool = False, kinds: list[str] | None = None,
+    backward: bool = False, kinds: list[str] | None = None, reps: int = 7,
 ) -> list[dict]:
     """Each structured op against its dense equivalent and against a dense matmul of the same FLOPs
     (the FFN shapes of width 1024, or 256 with `quick`; `kinds` limits the structures).
@@ -189,7 +189,7 @@ def bench_kernel(
         fns = {"structured": run(layer.matmul),
                "dense": run(lambda x: torch.nn.functional.linear(x, w_dense)),  # noqa: B023
                "same_flops": run(lambda x: torch.nn.functional.linear(x, w_same))}  # noqa: B023
-        t = time_interleaved(fns, device, reps=3 if quick else 7)
+        t = time_interleaved(fns, device, reps=3 if quick else reps)
         s, d, same = (statistics.median(t[k]) for k in ("structured", "dense", "same_flops"))
         mult = 3 if backward else 1
         rows.append({"bench": "kernel", **context(device, dtype), "kind": spec.kind,
@@ -216,10 +216,12 @@ def bench_ffn(
     widths: tuple[int, ...] = (768, 1024, 1536, 2048),
     tokens: tuple[int, ...] = (1, 16, 256, 4096), backward: bool = False, quick: bool = False,
     fractions: tuple[float, ...] = (0.63, 0.32), compile: bool = False,
-    kinds: list[str] | None = None,
+    kinds: list[str] | None = None, reps: int = 5,
 ) -> list[dict]:
     """A whole FFN (fc1, GELU, fc2; d -> 4d -> d) for dense and each structure at 63% and 32%,
-    against dense (every variant torch.compile'd with compile=True).
+    against dense. With compile=True every variant is torch.compile'd, and its eager self runs
+    in the same interleaved loop: rows say eager_ms, eager_speedup and vs_eager (eager ms /
+    compiled ms), so "is compiling worth it" is answered from one run, not from two spells.
 
     Variants are interleaved per (width, tokens); `ideal` is the parameter (= FLOP) ratio."""
     if quick:
@@ -236,6 +238,7 @@ def bench_ffn(
                 for name, spec in specs.items()}
         params = {name: sum(p.numel() for p in m.parameters() if p.dim() > 1)
                   for name, m in mlps.items()}
+        eager = mlps
         if compile:
             mlps = compile_variants(mlps)
         for T in tokens:
@@ -249,21 +252,31 @@ def bench_ffn(
                         y.float().sum().backward()
                 return go
 
+            fns = {n: run(m) for n, m in mlps.items()}
+            if compile:
+                fns |= {f"{n} eager": run(m) for n, m in eager.items()}
             grad = contextlib.nullcontext() if backward else torch.no_grad()
             with grad:
-                t = time_interleaved({n: run(m) for n, m in mlps.items()}, device,
-                                     reps=3 if quick else 5)
-            base = statistics.median(t["dense"])
-            for name, ts in t.items():
-                ms, lo, hi = median_ms(ts)
-                rows.append({"bench": "ffn", **context(device, dtype), "compiled": compile,
-                             "variant": name,
-                             "kind": specs[name].kind, **specs[name].hparams(), "width": d,
-                             "tokens": T, "pass": "fwd+bwd" if backward else "fwd", "ms": ms,
-                             "ms_min": lo, "ms_max": hi,
-                             "tokens_per_s": T / (ms * 1e-3), "speedup": base / (ms * 1e-3),
-                             "ideal": params["dense"] / params[name]})
+                t = time_interleaved(fns, device, reps=3 if quick else reps)
+            for name in mlps:
+                row = {"bench": "ffn", **context(device, dtype), "compiled": compile,
+                       "variant": name, "kind": specs[name].kind, **specs[name].hparams(),
+                       "width": d, "tokens": T, "pass": "fwd+bwd" if backward else "fwd",
+                       "ideal": params["dense"] / params[name]}
+                rows.append(row | _ffn_times(t, name, T, compile))
     return rows
+
+
+def _ffn_times(t: dict[str, list[float]], name: str, tokens: int, compile: bool) -> dict:
+    """One FFN row's timings from the interleaved run `t` (seconds per call, by variant)."""
+    ms, lo, hi = median_ms(t[name])
+    out = {"ms": ms, "ms_min": lo, "ms_max": hi, "tokens_per_s": tokens / (ms * 1e-3),
+           "speedup": statistics.median(t["dense"]) / (ms * 1e-3)}
+    if compile:
+        eager_ms = median_ms(t[f"{name} eager"])[0]
+        out |= {"eager_ms": eager_ms, "vs_eager": eager_ms / ms,
+                "eager_speedup": median_ms(t["dense eager"])[0] / eager_ms}
+    return out
 
 
 def load_nanogpt(path: Path, cfg: ModelConfig, seq: int, device: torch.device) -> tuple:
@@ -553,7 +566,7 @@ class BenchOptions:
     seq: int = 256  # train/prefill
     prompt: int = 32  # decode
     gen: int = 32  # decode/maxbatch
-    reps: int = 5
+    reps: int | None = None  # None: each benchmark's own default
     max_batch: int = 4096  # maxbatch
     calibrate: bool = False  # decode: calibrate pre-merge first
     procs: int = 2  # memory: ranks of each torchrun
@@ -563,6 +576,10 @@ class BenchOptions:
     steps: int = 5  # coord: AdamW steps per width
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # coord: lr, base_width
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # coord: its batch's source
+
+    def reps_or(self, default: int) -> int:
+        """--reps where given, else the benchmark's own default."""
+        return default if self.reps is None else self.reps
 
 
 @dataclass(frozen=True)
@@ -613,7 +630,7 @@ def _coord(o: BenchOptions, m: ModelConfig) -> list[dict]:
     kinds = o.kinds or ("dense", *structured_kinds())
     seq = min(32 if o.quick else o.seq, m.block_size)
     rows = coord_check(m, o.optim, o.data, o.widths, kinds, 3 if o.quick else o.steps,
-                       1 if o.quick else o.reps, o.batch or 8, seq, o.device, o.dtype)
+                       1 if o.quick else o.reps_or(5), o.batch or 8, seq, o.device, o.dtype)
     return [{**r, **context(o.device, o.dtype)} for r in rows]
 
 
@@ -623,28 +640,30 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("n", "ms", "gflops"), plot=("n", "gflops", "dtype")),
     "kernel": Benchmark(
         lambda o, m: bench_kernel(o.device, o.dtype, o.tokens[-1], o.quick, o.backward,
-                                  kinds=o.kinds),
+                                  kinds=o.kinds, reps=o.reps_or(7)),
         ("kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms",
          "speedup", "ideal", "efficiency"), plot=("tokens", "efficiency", "kind")),
     "ffn": Benchmark(
         lambda o, m: bench_ffn(o.device, o.dtype, o.widths, o.tokens, o.backward, o.quick,
-                               compile=o.compile, kinds=o.kinds),
-        ("variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal"),
+                               compile=o.compile, kinds=o.kinds, reps=o.reps_or(5)),
+        ("variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal",
+         "eager_ms", "eager_speedup", "vs_eager"),
         plot=("tokens", "speedup", "variant"), facet="width"),
     "train": Benchmark(
         lambda o, m: bench_train(quick_model(m) if o.quick else m, o.device, o.dtype,
-                                 o.batch or 8, 32 if o.quick else o.seq, 2 if o.quick else o.reps,
-                                 _peak_of(o), compile=o.compile, against=o.against),
+                                 o.batch or 8, 32 if o.quick else o.seq,
+                                 2 if o.quick else o.reps_or(5), _peak_of(o), compile=o.compile,
+                                 against=o.against),
         ("variant", "params", "d_model", "batch", "seq", "ms", "tokens_per_s", "gflops", "mfu",
          "speedup")),
     "prefill": Benchmark(
         lambda o, m: bench_prefill(quick_model(m) if o.quick else m, o.device, o.dtype,
-                                   o.batch or 4, 32 if o.quick else o.seq, o.reps),
+                                   o.batch or 4, 32 if o.quick else o.seq, o.reps_or(5)),
         ("variant", "batch", "seq", "ms", "tokens_per_s", "speedup")),
     "decode": Benchmark(
         lambda o, m: bench_decode(quick_model(m) if o.quick else m, o.device, o.dtype,
                                   o.batch or 1, o.prompt, 8 if o.quick else o.gen,
-                                  2 if o.quick else o.reps, o.calibrate),
+                                  2 if o.quick else o.reps_or(5), o.calibrate),
         ("variant", "batch", "ms_per_token", "ms_min", "ms_max", "tokens_per_s", "vs_dense")),
     "maxbatch": Benchmark(
         lambda o, m: bench_maxbatch(quick_model(m) if o.quick else m, o.device, o.dtype, o.gen,
@@ -653,14 +672,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("variant", "gen", "max_batch", "step_ms", "tokens_per_s", "hit_limit")),
     "memory": Benchmark(
         lambda o, m: bench_memory(quick_model(m) if o.quick else m, o.device, o.dtype,
-                                  o.batch or 4, 32 if o.quick else o.seq, 2 if o.quick else o.reps,
-                                  o.procs),
+                                  o.batch or 4, 32 if o.quick else o.seq,
+                                  2 if o.quick else o.reps_or(5), o.procs),
         ("variant", "parallel", "activation_checkpointing", "params", "peak_mib",
          "tokens_per_s"), plot=("params", "peak_mib", "parallel")),
     "serve": Benchmark(
         lambda o, m: bench_serve(quick_model(m) if o.quick else m, o.device, o.dtype,
                                  (1, 4) if o.quick else o.concurrency, 16 if o.quick else o.prompt,
-                                 8 if o.quick else o.gen, 1 if o.quick else o.reps),
+                                 8 if o.quick else o.gen, 1 if o.quick else o.reps_or(5)),
         ("variant", "clients", "requests", "errors", "req_per_s", "out_tok_per_s", "ttft_p50_ms",
          "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms", "itl_p99_ms"),
         plot=("clients", "out_tok_per_s", "variant")),

@@ -265,8 +265,8 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
     p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
     p.add_argument("--gen", type=int, default=32, help="decode/maxbatch: generated tokens")
-    p.add_argument("--reps", type=int, default=5,
-                   help="repetitions (interleaved); coord: seeds per width")
+    p.add_argument("--reps", type=int, default=None,
+                   help="repetitions (interleaved; kernel 7, others 5); coord: seeds per width")
     p.add_argument("--steps", type=int, default=5, help="coord: AdamW steps per width")
     p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true",

@@ -73,6 +73,18 @@ def test_ffn_compiled_rows():
     assert {r["variant"] for r in rows} == {"dense"} | {f"{k}-32"
                                                         for k in bench.structured_kinds()}
     assert all(r["compiled"] and r["ms"] > 0 for r in rows)
+    for r in rows:  # each variant's eager self, timed in the same interleaved loop
+        assert r["eager_ms"] > 0 and r["vs_eager"] == pytest.approx(r["eager_ms"] / r["ms"])
+    dense = next(r for r in rows if r["variant"] == "dense")
+    assert dense["speedup"] == pytest.approx(1, rel=1e-6)
+    assert dense["eager_speedup"] == pytest.approx(1, rel=1e-6)
+
+
+def test_ffn_eager_rows_have_no_compile_columns():
+    rows = bench.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,),
+                           fractions=(0.32,), kinds=["lowrank"])
+    assert [r["variant"] for r in rows] == ["dense", "lowrank-32"]
+    assert not any("vs_eager" in r or r["compiled"] for r in rows)
 
 
 def test_compile_variants_lifts_the_recompile_limit(monkeypatch):
@@ -98,6 +110,21 @@ def test_memory_rows_from_torchrun_probes():
                                                             ("structured", "fsdp")]
     assert rows[1]["params"] < rows[0]["params"]
     assert all(r["peak_mib"] > 0 and r["tokens_per_s"] > 0 and r["world"] == 2 for r in rows)
+
+
+@pytest.mark.parametrize(("name", "reps", "want"), [("kernel", None, 7), ("kernel", 2, 2),
+                                                    ("ffn", None, 5), ("ffn", 3, 3)])
+def test_reps_reach_kernel_and_ffn(monkeypatch, name, reps, want):
+    """--reps is honoured by kernel and ffn (it once was silently ignored there)."""
+    seen = []
+    def fake(fns, device, reps, **kw):
+        seen.append(reps)
+        return {k: [1e-3] * reps for k in fns}
+    monkeypatch.setattr(bench, "time_interleaved", fake)
+    opts = bench.BenchOptions(torch.device("cpu"), None, reps=reps, widths=(64,), tokens=(8,),
+                              kinds=("lowrank",))
+    bench.BENCHMARKS[name].run(opts, ModelConfig())
+    assert seen and set(seen) == {want}
 
 
 @pytest.mark.slow
