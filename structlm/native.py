@@ -12,7 +12,9 @@ them. (Python threads started right after a PyTorch op competed with its OpenMP 
 spin for a while before they sleep: a kernel took up to 1.5x as long in a training step.)
 
 Where no compiler is found or the build fails, `load` returns None and says why once; callers
-fall back to PyTorch's own kernels.
+fall back to PyTorch's own kernels. Where PyTorch runs on another OpenMP runtime (Intel's libiomp5
+or LLVM's libomp, as in some conda builds), loading a kernel brings libgomp in beside it: `load`
+notices the second runtime in the process and warns once, naming the switches that avoid it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +40,10 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno",
          "-fPIC")
 OPENMP = "-fopenmp"  # libgomp by soname: the copy PyTorch has loaded, so its threads are ours
 _loaded: dict[str, ctypes.CDLL | None] = {}
+# the files of the three OpenMP runtimes (GNU, Intel, LLVM), as wheels and distributions name them
+_OPENMP = re.compile(r"/(libgomp|libiomp5|libomp)(-[0-9a-f]+)?\.so[.\d]*$")
+SWITCHES = ("STRUCTLM_GELU", "STRUCTLM_SHUFFLE", "STRUCTLM_CROSS_ENTROPY", "STRUCTLM_ROPE",
+            "STRUCTLM_ATTENTION_KERNEL")  # =aten turns each kernel off
 
 
 def _cpu_flags() -> str:
@@ -77,6 +84,29 @@ def _build(src: Path, cc: str) -> Path:
     return out
 
 
+def openmp_runtimes(maps: str | None = None) -> set[str]:
+    """The OpenMP runtimes' files mapped into this process (from /proc/self/maps, or `maps`'s
+    text; empty where it cannot be read, as off Linux)."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return set()
+    paths = (ln.split(maxsplit=5)[-1] for ln in maps.splitlines() if ln.count(" ") >= 5)
+    return {p for p in paths if _OPENMP.search(p)}
+
+
+def warn_second_runtime(before: set[str], after: set[str], name: str) -> None:
+    """One warning where loading `name` added an OpenMP runtime beside one already loaded."""
+    added = sorted(after - before)
+    if before and added:
+        warnings.warn(
+            f"structlm's CPU kernels ({name}.c) loaded the OpenMP runtime {added[0]} beside "
+            f"PyTorch's {sorted(before)[0]}: two thread pools now compete for the cores, and the "
+            f"kernels and PyTorch's ops slow each other down. Set OMP_WAIT_POLICY=passive, or turn "
+            f"the kernels off with {'=aten, '.join(SWITCHES)}=aten.", stacklevel=3)
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """csrc/<name>.c as a loaded library, or None (with one warning) where it cannot be built."""
     if name not in _loaded:
@@ -84,7 +114,9 @@ def load(name: str) -> ctypes.CDLL | None:
         try:
             if cc is None:
                 raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+            before = openmp_runtimes()
             _loaded[name] = ctypes.CDLL(str(_build(CSRC / f"{name}.c", cc)))
+            warn_second_runtime(before, openmp_runtimes(), name)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             warnings.warn(f"structlm's CPU kernels ({name}.c) could not be built: "
