@@ -40,6 +40,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno",
          "-fPIC")
 OPENMP = "-fopenmp"  # libgomp by soname: the copy PyTorch has loaded, so its threads are ours
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_warned: list[str] = []  # the kernel whose load brought a second OpenMP runtime (warned once)
 # the files of the three OpenMP runtimes (GNU, Intel, LLVM), as wheels and distributions name them
 _OPENMP = re.compile(r"/(libgomp|libiomp5|libomp)(-[0-9a-f]+)?\.so[.\d]*$")
 SWITCHES = ("STRUCTLM_GELU", "STRUCTLM_SHUFFLE", "STRUCTLM_CROSS_ENTROPY", "STRUCTLM_ROPE",
@@ -99,7 +100,8 @@ def openmp_runtimes(maps: str | None = None) -> set[str]:
 def warn_second_runtime(before: set[str], after: set[str], name: str) -> None:
     """One warning where loading `name` added an OpenMP runtime beside one already loaded."""
     added = sorted(after - before)
-    if before and added:
+    if before and added and not _warned:
+        _warned.append(name)
         warnings.warn(
             f"structlm's CPU kernels ({name}.c) loaded the OpenMP runtime {added[0]} beside "
             f"PyTorch's {sorted(before)[0]}: two thread pools now compete for the cores, and the "

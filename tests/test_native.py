@@ -34,11 +34,15 @@ def test_loading_a_kernel_adds_no_runtime_here(monkeypatch):
     assert native.openmp_runtimes() == before
 
 
-def test_a_second_runtime_warns_and_names_the_fix():
+def test_a_second_runtime_warns_once_and_names_the_fix(monkeypatch):
+    monkeypatch.setattr(native, "_warned", [])
     before = {"/opt/conda/lib/libiomp5.so"}
     with pytest.warns(UserWarning, match=r"libgomp\.so\.1 beside PyTorch's .*libiomp5\.so.*"
                                          r"OMP_WAIT_POLICY=passive.*STRUCTLM_GELU=aten"):
         native.warn_second_runtime(before, before | {"/usr/lib/libgomp.so.1"}, "gelu")
+    with warnings.catch_warnings():  # the next kernel's load: the same runtime, no second warning
+        warnings.simplefilter("error")
+        native.warn_second_runtime(before, before | {"/usr/lib/libgomp.so.1"}, "xent")
 
 
 @pytest.mark.parametrize(("before", "after"), [
