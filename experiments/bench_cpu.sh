@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # The CPU benchmark run behind BENCHMARKS.md (~25 min on 2 cores). Rows go to $OUT/*.jsonl, plots to $OUT/*.png.
+# It stops, deleting nothing, where $OUT already holds an earlier run's rows.
 # COMPILE=1 adds the torch.compile'd FFN and training-step runs ($OUT/*_compiled.jsonl, ~5 min more).
 # On a GPU machine the same commands run on CUDA (add e.g. --widths 1024,2048,3072,4096,5120 --dtype bf16).
 set -euo pipefail
 OUT=${OUT:-docs/bench}
 DTYPE=${DTYPE:-auto}
+ROWS=(peak kernel ffn train prefill crossover decode maxbatch ffn_compiled train_compiled)
 mkdir -p "$OUT"
-rm -f "$OUT"/*.jsonl
+# every command appends its rows: an earlier run's files would mix with this one's, and they are
+# someone's results, so stop rather than delete them
+for r in "${ROWS[@]}"; do
+  if [[ -e "$OUT/$r.jsonl" ]]; then
+    echo "experiments/bench_cpu.sh: $OUT/$r.jsonl is an earlier run's; this run would append to" \
+      "it. Move that run's rows away, or pick another folder: OUT=docs/bench-new bash $0" >&2
+    exit 2
+  fi
+done
 D768=(--preset paper-s --model.n_layer 4 --model.vocab_size 8192 --model.ffn.kind lowrank --model.ffn.rank 192)
 structlm bench peak --dtype "$DTYPE" --json "$OUT/peak.jsonl"
 structlm bench kernel --dtype "$DTYPE" --tokens 4096 --json "$OUT/kernel.jsonl"

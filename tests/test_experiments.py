@@ -125,3 +125,19 @@ def test_lr_transfer_finds_a_moving_and_a_fixed_optimum(tmp_path):
     assert shifts == {"mup": "+0.00", "standard": "-1.00"}  # from the previous width
     tr.plot(data, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("script", "existing"), [("bench_cpu.sh", "ffn.jsonl"),
+                                                  ("bench_targets.sh", None)])
+def test_bench_scripts_keep_an_earlier_runs_rows(tmp_path, script, existing):
+    """A benchmark script pointed at a folder that holds an earlier run stops before any
+    benchmark runs, deletes nothing, and names another folder."""
+    out = tmp_path / "rows"
+    out.mkdir()
+    kept = out / (existing or "ffn.jsonl")
+    kept.write_text('{"bench": "ffn"}\n')
+    r = subprocess.run(["bash", str(ROOT / "experiments" / script)], capture_output=True,
+                       text=True, env={**os.environ, "OUT": str(out)}, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "OUT=" in r.stderr and str(out) in r.stderr
+    assert kept.read_text() == '{"bench": "ffn"}\n' and list(out.iterdir()) == [kept]
