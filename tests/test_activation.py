@@ -1,6 +1,8 @@
 """The native tanh-GELU (activation.py, csrc/gelu.c) against PyTorch's, and its fallbacks."""
 
+import ctypes
 import math
+import subprocess
 
 import pytest
 import torch
@@ -130,3 +132,28 @@ def test_broken_source_warns_with_the_compiler_message(monkeypatch, tmp_path):
     monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="could not be built: .*error"):
         assert native.load("gelu") is None
+
+
+def test_bf16_vector_path_is_bitwise_the_portable_one(tmp_path):
+    """Where the compiler targets AVX512-BF16 the bf16 kernels are AVX512 intrinsics with the
+    hardware rounding; built without it they are the portable loops. Both give the same bits,
+    subnormals (which the instruction would flush) and special values included."""
+    portable = tmp_path / "gelu_portable.so"
+    subprocess.run([native._compiler(), *native.FLAGS, native.OPENMP, "-mno-avx512bf16", "-o",
+                    str(portable), str(native.CSRC / "gelu.c")], check=True, capture_output=True)
+    fast, slow = native.load("gelu"), ctypes.CDLL(str(portable))
+    torch.manual_seed(3)
+    special = torch.tensor([0.0, -0.0, 1e-39, -1e-39, 3e-38, 1e-30, float("nan"), float("inf"),
+                            -float("inf"), 20.0, 20.5, -10.0, -10.06, -10.1, 1e5, -1e5])
+    x = torch.cat([special, torch.randn(100_000) * 4, special[:7]]).bfloat16()  # a ragged tail
+    g = torch.cat([torch.full((16,), 1e-39), torch.randn(x.numel() - 16)]).bfloat16()
+    out = {}
+    for name, lib in (("fast", fast), ("slow", slow)):
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        native.call(lib.gelu_fwd_bf16, [x, y], x.numel())
+        native.call(lib.gelu_bwd_bf16, [x, g, dx], x.numel())
+        out[name] = y.view(torch.int16), dx.view(torch.int16)
+    assert torch.equal(out["fast"][0], out["slow"][0])
+    assert torch.equal(out["fast"][1], out["slow"][1])
+    y, dx = (t.view(torch.bfloat16) for t in out["fast"])
+    assert y[2] > 0 and dx[0] > 0  # gelu(1e-39) and 0.5 * 1e-39: subnormals, kept
