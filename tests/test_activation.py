@@ -2,6 +2,7 @@
 
 import ctypes
 import math
+import platform
 import subprocess
 
 import pytest
@@ -134,6 +135,7 @@ def test_broken_source_warns_with_the_compiler_message(monkeypatch, tmp_path):
         assert native.load("gelu") is None
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 flag")
 def test_bf16_vector_path_is_bitwise_the_portable_one(tmp_path):
     """Where the compiler targets AVX512-BF16 the bf16 kernels are AVX512 intrinsics with the
     hardware rounding; built without it they are the portable loops. Both give the same bits,
