@@ -47,6 +47,7 @@ from structlm.scaling import FORMS, X_KEYS, collect
 from structlm.scaling import report as scaling_report
 from structlm.sweep import SweepConfig, load_sweep, run_sweep
 from structlm.training import train
+from structlm.training.rundir import refuse_checkpoint_dir
 from structlm.utils import autocast_dtype, autodetect_device, json_safe, reuse_freed_memory
 
 
@@ -79,6 +80,7 @@ def parse_run_config(
             what = ("does not exist" if not run.exists()
                     else "holds no config.json (not a structlm run)")
             raise FileNotFoundError(f"--resume {run}: the directory {what}")
+        refuse_checkpoint_dir(run, "--resume")
         base = load_run_config(str(run / "config.json"))
         base.train.out_dir = str(run)
     elif ns.config:
@@ -93,6 +95,10 @@ def parse_run_config(
         RunConfig, default=base, args=rest, prog=prog, use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),  # booleans take a value: --train.compile True
     )
+    if getattr(ns, "resume", None) and Path(cfg.train.out_dir) != Path(ns.resume):
+        raise ValueError(f"--resume {ns.resume} continues the run in that directory; drop "
+                         f"--train.out_dir {cfg.train.out_dir} (to start a new run there from "
+                         f"this one's weights, use --train.init_from {ns.resume})")
     return cfg, ns
 
 

@@ -73,6 +73,24 @@ def test_resume_of_a_finished_run_extends_it(trained):
     assert json.loads((trained / "run" / "summary.json").read_text())["steps"] == 8
 
 
+def test_resume_refuses_a_checkpoint_dir_and_another_out_dir(trained):
+    """A checkpoint is not a run: training into it would break its manifest. And --resume RUN
+    with another --train.out_dir would silently start a fresh run there."""
+    run_dir = trained / "run"
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    before = sorted(p.name for p in ckpt.iterdir())
+    for args in (["--resume", str(ckpt)], ["--preset", "tiny", "--train.out_dir", str(ckpt)]):
+        r = run("train", *args, check=False)
+        assert r.returncode == 2 and "this is a checkpoint, not a run directory" in r.stderr
+        assert f"--resume {run_dir}" in r.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    r = run("train", "--resume", str(run_dir), "--train.out_dir", str(trained / "other"),
+            check=False)
+    assert r.returncode == 2 and "drop --train.out_dir" in r.stderr
+    assert "--train.init_from" in r.stderr
+    assert not (trained / "other").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

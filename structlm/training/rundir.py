@@ -47,12 +47,23 @@ FIXED_UNDER_OVERRIDE = ("model", *DATA_IDENTITY, "optim.decay_all", "train.seed"
                         "train.batch_size", "train.seq_len", "train.sgt", "train.init_from")
 
 
+def refuse_checkpoint_dir(path: Path, flag: str) -> None:
+    """A checkpoint (RUN/checkpoints/step_N, which holds a manifest) is not a run directory:
+    training into it would write beside its files and break the manifest."""
+    if (path / "manifest.json").is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        fix = (f"resume its run with `structlm train --resume {run}`" if run is not None
+               else "give the run directory that holds it")
+        raise FileExistsError(f"{flag} {path}: this is a checkpoint, not a run directory; {fix}")
+
+
 def check_run_dir(out: Path, cfg: RunConfig, override: bool = False) -> tuple[bool, list[str]]:
     """(holds this run, the overridden fields): True if `out` holds this same run (to resume);
     refuse a directory that holds something else. With `override`, optimizer, schedule and dtype
     fields may differ; they come back as "path: old vs new"."""
     if not out.exists() or not any(out.iterdir()):
         return False, []
+    refuse_checkpoint_dir(out, "--train.out_dir")
     if not (out / "config.json").exists():
         raise FileExistsError(
             f"{out} exists and is not a structlm run directory; choose another --train.out_dir"
