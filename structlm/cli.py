@@ -119,7 +119,7 @@ def _switch_ffn_kind(base: RunConfig, args: list[str]) -> None:
 def cmd_info(argv: list[str]) -> None:
     """Parameter and FLOP table of a preset plus overrides (the paper's accounting)."""
     p = argparse.ArgumentParser(prog="structlm info", add_help=False)
-    p.add_argument("--tokens", type=float, default=None,
+    p.add_argument("--tokens", type=positive_float, default=None,
                    help="training tokens, for total training FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     cfg, ns = parse_run_config("structlm info", argv, p)
@@ -184,7 +184,7 @@ def cmd_serve(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="structlm serve", description=cmd_serve.__doc__)
     p.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--max_batch", type=positive_int, default=32,
                    help="sequences decoded together (KV cache slots)")
     p.add_argument("--max_tokens", type=positive_int, default=1024,
@@ -255,8 +255,9 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"structlm bench {sub}", add_help=False)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
-    p.add_argument("--plot", default=None, help="draw the result to this PNG")
+    p.add_argument("--json", type=output_path, default=None,
+                   help="append one JSON row per measurement to this file")
+    p.add_argument("--plot", type=output_path, default=None, help="draw the result to this PNG")
     p.add_argument("--quick", action="store_true",
                    help="small shapes, few repetitions (under a minute)")
     p.add_argument("--backward", action="store_true", help="kernel/ffn: time forward+backward")
@@ -267,17 +268,20 @@ def _bench_parser(sub: str) -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="1,16,256,4096",
                    help="ffn: token counts; kernel: the last one")
     p.add_argument("--kinds", nargs="+", default=None, help="kernel/ffn: only these structures")
-    p.add_argument("--batch", type=int, default=None, help="decode/train/prefill: batch size")
-    p.add_argument("--seq", type=int, default=256, help="train/prefill: sequence length")
-    p.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens before timing")
-    p.add_argument("--gen", type=int, default=32, help="decode/maxbatch: generated tokens")
-    p.add_argument("--reps", type=int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="decode/train/prefill: batch size")
+    p.add_argument("--seq", type=positive_int, default=256, help="train/prefill: sequence length")
+    p.add_argument("--prompt", type=positive_int, default=32,
+                   help="decode: prompt tokens before timing")
+    p.add_argument("--gen", type=positive_int, default=32, help="decode/maxbatch: generated tokens")
+    p.add_argument("--reps", type=positive_int, default=None,
                    help="repetitions (interleaved; kernel 7, others 5); coord: seeds per width")
-    p.add_argument("--steps", type=int, default=5, help="coord: AdamW steps per width")
-    p.add_argument("--max_batch", type=int, default=4096, help="maxbatch: stop searching here")
+    p.add_argument("--steps", type=positive_int, default=5, help="coord: AdamW steps per width")
+    p.add_argument("--max_batch", type=positive_int, default=4096,
+                   help="maxbatch: stop searching here")
     p.add_argument("--calibrate", action="store_true",
                    help="decode: calibrate pre-merge thresholds first")
-    p.add_argument("--procs", type=int, default=2, help="memory: ranks of each torchrun")
+    p.add_argument("--procs", type=positive_int, default=2, help="memory: ranks of each torchrun")
     p.add_argument("--concurrency", default="1,8,32", help="serve: concurrent clients")
     p.add_argument("--against", type=Path, default=None,
                    help="train: nanoGPT's model.py (yours), timed at the same shapes")
@@ -338,6 +342,20 @@ def _number(cast, test, what: str):
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+port_number = _number(int, lambda v: 0 <= v <= 65535, "a port number (0-65535)")
+
+
+def output_path(text: str) -> str:
+    """A file to write at the end of a command, checked before its work: its folder is made now
+    (so a long benchmark does not lose its rows to a missing folder); a folder is refused."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name in it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot make the folder of {text!r}: {e}") from e
+    return text
 
 
 def _bool(text: str) -> bool:
@@ -392,10 +410,11 @@ def cmd_scaling(argv: list[str]) -> None:
     p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
     p.add_argument("--x", default="train_flops", choices=X_KEYS, help="the size axis")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the fits here")
-    p.add_argument("--plot", default=None, help="draw loss vs x with the fits (PNG)")
+    p.add_argument("--json", type=output_path, default=None, help="write the fits here")
+    p.add_argument("--plot", type=output_path, default=None,
+                   help="draw loss vs x with the fits (PNG)")
     ns = p.parse_args(argv)
     scaling_report(ns.runs, x=ns.x, forms=ns.forms, n_boot=ns.bootstrap, seed=ns.seed,
                    json_path=ns.json, png=ns.plot)
@@ -408,11 +427,12 @@ def cmd_plan(argv: list[str]) -> None:
         description="Recommend a structure, model size and token count for a budget from "
         "L(N, D) or L(C) fits per family: the paper's published points by default, or your "
         "sweep's finished runs (--from).")
-    p.add_argument("--flops", type=float, default=None, help="compute budget (training FLOPs)")
-    p.add_argument("--target_loss", type=float, default=None,
+    p.add_argument("--flops", type=positive_float, default=None,
+                   help="compute budget (training FLOPs)")
+    p.add_argument("--target_loss", type=positive_float, default=None,
                    help="the validation loss to reach (with --flops: families that miss it are "
                    "not recommended; alone: the least compute per family)")
-    p.add_argument("--max_params", type=float, default=None, help="a parameter limit")
+    p.add_argument("--max_params", type=positive_float, default=None, help="a parameter limit")
     p.add_argument("--from", dest="runs", nargs="+", default=None,
                    help="fit these run directories / sweeps instead of the paper's points")
     p.add_argument("--form", default="power", choices=FORMS,
@@ -420,9 +440,9 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--max_extrapolation", type=float, default=10.0,
                    help="refuse budgets beyond this factor of a family's fitted range")
     p.add_argument("--extrapolate", action="store_true", help="predict beyond it anyway")
-    p.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=positive_int, default=300, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the plans here")
+    p.add_argument("--json", type=output_path, default=None, help="write the plans here")
     ns = p.parse_args(argv)
     rows = collect(ns.runs) if ns.runs else paper_rows()
     print(f"fits from {', '.join(ns.runs) if ns.runs else rows[0]['source']}")
@@ -442,12 +462,12 @@ def cmd_report(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="structlm report",
                                 description="Tabulate finished runs as Markdown and CSV.")
     p.add_argument("runs", nargs="+", help="run directories, parents of them, or globs")
-    p.add_argument("--decode_batch", type=int, nargs="+", default=None,
+    p.add_argument("--decode_batch", type=positive_int, nargs="+", default=None,
                    help="also measure decode tokens/s at these batches; the best is reported")
-    p.add_argument("--gen", type=int, default=256,
+    p.add_argument("--gen", type=positive_int, default=256,
                    help="KV-cache position of the timed decode step (capped at block_size)")
-    p.add_argument("--md", default=None, help="write the Markdown table here")
-    p.add_argument("--csv", default=None, help="write the CSV here")
+    p.add_argument("--md", type=output_path, default=None, help="write the Markdown table here")
+    p.add_argument("--csv", type=output_path, default=None, help="write the CSV here")
     ns = p.parse_args(argv)
     report_runs(ns.runs, decode_batch=ns.decode_batch, gen=ns.gen, md=ns.md, csv_path=ns.csv)
 

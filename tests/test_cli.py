@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from structlm.cli import output_path
+
 
 def run(*args, cwd=None, check=True):
     r = subprocess.run([sys.executable, "-m", "structlm", *args], capture_output=True, text=True,
@@ -101,6 +103,11 @@ def test_resume_refuses_a_checkpoint_dir_and_another_out_dir(trained):
         (["info", "--model.ffn.rank", "100000"], "rank=100000"),
         (["eval", "/nonexistent/run"], "does not exist"),
         (["frobnicate"], "unknown command"),
+        (["plan", "--flops=-1e20"], "'-1e20' is not a positive number"),
+        (["serve", "/nonexistent/run", "--port", "99999"], "is not a port number (0-65535)"),
+        (["report", "/nonexistent/run", "--decode_batch", "0"], "'0' is not a positive integer"),
+        (["bench", "ffn", "--quick", "--json", "/"], "is a folder; give a file name in it"),
+        (["scaling", "/nonexistent/run", "--bootstrap", "0"], "'0' is not a positive integer"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -128,3 +135,11 @@ def test_reuse_freed_memory_switch(monkeypatch):
         reuse_freed_memory()
     monkeypatch.delenv("STRUCTLM_MALLOC")
     assert reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_output_files_get_their_folder_before_the_work(tmp_path):
+    """--json/--plot/--md/--csv of a folder that does not exist yet: made at parse time, so a
+    long benchmark does not lose its rows at the end."""
+    target = tmp_path / "new" / "deeper" / "rows.jsonl"
+    assert output_path(str(target)) == str(target)
+    assert target.parent.is_dir() and not target.exists()
