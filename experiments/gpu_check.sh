@@ -9,6 +9,11 @@
 #   bash experiments/gpu_check.sh          (OUT=gpu_check)
 set -euo pipefail
 OUT=${OUT:-gpu_check}
+if compgen -G "$OUT/*.jsonl" >/dev/null; then  # every bench appends: runs would mix, so keep them
+  echo "gpu_check: $OUT already holds an earlier run's rows; nothing was run. Move them away, or" \
+    "pick another folder: OUT=$OUT-2 bash $0" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 command -v nvidia-smi >/dev/null || { echo "gpu_check: no nvidia-smi; run this on a CUDA machine" >&2; exit 1; }
 N=$(nvidia-smi -L | wc -l)

@@ -128,7 +128,8 @@ def test_lr_transfer_finds_a_moving_and_a_fixed_optimum(tmp_path):
 
 
 @pytest.mark.parametrize(("script", "existing"), [("bench_cpu.sh", "ffn.jsonl"),
-                                                  ("bench_targets.sh", None)])
+                                                  ("bench_targets.sh", None),
+                                                  ("gpu_check.sh", "ffn.jsonl")])
 def test_bench_scripts_keep_an_earlier_runs_rows(tmp_path, script, existing):
     """A benchmark script pointed at a folder that holds an earlier run stops before any
     benchmark runs, deletes nothing, and names another folder."""

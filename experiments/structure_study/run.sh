@@ -33,7 +33,8 @@ evaluate() {  # RUN NAME: held-out loss and perplexity, once
   mv "$OUT/eval-$2.json.tmp" "$OUT/eval-$2.json"
 }
 heal() {  # NAME SUFFIX [SGT FLAGS]
-  [[ -d "$OUT/$1$2" ]] || structlm train --config "$OUT/$1/config.json" --train.init_from "$OUT/$1" \
+  # a finished run has summary.json; an interrupted one is resumed by the same command
+  [[ -s "$OUT/$1$2/summary.json" ]] || structlm train --config "$OUT/$1/config.json" --train.init_from "$OUT/$1" \
     --data.data_dir "$DATA" --train.out_dir "$OUT/$1$2" --train.max_steps "$STEPS" --train.batch_size 8 \
     --train.micro_batch_size 8 --train.seq_len 256 --optim.lr 3e-4 --train.eval_interval 100000 \
     --train.eval_tokens 8192 --train.log_interval 5 "${@:3}"
