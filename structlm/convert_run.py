@@ -80,10 +80,15 @@ def _calib_ids(path: str, run: Path, block_size: int) -> torch.Tensor:
     return torch.as_tensor(ids[:n].astype("int64")).view(-1, min(block_size, n))
 
 
-def dense_guides(run: str | Path) -> dict[str, torch.Tensor]:
-    """The dense weights a converted run's FFN layers came from, by layer name."""
+def dense_guides_path(run: str | Path) -> Path:
+    """Where a converted run keeps the dense weights its FFN layers came from (checked)."""
     path = Path(run) / DENSE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{run} has no {DENSE_FILE}: guide_init=dense needs a run made by "
                                 "structlm convert as --train.init_from")
-    return load_file(str(path))
+    return path
+
+
+def dense_guides(run: str | Path) -> dict[str, torch.Tensor]:
+    """The dense weights a converted run's FFN layers came from, by layer name."""
+    return load_file(str(dense_guides_path(run)))

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -189,6 +190,33 @@ def test_missing_corpus_fails_before_anything_is_written(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="nope"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_init_from_and_missing_tensorboard_fail_before_the_data(fresh_corpus, tmp_path,
+                                                                   monkeypatch):
+    """Checked before the corpus is prepared or a run directory made: an init_from that holds
+    no model, one of another shape, dense guides from a run that has none, TensorBoard absent."""
+    donor = tmp_path / "donor"
+    train(tiny_cfg(fresh_corpus, donor, max_steps=1, eval_interval=0))
+    prepared = fresh_corpus.with_name(fresh_corpus.name + "-prepared")
+    shutil.rmtree(prepared)
+    cases = [({"init_from": str(tmp_path / "nowhere")}, FileNotFoundError,
+              "no structlm checkpoint"),
+             ({"init_from": str(donor)}, ValueError, "its model differs"),
+             ({"init_from": str(donor)}, FileNotFoundError, "has no dense_ffn.safetensors")]
+    for i, (kw, err, message) in enumerate(cases):
+        cfg = tiny_cfg(fresh_corpus, tmp_path / f"run{i}", **kw)
+        if i == 1:
+            cfg.model.n_layer += 1
+        if i == 2:
+            cfg.train.sgt.mode, cfg.train.sgt.guide_init = "fixedstep", "dense"
+        with pytest.raises(err, match=message):
+            train(from_dict(type(cfg), to_dict(cfg)))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ImportError, match=r"pip install 'structlm\[tensorboard\]'"):
+        train(tiny_cfg(fresh_corpus, tmp_path / "tb", tensorboard=True))
+    assert not prepared.exists()
+    assert not any((tmp_path / n).exists() for n in ("run0", "run1", "run2", "tb"))
 
 
 def test_ddp_two_processes_match_one(corpus, tmp_path):

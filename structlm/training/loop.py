@@ -36,10 +36,11 @@ from structlm.model import GPT
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.inputs import RunData, load_run_data
-from structlm.training.metrics import MetricsLog, plot_losses
+from structlm.training.metrics import MetricsLog, plot_losses, require_tensorboard
 from structlm.training.optim import lr_at, make_optimizer, set_lr, total_steps
 from structlm.training.rundir import (
     Resume,
+    check_init,
     diverged,
     find_resume,
     load_init,
@@ -138,6 +139,9 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
 
     # --- the run directory, its checkpoint and the data: all checked before any work ---
     resume = find_resume(Path(t.out_dir), cfg, plan, override=override)
+    check_init(cfg, resume)
+    if t.tensorboard and world.master:
+        require_tensorboard()
     data = load_run_data(cfg, resume, world, progress)
     if resume.finished(steps):
         return finished_summary(resume, world)

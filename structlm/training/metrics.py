@@ -88,14 +88,20 @@ class MetricsLog:
             self.writer.close()
 
 
-def _tensorboard(out: Path):
+def require_tensorboard() -> type:
+    """TensorBoard's SummaryWriter, or an error naming the extra to install (checked before a run
+    starts, so a missing extra costs no data preparation and leaves no run directory)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional extra
     except ImportError:
         raise ImportError(
             "--train.tensorboard needs TensorBoard: pip install 'structlm[tensorboard]'"
         ) from None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter
+
+
+def _tensorboard(out: Path):
+    return require_tensorboard()(str(out / "tb"))
 
 
 def plot_losses(metrics_path: Path, png: Path, train_flops_per_token: float) -> None:

@@ -26,7 +26,8 @@ from structlm.config import (
     load_run_config,
     save_json,
 )
-from structlm.hf.importer import read_hf
+from structlm.convert_run import dense_guides_path
+from structlm.hf.importer import gguf_file, read_config, read_hf
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
@@ -178,20 +179,21 @@ def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.cuda.set_rng_state_all(resume.state["rng"]["cuda"])
 
 
-def load_init(path: str, model: nn.Module, cfg: ModelConfig) -> None:
-    """--train.init_from: the weights of a structlm run or checkpoint, or of a Hugging Face model
-    directory, into a fresh run's model, whose config must match the source's."""
-    p = Path(path)
+def _init_ckpt(p: Path) -> Path:
+    """The structlm checkpoint --train.init_from names: itself, or its run's latest."""
+    ckpt = p if (p / "manifest.json").exists() else checkpoint.find_latest(p)
+    if ckpt is None:
+        raise FileNotFoundError(f"--train.init_from {p}: no structlm checkpoint or Hugging "
+                                "Face model (config.json with model_type) there")
+    return ckpt
+
+
+def _is_hf(p: Path) -> bool:
     hf_config = p / "config.json"
-    if hf_config.exists() and "model_type" in json.loads(hf_config.read_text()):
-        src, sd = read_hf(p)
-        ckpt = None
-    else:
-        ckpt = p if (p / "manifest.json").exists() else checkpoint.find_latest(p)
-        if ckpt is None:
-            raise FileNotFoundError(f"--train.init_from {p}: no structlm checkpoint or Hugging "
-                                    "Face model (config.json with model_type) there")
-        src, sd = load_run_config(str(ckpt / "config.json")).model, None
+    return hf_config.exists() and "model_type" in json.loads(hf_config.read_text())
+
+
+def _require_same_model(p: Path, src: ModelConfig, cfg: ModelConfig) -> None:
     diff = checkpoint.config_diff(RunConfig(model=src), RunConfig(model=cfg), ("model",))
     if diff:
         raise ValueError(
@@ -199,10 +201,37 @@ def load_init(path: str, model: nn.Module, cfg: ModelConfig) -> None:
             f"start from its configuration, e.g. structlm train --config {p}/config.json "
             f"--train.init_from {p} --train.out_dir runs/NEW"
         )
-    if ckpt is not None:
-        checkpoint.load_weights(model, ckpt)
-    else:
+
+
+def check_init(cfg: RunConfig, resume: Resume) -> None:
+    """A fresh run's --train.init_from (and the dense weights guide_init=dense takes from it),
+    checked before the data is prepared: the source exists and holds this run's model. (A GGUF
+    file's config comes with its weights: it is checked when they load.)"""
+    t = cfg.train
+    if resume.ckpt is not None or not t.init_from:
+        return
+    p = Path(t.init_from)
+    if not _is_hf(p):
+        _require_same_model(p, load_run_config(str(_init_ckpt(p) / "config.json")).model,
+                            cfg.model)
+    elif gguf_file(p) is None:
+        _require_same_model(p, read_config(p)[0], cfg.model)
+    if t.sgt.guide_init == "dense":
+        dense_guides_path(p)
+
+
+def load_init(path: str, model: nn.Module, cfg: ModelConfig) -> None:
+    """--train.init_from: the weights of a structlm run or checkpoint, or of a Hugging Face model
+    directory, into a fresh run's model, whose config must match the source's."""
+    p = Path(path)
+    if _is_hf(p):
+        src, sd = read_hf(p)
+        _require_same_model(p, src, cfg)
         model.load_state_dict(sd, strict=True)
+    else:
+        ckpt = _init_ckpt(p)
+        _require_same_model(p, load_run_config(str(ckpt / "config.json")).model, cfg)
+        checkpoint.load_weights(model, ckpt)
 
 
 def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> None:
