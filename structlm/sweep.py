@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -58,7 +59,7 @@ from structlm.training import train
 from structlm.training.optim import total_steps
 from structlm.training.rundir import check_run_dir
 from structlm.training.sgt import make_plan
-from structlm.utils import is_tty
+from structlm.utils import atomic_write_text, is_tty
 
 GRID_KEYS = ("sizes", "structures", "sgt", "preset", "set", "tag")
 _SIZE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")  # LxD or LxDhH: layers, width, heads
@@ -160,6 +161,14 @@ def _value(text: str):
         return {"True": True, "False": False, "None": None}.get(text, text)
 
 
+# the fields the planner sets for every run, and the sweep option that decides each
+PLANNED = {"train.max_steps": "tokens, tokens_per_param or flops",
+           "train.max_tokens": "tokens, tokens_per_param or flops",
+           "train.max_flops": "tokens, tokens_per_param or flops",
+           "train.eval_interval": "evals (evaluations per run)", "train.out_dir": "out_dir",
+           "model.ffn": "structures (e.g. lowrank:0.32)"}
+
+
 def base_config(sweep: SweepConfig) -> RunConfig:
     """The preset or config.json every run starts from, with the sweep's `set` overrides."""
     if sweep.config:
@@ -171,6 +180,11 @@ def base_config(sweep: SweepConfig) -> RunConfig:
     d = to_dict(cfg)
     for item in sweep.set:
         key, sep, text = item.partition("=")
+        owner = next((o for f, o in PLANNED.items()
+                      if key.strip() == f or key.strip().startswith(f + ".")), None)
+        if owner:
+            raise ValueError(f"bad override {item!r}: the sweep plans {key.strip()} for every "
+                             f"run; set {owner} instead")
         *parents, leaf = key.strip().split(".")
         node = d
         for k in parents:
@@ -307,13 +321,21 @@ def _plan_one(
     )
 
 
+def _summary(out: Path) -> dict | None:
+    """A run's summary.json, or None where it is missing or unreadable (a run killed while one
+    was written by older code): train() redoes the finish and writes it again."""
+    try:
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def status(run: PlannedRun) -> str:
     """done (summary.json of the planned steps), partial (checkpoints to resume or extend from) or
     todo. A run finished under a different budget is partial: train() extends it to the new budget,
     or refuses one below the steps it already took."""
     out = Path(run.cfg.train.out_dir)
-    summary = out / "summary.json"
-    if summary.exists() and json.loads(summary.read_text())["steps"] == run.steps:
+    if (_summary(out) or {}).get("steps") == run.steps:
         return "done"
     if any((out / "checkpoints").glob("step_*")):
         return "partial"
@@ -339,6 +361,20 @@ def format_plan(runs: list[PlannedRun], gpu_flops: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def write_record(out: Path, options: dict) -> Path:
+    """The sweep's options as out/sweep.json; where an earlier sweep into the same folder left
+    other options there, they are kept and these go to sweep-2.json, sweep-3.json, ..."""
+    text = json.dumps(options, indent=2)
+    for n in itertools.count(1):
+        path = out / ("sweep.json" if n == 1 else f"sweep-{n}.json")
+        if not path.exists():
+            atomic_write_text(path, text)
+            return path
+        if path.read_text() == text:
+            return path
+    raise AssertionError("unreachable")
+
+
 def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
     """Plan, then train every run not yet done, in order; returns the summaries (dicts). Under
     torchrun every rank trains each run together; only rank 0 prints and writes sweep.json."""
@@ -357,7 +393,8 @@ def run_sweep(sweep: SweepConfig, *, dry_run: bool = False) -> list[dict]:
     out = Path(sweep.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if lead:
-        (out / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
+        record = write_record(out, dataclasses.asdict(sweep))
+        print(f"sweep options: {record}", flush=True)
     tty = is_tty() and lead
     bar = tqdm(total=sum(r.train_flops for r in runs), unit="FLOP", unit_scale=True,
                desc="sweep", disable=not tty, position=1)

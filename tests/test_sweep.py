@@ -120,6 +120,9 @@ def test_bad_sweep_configs_are_refused(kwargs, match):
     ("set", ("train.batch_size",), "bad override"),
     ("set", ("train.no_such_field=3",), "bad override"),
     ("set", ("train.batch_size=7",), "multiple of"),
+    ("set", ("train.max_steps=2",), "plans train.max_steps for every run; set tokens, "),
+    ("set", ("train.eval_interval=1",), "set evals"),
+    ("set", ("model.ffn.rank=8",), "set structures"),
     ("param_group", "weights", "param_group"),
     ("sizes", ("1x64",), "keeps every FFN of this 1-layer model dense"),
 ])
@@ -190,6 +193,25 @@ def test_sweep_refuses_a_directory_holding_another_run_before_training(corpus, t
     with pytest.raises(FileExistsError, match="holds a different run"):
         run_sweep(changed)
     assert not (out / "2x32h2-lowrank32").exists()  # nothing trained before the refusal
+
+
+def test_a_damaged_summary_is_retrained_and_options_are_kept(corpus, tmp_path, capsys):
+    """A half-written summary.json makes its run partial, not a crash; a second sweep with other
+    options into the same folder keeps the first's record."""
+    out = tmp_path / "sw"
+    first = tiny_sweep(corpus, out, structures=("dense",))
+    run_sweep(first)
+    summary = out / "2x32h2-dense" / "summary.json"
+    summary.write_text('{"steps": 4, "final')
+    assert [status(r) for r in plan_sweep(first)] == ["partial"]
+    run_sweep(first)
+    assert json.loads(summary.read_text())["steps"] > 0
+    record = (out / "sweep.json").read_text()
+    run_sweep(tiny_sweep(corpus, out, structures=("dense",), evals=1))
+    assert (out / "sweep.json").read_text() == record
+    assert json.loads((out / "sweep-2.json").read_text())["evals"] == 1
+    run_sweep(first)  # the same options again: their record exists, no third file
+    assert not (out / "sweep-3.json").exists()
 
 
 def test_dry_run_plans_without_writing(corpus, tmp_path, capsys):
