@@ -17,7 +17,7 @@ from structlm import checkpoint
 from structlm.config import RunConfig, save_json
 from structlm.data import encode_text_file, load_tokenizer, run_tokenizer_path
 from structlm.hf.importer import import_hf
-from structlm.linear.registry import choose_hparams
+from structlm.linear.registry import DENSE, choose_hparams
 from structlm.linear.structure import structure
 from structlm.utils import is_tty, publish_dir, require_empty
 
@@ -41,6 +41,10 @@ def convert_run(
             run = import_hf(run, Path(scratch) / "imported")  # a Hugging Face checkpoint
         model, cfg = checkpoint.load_model(run)
         m = cfg.model
+        if m.ffn.kind != DENSE:
+            raise ValueError(f"convert {source}: its FFNs are {m.ffn.kind} already; convert "
+                             "projects a dense model (the run this one came from, or a Hugging "
+                             "Face model)")
         spec = choose_hparams(kind, [(n, k) for _, n, k in m.ffn_shapes()], fraction)
         exclude = [f"blocks.{i}.*" for i in m.dense_ffn_layers]
         calib = _calib_ids(calib_text, run, m.block_size) if calib_text else None

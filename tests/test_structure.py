@@ -225,6 +225,9 @@ def test_guided_healing_starts_at_the_dense_models_loss(corpus, tmp_path):
     train(dense)
     out, report = convert_run(tmp_path / "dense", tmp_path / "lr", "lowrank", 0.32)
     assert report and all(r["rel_error"] > 0 for r in report)
+    with pytest.raises(ValueError, match="its FFNs are lowrank already"):
+        convert_run(out, tmp_path / "again", "blockdense", 0.32)
+    assert not (tmp_path / "again").exists()
 
     def continued(name, init, **sgt):
         cfg = tiny_cfg(corpus, tmp_path / name, max_steps=4, eval_interval=0)
