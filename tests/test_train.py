@@ -185,6 +185,18 @@ def test_data_vocab_larger_than_model_is_refused(corpus, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_before_preparing(corpus, fresh_corpus,
+                                                                       tmp_path):
+    train(tiny_cfg(corpus, tmp_path / "donor", max_steps=1, eval_interval=0))  # a 300-token BPE
+    cfg = tiny_cfg(fresh_corpus, tmp_path / "run")
+    cfg.data.tokenizer = str(tmp_path / "donor" / "tokenizer.json")
+    cfg.data.data_dir = str(tmp_path / "prepared")
+    cfg.model.vocab_size = 280
+    with pytest.raises(ValueError, match=r"tokenizer.json \(300\) exceeds model.vocab_size=280"):
+        train(from_dict(type(cfg), to_dict(cfg)))
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "run").exists()
+
+
 def test_missing_corpus_fails_before_anything_is_written(tmp_path):
     cfg = tiny_cfg(tmp_path / "nope", tmp_path / "run")
     with pytest.raises((FileNotFoundError, ValueError), match="nope"):

@@ -13,6 +13,7 @@ from structlm.data import (
     Batches,
     check_tokenizer,
     load_meta,
+    load_tokenizer,
     load_tokens,
     prepare,
     resolve_data_dir,
@@ -31,12 +32,17 @@ class RunData:
 
 
 def load_run_data(cfg: RunConfig, resume: Resume, world: World, progress: bool) -> RunData:
-    if cfg.data.tokenizer is None and cfg.data.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"data.vocab_size={cfg.data.vocab_size} exceeds "
-            f"model.vocab_size={cfg.model.vocab_size}; "
-            f"set --model.vocab_size {cfg.data.vocab_size}"
-        )
+    # the vocabulary checked before preparing (a tokenizer path that does not exist: prepare
+    # names it)
+    tok = cfg.data.tokenizer
+    if tok is None:
+        vocab, what = cfg.data.vocab_size, "data.vocab_size"
+    else:
+        vocab = load_tokenizer(tok).get_vocab_size() if Path(tok).exists() else 0
+        what = f"the vocabulary of {tok}"
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"{what} ({vocab}) exceeds model.vocab_size={cfg.model.vocab_size}; "
+                         f"set --model.vocab_size {vocab}")
     data_dir = resolve_data_dir(cfg.data)
     if world.master and resume.ckpt is None:
         prepare(cfg.data, progress=progress)
