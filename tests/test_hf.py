@@ -286,6 +286,8 @@ FACTOR_CASES = {
     "rope-interleaved-scaled": dict(norm="rmsnorm", act="gelu", pos_emb="rope",
                                     rope_interleaved=True, rope_scale=2.0,
                                     ffn=LinearSpec("blockshuffle", nblocks=2)),
+    "btt": dict(norm="layernorm", act="gelu", pos_emb="rope",
+                ffn=LinearSpec("btt", rank=3, nblocks=4)),
 }
 
 

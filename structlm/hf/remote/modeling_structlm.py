@@ -1,9 +1,10 @@
 """A structlm GPT for transformers (self-contained: torch and transformers only).
 
 The module tree and parameter names are structlm's, so the weights are the structured factors
-themselves: LowRank (down, up), BlockDense (blkdiag, up), BlockShuffle (blkdiag1, blkdiag2) keep
-their parameter and FLOP savings. In evaluation, calls with fewer than `premerge_tokens` tokens (one
-decoding step) use each layer's merged dense matrix instead, built once from the factors.
+themselves: LowRank (down, up), BlockDense (blkdiag, up), BlockShuffle (blkdiag1, blkdiag2) and BTT
+(core1, core2) keep their parameter and FLOP savings. In evaluation, calls with fewer than
+`premerge_tokens` tokens (one decoding step) use each layer's merged dense matrix instead, built
+once from the factors.
 """
 
 import torch
@@ -103,8 +104,26 @@ class BlockShuffle(Structured):
         return u.transpose(-1, -2).flatten(-2)  # y[i*B + j] = u_j[i]
 
 
+class BTT(Structured):
+    """Two-core block tensor-train: core1[j] maps input block j to rank-r pieces for every
+    output block, core2[i] gathers output block i's pieces from every input block."""
+
+    def __init__(self, d_in, d_out, bias, premerge_tokens, rank, nblocks, **hp):
+        super().__init__(d_in, d_out, bias, premerge_tokens)
+        b = nblocks
+        self.core1 = nn.Parameter(torch.empty(b, b * rank, d_in // b))
+        self.core2 = nn.Parameter(torch.empty(b, d_out // b, b * rank))
+
+    def matmul(self, x):
+        nb, br, n = self.core1.shape
+        h = torch.einsum("...jn,jan->...ja", x.unflatten(-1, (nb, n)), self.core1)
+        h = h.unflatten(-1, (nb, br // nb))  # (..., input block j, output block i, rank a)
+        y = torch.einsum("...jia,imja->...im", h, self.core2.unflatten(-1, (nb, br // nb)))
+        return y.flatten(-2)  # y[i*m + s]
+
+
 KINDS = {"dense": Dense, "lowrank": LowRank, "blockdense": BlockDense,
-         "blockshuffle": BlockShuffle}
+         "blockshuffle": BlockShuffle, "btt": BTT}
 
 
 def build_linear(spec, d_in, d_out, bias, premerge_tokens):
