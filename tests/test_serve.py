@@ -20,9 +20,12 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from structlm.serving.engine import stop_prefix  # noqa: E402
 from structlm.serving.server import BackgroundServer, build  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+            "{{ raise_exception('a system message must come first') }}{% endif %}"
+            "<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
@@ -138,6 +141,9 @@ def test_batched_outputs_equal_alone_and_dispatch_follows_the_batch(server):
     ({"prompt": "and the " * 200}, 400, "maximum context length is 96"),
     ({"prompt": "a", "stop": ["", "x"]}, 400, "stop"),
     ([1, 2], 400, "JSON object"),
+    ({"prompt": "a \ud800 b"}, 400, "unpaired UTF-16 surrogate"),
+    ({"prompt": "a", "seed": 2**64}, 400, "seed"),
+    ({"prompt": "a", "model": "gpt-4o"}, 404, "The model `gpt-4o` does not exist"),
 ])
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, body, status, words):
     code, out = server.post("/v1/completions", body)
@@ -145,6 +151,50 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, bod
     assert out["error"]["type"] == "invalid_request_error"
     code, ok = server.post("/v1/completions", {"prompt": "Scene", "max_tokens": 2})
     assert code == 200 and ok["choices"][0]["text"] is not None
+
+
+def test_neutral_and_default_values_are_accepted(server):
+    """null max_tokens takes the default (16 for completions; chat's 256 is capped at the server's
+    limit of 64), an empty logit_bias biases nothing, the served name and any 64-bit seed pass."""
+    code, out = server.post("/v1/completions", {
+        "prompt": "Scene", "max_tokens": None, "logit_bias": {}, "model": "run",
+        "seed": 2**64 - 1, "temperature": 0})
+    assert code == 200 and out["usage"]["completion_tokens"] <= 16, out
+    code, out = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    assert code == 200 and out["usage"]["completion_tokens"] <= 64, out
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(server):
+    code, out = server.post("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}]})
+    assert code == 400 and "a system message must come first" in out["error"]["message"], out
+    assert out["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize(("text", "stops", "held"), [
+    ("abcST", ("STOP",), 2), ("abc", ("STOP",), 0), ("aSTO", ("STOP", "TO!"), 3),
+    ("abS", ("xx", "SS"), 1), ("", ("a",), 0),
+])
+def test_stop_prefix_is_the_longest_end_that_begins_a_stop_string(text, stops, held):
+    assert stop_prefix(text, stops) == held
+
+
+def test_a_stop_string_never_leaks_a_partial_match(server):
+    """Text that might begin a stop string is held back: whole and streamed responses end right
+    before the stop string, wherever the token boundaries fall inside it."""
+    body = {"prompt": "Scene 2", "max_tokens": 48, "temperature": 0}
+    full = server.post("/v1/completions", body)[1]["choices"][0]["text"]
+    clean = [p for p in range(len(full) - 5) if full[p:p + 5].isprintable()]  # no stray bytes
+    assert len(clean) >= 3, full
+    for p in (clean[0], clean[len(clean) // 2], clean[-1]):
+        stop = full[p:p + 5]
+        want = full[:full.find(stop)]
+        whole = server.post("/v1/completions", {**body, "stop": [stop]})[1]["choices"][0]
+        streamed = "".join(ch.choices[0].text for ch in server.client.completions.create(
+            model="run", prompt=body["prompt"], max_tokens=48, temperature=0, stop=[stop],
+            stream=True) if ch.choices)
+        assert (whole["text"], whole["finish_reason"], streamed) == (want, "stop", want), stop
 
 
 def test_a_prompt_longer_than_a_prefill_chunk_is_chunked_to_the_same_output(run, server):
@@ -175,6 +225,33 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
             break
         time.sleep(0.05)
     assert server.metric('requests_total{outcome="cancelled"}') == cancelled + 1
+    assert json.loads(server.get("/health"))["running"] == 0
+
+
+def test_a_client_that_disconnects_during_a_whole_response_frees_its_slot(server, monkeypatch):
+    """Tokens keep coming (one per 50 ms) while the client waits for a non-streamed response;
+    its disconnect still cancels the request long before its 64 tokens are done."""
+    body = {"prompt": "Scene", "max_tokens": 64, "temperature": 1.0, "seed": 0}
+    code, out = server.post("/v1/completions", body)
+    assert code == 200 and out["usage"]["completion_tokens"] == 64  # it runs to its length
+    forward = server.engine._forward
+    monkeypatch.setattr(server.engine, "_forward",
+                        lambda *a: (time.sleep(0.05), forward(*a))[1])
+    cancelled = server.metric('requests_total{outcome="cancelled"}')
+    length = server.metric('requests_total{outcome="length"}')
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    while server.engine.stats.generated_tokens == 0 or server.engine.running == 0:
+        time.sleep(0.01)
+    time.sleep(0.6)  # tokens are flowing
+    conn.sock.close()
+    conn.close()
+    for _ in range(40):  # 2 s: the 64 tokens would take 3.2 s
+        if server.metric('requests_total{outcome="cancelled"}') > cancelled:
+            break
+        time.sleep(0.05)
+    assert server.metric('requests_total{outcome="cancelled"}') == cancelled + 1
+    assert server.metric('requests_total{outcome="length"}') == length
     assert json.loads(server.get("/health"))["running"] == 0
 
 

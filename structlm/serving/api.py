@@ -5,7 +5,8 @@ here (the optional `[serve]` extra).
 Every error is an OpenAI-format JSON body with a 4xx status (bad JSON, non-UTF-8 bodies, wrong
 types, unknown fields, prompts beyond the context, limits, sampling values out of range); the
 server keeps serving. A full queue answers 429; with an API key, requests without its bearer
-token get 401. A client that disconnects frees its slot at the next engine step.
+token get 401. A client that disconnects (streaming or not) frees its slot at the next engine
+step.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
-from structlm.serving.engine import Engine, Event, QueueFull, Request
+from structlm.serving.engine import ContextTooLong, Engine, Event, QueueFull, Request
 from structlm.serving.schemas import ChatBody, CompletionBody, error_body
 
 
@@ -43,18 +46,29 @@ class BadRequest(Exception):
         self.response = JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
+class RequireKey:
+    """ASGI middleware: /v1/ paths need `Authorization: Bearer KEY`. Plain ASGI, not Starlette's
+    BaseHTTPMiddleware, through which a handler could never see its client disconnect."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
+                and dict(scope["headers"]).get(b"authorization") != self.expected):
+            body = error_body("missing or wrong API key (Authorization: Bearer KEY)",
+                              code="invalid_api_key")
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="structlm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     template = compile_template(cfg.chat_template) if cfg.chat_template else None
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        if (cfg.api_key and request.url.path.startswith("/v1/")
-                and request.headers.get("authorization") != f"Bearer {cfg.api_key}"):
-            return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)",
-                                           code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if cfg.api_key:
+        app.add_middleware(RequireKey, key=cfg.api_key)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: HTTPRequest, e: BadRequest):
@@ -75,28 +89,31 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await parse(request, CompletionBody)
-        ids = encode(tokenizer, body.prompt, engine)
-        return await run(request, engine, body, ids, cfg, chat=False)
+        body = await parse(request, CompletionBody, cfg)
+        ids = encode(tokenizer, body.prompt, engine, "prompt")
+        return await run(request, engine, body, ids, cfg, budget(body.max_tokens, 16, cfg))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         if template is None:
             raise BadRequest("this model has no chat template (its tokenizer files define none); "
                              "use /v1/completions", status=404, code="no_chat_template")
-        body = await parse(request, ChatBody)
-        text = template.render(messages=[m.model_dump(exclude_none=True) for m in body.messages],
-                               add_generation_prompt=True, bos_token=cfg.bos, eos_token=cfg.eos)
-        body.max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        return await run(request, engine, body, encode(tokenizer, text, engine), cfg, chat=True)
+        body = await parse(request, ChatBody, cfg)
+        try:
+            text = template.render(
+                messages=[m.model_dump(exclude_none=True) for m in body.messages],
+                add_generation_prompt=True, bos_token=cfg.bos, eos_token=cfg.eos)
+        except TemplateError as e:
+            raise BadRequest(f"this model's chat template refuses these messages: {e}",
+                             "messages") from None
+        ids = encode(tokenizer, text, engine, "messages")
+        n = budget(body.max_completion_tokens or body.max_tokens, 256, cfg)
+        return await run(request, engine, body, ids, cfg, n, chat=True)
 
     return app
 
 
 def compile_template(source: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message):
@@ -105,7 +122,7 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
-async def parse(request: HTTPRequest, schema):
+async def parse(request: HTTPRequest, schema, cfg: ServeConfig):
     """The body as `schema`, or a BadRequest naming what is wrong."""
     raw = await request.body()
     try:
@@ -128,33 +145,50 @@ async def parse(request: HTTPRequest, schema):
     if (name := body.unsupported()) is not None:
         raise BadRequest(f"{name}={getattr(body, name)!r} is not supported by this server; leave "
                          "it unset", name)
+    if body.model is not None and body.model != cfg.name:
+        raise BadRequest(f"The model `{body.model}` does not exist: this server serves "
+                         f"`{cfg.name}` (GET /v1/models)", "model", status=404,
+                         code="model_not_found")
     return body
 
 
-def encode(tokenizer: Tokenizer, text: str, engine: Engine) -> list[int]:
+def encode(tokenizer: Tokenizer, text: str, engine: Engine, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{param} holds an unpaired UTF-16 surrogate ({text[e.start]!r} at "
+                         f"character {e.start}): send valid Unicode text", param) from None
     ids = tokenizer.encode(text).ids if text else []
     ids = ids or [engine.eos]
     if len(ids) >= engine.max_len:
         raise BadRequest(f"This model's maximum context length is {engine.max_len} tokens; the "
-                         f"prompt has {len(ids)}: shorten it", "prompt",
+                         f"prompt has {len(ids)}: shorten it", param,
                          code="context_length_exceeded")
     return ids
 
 
-async def run(request: HTTPRequest, engine: Engine, body, ids: list[int], cfg: ServeConfig,
-              chat: bool) -> Response:
-    if body.max_tokens > cfg.max_tokens:
-        raise BadRequest(f"max_tokens={body.max_tokens} is above this server's limit of "
+def budget(asked: int | None, default: int, cfg: ServeConfig) -> int:
+    """The tokens a request may generate: what it asked for (refused above the server's limit),
+    else the endpoint's default capped at that limit."""
+    if asked is None:
+        return min(default, cfg.max_tokens)
+    if asked > cfg.max_tokens:
+        raise BadRequest(f"max_tokens={asked} is above this server's limit of "
                          f"{cfg.max_tokens} (structlm serve --max_tokens)", "max_tokens")
+    return asked
+
+
+async def run(request: HTTPRequest, engine: Engine, body, ids: list[int], cfg: ServeConfig,
+              max_tokens: int, chat: bool = False) -> Response:
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    req = Request(ids, body.max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+    events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client left
+    req = Request(ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                   body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
     try:
         engine.submit(req)
     except QueueFull as e:
         raise BadRequest(str(e), status=429, kind="rate_limit_error", code="queue_full") from None
-    except ValueError as e:
+    except ContextTooLong as e:
         raise BadRequest(str(e), "prompt", code="context_length_exceeded") from None
     reply = Reply(cfg.name, chat, len(ids))
     if body.stream:
@@ -234,21 +268,34 @@ async def stream(req: Request, events: asyncio.Queue, engine: Engine, reply: Rep
 
 async def collect(http: HTTPRequest, req: Request, events: asyncio.Queue, engine: Engine,
                   reply: Reply) -> Response:
-    """The whole response; the request is cancelled if the client disconnects while it runs."""
+    """The whole response; the request is cancelled as soon as the client disconnects, however
+    fast its tokens come."""
+    watcher = asyncio.create_task(cancel_on_disconnect(http, req, engine, events))
     parts = []
-    while True:
-        try:
-            ev = await asyncio.wait_for(events.get(), timeout=0.5)
-        except TimeoutError:
-            if await http.is_disconnected():
-                engine.cancel(req)
+    try:
+        while True:
+            ev = await events.get()
+            if ev is None:  # the client went away
                 return Response(status_code=499)
-            continue
-        if ev.finish_reason == "error":
-            return JSONResponse(error_body(ev.text, "server_error"), status_code=500)
-        parts.append(ev.text)
-        if ev.finish_reason:
-            return JSONResponse(reply.whole("".join(parts), ev))
+            if ev.finish_reason == "error":
+                return JSONResponse(error_body(ev.text, "server_error"), status_code=500)
+            parts.append(ev.text)
+            if ev.finish_reason:
+                return JSONResponse(reply.whole("".join(parts), ev))
+    finally:
+        watcher.cancel()
+
+
+async def cancel_on_disconnect(http: HTTPRequest, req: Request, engine: Engine,
+                               events: asyncio.Queue, every: float = 0.1) -> None:
+    """Polls the connection while the request runs; on a disconnect, cancels it (its slot is
+    freed at the next engine step) and wakes the collector with None."""
+    while not req.done:
+        if await http.is_disconnected():
+            engine.cancel(req)
+            events.put_nowait(None)
+            return
+        await asyncio.sleep(every)
 
 
 def render_metrics(engine: Engine) -> str:

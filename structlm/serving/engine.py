@@ -33,6 +33,10 @@ class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds."""
 
 
+class ContextTooLong(ValueError):
+    """A prompt leaves no room in the context for one generated token."""
+
+
 @dataclass
 class Event:
     """What a request receives: a text delta, and at the end a finish reason and the counts."""
@@ -107,8 +111,8 @@ class Engine:
     # --- from any thread ----------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         if len(req.prompt) + 1 > self.max_len:
-            raise ValueError(f"the prompt has {len(req.prompt)} tokens; this model's context is "
-                             f"{self.max_len} tokens: shorten the prompt")
+            raise ContextTooLong(f"the prompt has {len(req.prompt)} tokens; this model's "
+                                 f"context is {self.max_len} tokens: shorten the prompt")
         if req.seed is not None:
             req.generator = torch.Generator(self.device).manual_seed(req.seed)
         with self._lock:
@@ -156,7 +160,9 @@ class Engine:
         with self._lock:
             while self.free and self.waiting:
                 req = self.waiting.popleft()
-                if req.cancelled:
+                if req.cancelled:  # gone before it had a slot
+                    req.done = True
+                    self.stats.requests["cancelled"] += 1
                     continue
                 req.slot = self.free.pop(0)
                 self.cache.lengths[req.slot] = 0
@@ -215,6 +221,7 @@ class Engine:
         max_tokens or the full context."""
         self.stats.generated_tokens += 1
         if token == self.eos:
+            self._emit(req, self.tokenizer.decode(req.generated))  # what was held back
             return self._finish(req, "stop")
         req.generated.append(token)
         text = self.tokenizer.decode(req.generated)
@@ -222,12 +229,12 @@ class Engine:
         if cut >= 0:
             self._emit(req, text[:cut])
             return self._finish(req, "stop")
-        if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all out yet
-            self._emit(req, text)
         full = int(self.cache.lengths[req.slot]) + 1 >= self.max_len
         if len(req.generated) >= req.max_tokens or full:
             self._emit(req, text)
-            self._finish(req, "length")
+            return self._finish(req, "length")
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes are not all out yet
+            self._emit(req, text[:len(text) - stop_prefix(text, req.stop)])
 
     def _emit(self, req: Request, text: str) -> None:
         if len(text) > len(req.sent) and text.startswith(req.sent):
@@ -254,3 +261,10 @@ class Engine:
                 for k, v in m.calls.items():
                     acc[k] += v
         return out
+
+
+def stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins a stop string: text a stop string
+    may still claim, so it is held back until the string completes or cannot."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)

@@ -23,7 +23,7 @@ class _Body(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**64 - 1)  # torch's seed range
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
@@ -48,7 +48,7 @@ class _Body(BaseModel):
         """The first field set away from its neutral value, which this server cannot honour."""
         for name, neutral in NEUTRAL.items():
             v = getattr(self, name, neutral)
-            if v is not None and v != neutral:
+            if v is not None and v != neutral and v != {}:  # logit_bias {} biases nothing
                 return name
         return None
 
@@ -58,7 +58,6 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
     suffix: str | None = None
 
     @field_validator("prompt")
