@@ -43,22 +43,40 @@ def test_premerged_dispatch_equals_the_structured_layer(kind, tokens):
     torch.nn.init.normal_(layer.bias)
     pm = PreMergedLinear(layer, max_dense_tokens=8).eval()
     x = torch.randn(tokens, 32, dtype=torch.float64)
-    torch.testing.assert_close(pm(x), layer(x))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), layer(x))
     assert (pm.merged.numel() > 0) == (tokens < 8)  # the merged matrix is built only when used
+    assert pm.calls["merged"] == (tokens < 8)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gradients_reach_the_factors_in_eval_mode_too(train):
+    layer = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
+    pm = PreMergedLinear(layer, max_dense_tokens=1000).train(train)
+    pm(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
+    assert pm.calls == {"merged": 0, "structured": 1}
+    assert all(p.grad is not None for p in layer.parameters())
 
 
 def test_merged_matrix_is_refreshed_when_weights_change():
     layer = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
     pm = PreMergedLinear(layer, max_dense_tokens=1000).eval()
     x = torch.randn(4, 16, dtype=torch.float64)
-    pm(x)
+    merged = torch.no_grad()(pm)
+    merged(x)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(x).sum().backward()
     opt.step()  # in-place update of the factors
-    torch.testing.assert_close(pm(x), layer(x))
+    torch.testing.assert_close(merged(x), layer(x))
     other = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
     layer.load_state_dict(other.state_dict())  # loading new weights
-    torch.testing.assert_close(pm(x), other(x))
+    torch.testing.assert_close(merged(x), other(x))
+    third = build_linear(SPECS["lowrank"], 16, 32, dtype=torch.float64)
+    pm.load_state_dict(third.state_dict(), assign=True)  # new tensors, fresh version counters
+    torch.testing.assert_close(merged(x), third(x))
+    layer.up.data = torch.randn_like(layer.up)  # a swapped storage
+    torch.testing.assert_close(merged(x), layer(x))
+    assert pm.calls == {"merged": 5, "structured": 0}
 
 
 def test_premerge_model_round_trip_and_no_second_copy_in_state_dict():
@@ -66,12 +84,20 @@ def test_premerge_model_round_trip_and_no_second_copy_in_state_dict():
     keys = set(model.state_dict())
     idx = torch.randint(0, 97, (1, 5))
     ref = model(idx)[0]
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
     premerge(model, 16)
     assert sum(isinstance(m, PreMergedLinear) for m in model.modules()) == 4
-    torch.testing.assert_close(model(idx)[0], ref)  # 5 tokens: merged path
-    assert not any("merged" in k for k in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], ref)  # 5 tokens: merged path
+    assert set(model.state_dict()) == keys  # the same checkpoint with or without pre-merge
+    other = GPT(tiny("blockdense")).double().eval()
+    model.load_state_dict(other.state_dict())  # a plain checkpoint loads into a pre-merged model
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], other(idx)[0])
+    model.load_state_dict(plain)
     unmerge(model)
     assert set(model.state_dict()) == keys
+    torch.testing.assert_close(model(idx)[0], ref)
 
 
 def test_greedy_generation_with_premerge_matches_without():

@@ -13,7 +13,11 @@ one dense matrix W = f(I)^T, and for calls with few tokens (decoding) that one G
     tokens >= max_dense_tokens  ->  f(x) + b    (fewer FLOPs: best for large batches)
 
 The merged W is a non-persistent buffer (never saved in checkpoints), rebuilt whenever the factors
-change (in-place updates by an optimizer or `load_state_dict` bump the tensors' version counters).
+change: in place (an optimizer step or `load_state_dict` bumps a tensor's version counter) or by
+swapping tensors (`load_state_dict(assign=True)`, `p.data = ...`: new storage). Whenever gradients
+can reach the factors (grad mode on and a factor requiring grad, in train or eval mode) the call
+takes the structured path. A wrapped layer's state_dict has the keys of the layer alone, so
+checkpoints load with or without pre-merge.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ class PreMergedLinear(Wrapper):
         self.structured = structured
         self.max_dense_tokens = max_dense_tokens
         self.register_buffer("merged", torch.empty(0), persistent=False)
-        self._versions: tuple[int, ...] | None = None
+        self._versions: tuple | None = None
         self.calls = {"merged": 0, "structured": 0}  # which path each call took (for serving)
+        self.register_state_dict_post_hook(_drop_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -57,14 +63,19 @@ class PreMergedLinear(Wrapper):
             self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
         self._versions = self._current_versions()
 
-    def _current_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.structured.parameters())
+    def _current_versions(self) -> tuple:
+        """What identifies the factors' values: each tensor's storage, dtype and version."""
+        return tuple((p.data_ptr(), p.dtype, p._version) for p in self.structured.parameters())
+
+    def _learning(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.structured.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.numel() // x.shape[-1]
-        if tokens >= self.max_dense_tokens or (self.training and torch.is_grad_enabled()):
+        if tokens >= self.max_dense_tokens or self._learning():
             self.calls["structured"] += 1
-            return self.structured(x)  # large calls, and training: gradients must reach the factors
+            return self.structured(x)  # large calls, and gradients must reach the factors
         if self._versions != self._current_versions() or self.merged.device != x.device:
             self.refresh()
         self.calls["merged"] += 1
@@ -75,6 +86,21 @@ class PreMergedLinear(Wrapper):
 
     def extra_repr(self) -> str:
         return f"max_dense_tokens={self.max_dense_tokens}"
+
+
+INNER = "structured."  # the wrapped layer's attribute, hidden from state_dict keys
+
+
+def _drop_prefix(module: nn.Module, state: dict, prefix: str, meta) -> None:
+    for key in [k for k in state if k.startswith(prefix + INNER)]:
+        state[prefix + key[len(prefix + INNER):]] = state.pop(key)
+
+
+def _add_prefix(module: nn.Module, state: dict, prefix: str, *_) -> None:
+    names = {n for n, _ in module.structured.named_parameters()} | {
+        n for n, _ in module.structured.named_buffers()}
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] in names]:
+        state[prefix + INNER + key[len(prefix):]] = state.pop(key)
 
 
 def layer_key(m: StructuredLinear) -> tuple:
