@@ -292,3 +292,100 @@ def test_btt_error_is_the_tail_energy_of_every_block_pair():
     tail = sum(torch.linalg.svdvals(w[i * 12:(i + 1) * 12, j * 6:(j + 1) * 6])[2:].square().sum()
                for i in range(4) for j in range(4))
     assert (layer.to_dense() - w).norm().item() == pytest.approx(tail.sqrt().item(), rel=1e-10)
+
+
+def _two_way_mlp() -> nn.Module:
+    model = nn.Module()
+    model.mlp = nn.ModuleDict({"up": nn.Linear(32, 128), "down": nn.Linear(128, 32),
+                               "gate": nn.Linear(32, 1)})  # a gate: no structure is smaller
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "blockdense", "blockshuffle"])
+def test_a_fraction_fits_every_layer_shape_or_leaves_the_layer_dense(kind):
+    """A narrowing layer alone (128 -> 32 at 63%) gets a valid spec; a layer no structure makes
+    smaller stays dense, named in the report."""
+    model, report = structure(_two_way_mlp(), 0.63, kind=kind, exclude=None)
+    rows = {r["name"]: r for r in report}
+    assert rows["mlp.gate"]["kind"] == "dense" and isinstance(model.mlp.gate, nn.Linear)
+    for name in ("mlp.up", "mlp.down"):
+        assert rows[name]["kind"] == kind
+        assert rows[name]["params_after"] <= 0.63 * rows[name]["params_before"]
+    with pytest.raises(ValueError, match="no matching layer can be structured at fraction=0.5"):
+        structure(_two_way_mlp(), 0.5, include="mlp.gate")
+
+
+def test_a_meta_skeleton_is_structured_then_loaded():
+    """structure(init="paper") on the meta device builds the layers without touching weights;
+    to_empty + a structured checkpoint then gives the structured model."""
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    spec = LinearSpec("blockshuffle", nblocks=2)
+    real, _ = structure(GPT(cfg), spec)
+    with torch.device("meta"):
+        skeleton = GPT(cfg)
+    skeleton, report = structure(skeleton, spec, init="paper")
+    assert report and all("rel_error" not in r for r in report)
+    skeleton.to_empty(device="cpu").load_state_dict(real.state_dict())
+    idx = torch.randint(0, 100, (2, 8))
+    torch.testing.assert_close(skeleton(idx)[0], real(idx)[0])
+
+
+@pytest.mark.parametrize("name", ["blockshuffle-4", "btt"])
+def test_a_short_calibration_does_not_overfit_it(name):
+    """32 calibration tokens for 24 -> 48... here 64 inputs: the covariance is singular, and the
+    ridge keeps the error on other inputs near the plain projection's (without it: ~1.4x)."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g, dtype=torch.float64) * torch.logspace(
+        0, -1, 64, dtype=torch.float64)
+
+    def cov(n):
+        x = torch.randn(n, 64, generator=g, dtype=torch.float64) @ mix
+        return x.T @ x / n
+
+    few, other = cov(32), cov(20000)
+    w = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    spec = SPECS[name] if name == "btt" else LinearSpec("blockshuffle", nblocks=4)
+    plain, aware = (build_linear(spec, 64, 32, bias=False, dtype=torch.float64) for _ in "ab")
+    project_(plain, w)
+    project_(aware, w, few)
+    assert weighted_error(w, aware.to_dense(), other) < 1.2 * weighted_error(
+        w, plain.to_dense(), other)
+
+
+def test_structure_warns_when_calibration_is_shorter_than_a_layers_inputs():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    with pytest.warns(UserWarning, match="12 calibration tokens for layers with more inputs"):
+        structure(GPT(cfg).double(), 0.5, calib=torch.randint(0, 100, (1, 12)))
+
+
+def test_a_guide_of_the_wrong_shape_is_refused():
+    from structlm.linear.guided import GuidedLinear
+
+    layer = build_linear(SPECS["lowrank"], 24, 48)
+    with pytest.raises(ValueError, match=r"guides are \(d_out, d_in\) = \(48, 24\).*Conv1D"):
+        GuidedLinear(layer, weight=torch.randn(24, 48))
+
+
+def test_self_guided_resumes_where_it_stopped():
+    """SelfGuided.state_dict: a loop rebuilt from a checkpoint continues alpha's schedule."""
+    from structlm import SelfGuided
+
+    def fresh():
+        model = _two_way_mlp()
+        structure(model, 0.5, kind="lowrank", exclude=None)
+        return model
+
+    model = fresh()
+    whole = SelfGuided(model, guided_steps=10, schedule="linear")
+    alphas = [whole.step() for _ in range(10)]
+    first = SelfGuided(fresh(), guided_steps=10, schedule="linear")
+    for _ in range(4):
+        first.step()
+    state = first.state_dict()
+    again = SelfGuided(fresh(), guided_steps=10, schedule="linear")
+    again.load_state_dict(state)
+    assert [again.step() for _ in range(6)] == alphas[4:]
+    with pytest.raises(ValueError, match="saved run's guided_steps and schedule"):
+        SelfGuided(fresh(), guided_steps=12, schedule="linear").load_state_dict(state)
+    with pytest.raises(ValueError, match="schedule='linaer': choose one of cosine, linear"):
+        SelfGuided(fresh(), guided_steps=10, schedule="linaer")

@@ -101,12 +101,14 @@ class BlockDenseLinear(StructuredLinear):
     def budget(cls, shapes: list[tuple[int, int]], fraction: float, **given: int) -> dict:
         """B given, else 4 for power-of-two widths and 2 otherwise (the paper's choice per size);
         R = f * sum(N*M) / sum(M + N/B), rounded down to a multiple of B and of the rank step
-        (2d/3, d/3 at B=2; 0.75d, 0.375d at B=4)."""
+        (2d/3, d/3 at B=2; 0.75d, 0.375d at B=4), and capped at min(d_in, d_out) (a narrowing
+        layer alone, e.g. 3072 -> 768 at 63%, would otherwise ask for more)."""
         d = min(x for s in shapes for x in s)
         nb = given.get("nblocks") or (4 if d & (d - 1) == 0 else 2)
         step = math.lcm(rank_step(shapes), nb)
         rank = int(fraction * dense_weights(shapes) / sum(m + n / nb for n, m in shapes))
-        return {"rank": max(rank // step * step, nb), "nblocks": nb}
+        cap = d // nb * nb  # d: the smallest side of any shape
+        return {"rank": max(min(rank // step * step, cap), nb), "nblocks": nb}
 
     def _post_init(self, init: str, std: float) -> None:
         polar_(self.blkdiag)

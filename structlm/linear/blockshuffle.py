@@ -149,8 +149,8 @@ class BlockShuffleLinear(StructuredLinear):
         optimum (any shape, square or not). With `cov`, that optimum is refined by weighted
         alternating least squares (`weighted_refine`)."""
         nb, q, p = self.blkdiag1.shape
-        b1 = torch.zeros(self.blkdiag1.shape, dtype=w.dtype)
-        b2 = torch.zeros(self.blkdiag2.shape, dtype=w.dtype)
+        b1 = torch.zeros(self.blkdiag1.shape, dtype=w.dtype, device=w.device)
+        b2 = torch.zeros(self.blkdiag2.shape, dtype=w.dtype, device=w.device)
         for j in range(nb):
             rows = w[j::nb]  # (s, N): the outputs i*B + j
             for k in range(nb):
@@ -172,7 +172,7 @@ class BlockShuffleLinear(StructuredLinear):
         shuffle folded into A's sparsity: output block j reads intermediates j, j+B, ...),
         refined in the weighted norm and unfolded again."""
         nb, o, q = b2.shape
-        a = torch.zeros(self.d_out, nb * q, dtype=w.dtype)
+        a = torch.zeros(self.d_out, nb * q, dtype=w.dtype, device=w.device)
         groups = [(torch.arange(j, self.d_out, nb), torch.arange(j, nb * q, nb))
                   for j in range(nb)]
         for j, (rows, cols) in enumerate(groups):

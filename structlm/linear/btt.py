@@ -113,8 +113,8 @@ class BTTLinear(StructuredLinear):
         on W^ = A @ blockdiag(core1), core2 folded into A's sparsity."""
         nb, r = self.nblocks, self.rank
         n, m = self.d_in // nb, self.d_out // nb
-        c1 = torch.zeros(self.core1.shape, dtype=w.dtype)
-        c2 = torch.zeros(self.core2.shape, dtype=w.dtype)
+        c1 = torch.zeros(self.core1.shape, dtype=w.dtype, device=w.device)
+        c2 = torch.zeros(self.core2.shape, dtype=w.dtype, device=w.device)
         for i1 in range(nb):
             for j2 in range(nb):
                 u, s, vh = torch.linalg.svd(w[i1 * m:(i1 + 1) * m, j2 * n:(j2 + 1) * n],
@@ -134,7 +134,7 @@ class BTTLinear(StructuredLinear):
         cols = [torch.tensor([j2 * nb * r + i1 * r + a for j2 in range(nb) for a in range(r)])
                 for i1 in range(nb)]
         groups = [(torch.arange(i1 * m, (i1 + 1) * m), cols[i1]) for i1 in range(nb)]
-        a = torch.zeros(self.d_out, nb * nb * r, dtype=w.dtype)
+        a = torch.zeros(self.d_out, nb * nb * r, dtype=w.dtype, device=w.device)
         for i1, (rows, cs) in enumerate(groups):
             a[rows[:, None], cs] = c2[i1]
         a, c1 = weighted_refine(w, cov, a, groups, c1)

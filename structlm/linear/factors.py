@@ -44,6 +44,14 @@ def weighted_sq_error(w: Tensor, approx: Tensor, cov: Tensor) -> Tensor:
     return torch.einsum("oi,ij,oj->", d, cov, d)
 
 
+def damped(cov: Tensor, ridge: float = 1e-2) -> Tensor:
+    """C + ridge * mean(diag C) * I. Fewer calibration tokens than inputs leave C singular, and
+    the pure weighted optimum then sets the unseen input directions arbitrarily (worse than the
+    plain projection on new text); the ridge pulls those towards the Frobenius optimum."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return cov + ridge * cov.diagonal().mean() * eye
+
+
 @torch.no_grad()
 def weighted_refine(
     w: Tensor, cov: Tensor, a: Tensor, groups: list[tuple[Tensor, Tensor]], blocks: Tensor,
@@ -57,7 +65,7 @@ def weighted_refine(
     rows do not interact), then each input block in turn (block coordinate descent: blocks are
     coupled only through C). So the error never increases from the starting factors (the plain
     projection); the best iterate is returned. float64 in, float64 out."""
-    cov = cov + 1e-9 * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    cov = damped(cov)
     a, blocks = a.clone(), blocks.clone()
     best = (weighted_sq_error(w, a @ torch.block_diag(*blocks), cov), a.clone(), blocks.clone())
     for _ in range(sweeps):

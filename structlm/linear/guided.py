@@ -36,6 +36,7 @@ class GuidedLinear(Wrapper):
         self.structured = structured
         with torch.no_grad():
             if weight is not None:  # e.g. the dense weights a converted layer was projected from
+                _check_guide(weight, structured)
                 w = weight.to(structured.weights()[0])
             else:
                 w = structured.to_dense() if init == "exact" else structured.paper_guide_init()
@@ -57,6 +58,15 @@ class GuidedLinear(Wrapper):
 
     def extra_repr(self) -> str:
         return f"alpha={float(self.alpha):.4f}, use_guide={self.use_guide}"
+
+
+def _check_guide(weight: Tensor, layer: StructuredLinear) -> None:
+    want = (layer.d_out, layer.d_in)
+    if tuple(weight.shape) != want:
+        raise ValueError(f"a guide of shape {tuple(weight.shape)} for a {layer.d_in} -> "
+                         f"{layer.d_out} layer: guides are (d_out, d_in) = {want}, as "
+                         "nn.Linear.weight (a transformers Conv1D stores its weight transposed: "
+                         "pass conv.weight.T)")
 
 
 def guided_layers(model: nn.Module) -> list[GuidedLinear]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.factors import dense_weights, rank_step
+from structlm.linear.factors import damped, dense_weights, rank_step
 
 
 def lowrank_matmul_reference(x: Tensor, down: Tensor, up: Tensor) -> Tensor:
@@ -97,8 +97,7 @@ class LowRankLinear(StructuredLinear):
         r = self.rank
         chol = None
         if cov is not None:
-            damp = 1e-6 * cov.diagonal().mean()  # keeps the Cholesky factor invertible
-            chol = torch.linalg.cholesky(cov + damp * torch.eye(cov.shape[0], dtype=cov.dtype))
+            chol = torch.linalg.cholesky(damped(cov))  # the ridge keeps it invertible
         u, s, vh = torch.linalg.svd(w if chol is None else w @ chol, full_matrices=False)
         root = s[:r].sqrt()
         down = root[:, None] * vh[:r]  # (R, N)

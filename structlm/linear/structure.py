@@ -18,13 +18,21 @@ does), the block kinds by weighted alternating least squares from the plain proj
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.convert import Patterns, named_modules, replace_modules
-from structlm.linear.registry import DENSE, LinearSpec, build_linear, choose_hparams
+from structlm.linear.registry import (
+    DENSE,
+    LinearSpec,
+    build_linear,
+    choose_hparams,
+    linear_class,
+)
 
 # every FFN linear of every block (structlm, Llama, GPT-2, NeoX, a module tree with an `mlp`)
 DEFAULT_INCLUDE = ("*.mlp.*", "mlp.*")
@@ -50,8 +58,10 @@ def structure(
 ) -> tuple[nn.Module, list[dict]]:
     """Replace the matching dense linear layers of `model`, in place, by structured layers of
     `spec_or_fraction` (a LinearSpec, or a share of each layer's parameters for `kind`, by the
-    paper's budget rule per shape); returns (model, a report row per layer). `progress`: a bar
-    over the layers (the activation-aware block projections take seconds each)."""
+    paper's budget rule per shape); returns (model, a report row per layer). Under a fraction, a
+    layer that no structure of `kind` makes smaller (a 32 -> 1 gate) stays dense: its row has
+    kind "dense" and says why under "kept". `progress`: a bar over the layers (the
+    activation-aware block projections take seconds each)."""
     if init not in ("project", "paper"):
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
@@ -65,8 +75,13 @@ def structure(
         if w is None:
             return None
         d_out, d_in = w.shape
-        spec = spec_or_fraction if isinstance(spec_or_fraction, LinearSpec) else choose_hparams(
-            kind, [(d_in, d_out)], float(spec_or_fraction))
+        spec = spec_or_fraction
+        if not isinstance(spec, LinearSpec):
+            spec, why = _budget(kind, d_in, d_out, float(spec_or_fraction))
+            if why:  # e.g. a 32 -> 1 gate: nothing to save
+                report.append(_kept(name, d_in, d_out, why))
+                bar.update(1)
+                return None
         bias = getattr(m, "bias", None)
         layer = build_linear(spec, d_in, d_out, bias=bias is not None, device=w.device,
                              dtype=w.dtype)
@@ -75,7 +90,7 @@ def structure(
                 project_(layer, w.detach(), covs.get(name))
             if bias is not None:
                 layer.bias.copy_(bias)
-        report.append(_row(name, w.detach(), layer, covs.get(name)))
+        report.append(_row(name, w.detach(), layer, covs.get(name), init == "project"))
         bar.update(1)
         return layer
 
@@ -83,18 +98,60 @@ def structure(
         replace_modules(model, convert, include, exclude)
     finally:
         bar.close()
-    if not report:
+    if calib is not None:
+        _warn_short_calibration(report, calib.numel())
+    if not any(r["kind"] != DENSE for r in report):
+        if report:
+            raise ValueError(f"no matching layer can be structured at fraction="
+                             f"{spec_or_fraction} ({', '.join(r['name'] for r in report)}; "
+                             f"{report[0]['kept']}); give other include patterns or a spec")
         raise ValueError(f"no nn.Linear matches include={include} exclude={exclude}; name the "
                          "layers to structure with fnmatch patterns of their qualified names")
     return model, report
 
 
-def _row(name: str, w: Tensor, layer: StructuredLinear, cov: Tensor | None) -> dict:
-    approx = layer.to_dense().to(w.dtype)
+def _warn_short_calibration(report: list[dict], tokens: int) -> None:
+    """Fewer calibration tokens than a layer has inputs leave its covariance singular: the
+    projection then fits the calibration text better and other text worse (a ridge limits it)."""
+    short = [r["name"] for r in report if r["kind"] != DENSE and r["d_in"] > tokens]
+    if short:
+        warnings.warn(f"{tokens} calibration tokens for layers with more inputs ({short[0]}"
+                      f"{f' and {len(short) - 1} more' if len(short) > 1 else ''}): their "
+                      "activation-aware projection may do worse than the plain one on other "
+                      "text; give at least as many tokens as the widest layer has inputs",
+                      stacklevel=3)
+
+
+def _budget(kind: str, d_in: int, d_out: int, fraction: float) -> tuple[LinearSpec | None, str]:
+    """The kind's spec for one shape at `fraction`, or (None, why the layer stays dense): no
+    valid spec of this kind for the shape, or none with fewer weights than dense."""
+    try:
+        spec = choose_hparams(kind, [(d_in, d_out)], fraction)
+    except ValueError as e:
+        return None, f"no {kind} layer fits {d_in} -> {d_out}: {e}"
+    if linear_class(kind).weight_params(d_in, d_out, **spec.hparams()) >= d_in * d_out:
+        return None, f"{kind} at fraction={fraction} would not have fewer weights than dense"
+    return spec, ""
+
+
+def _kept(name: str, d_in: int, d_out: int, why: str) -> dict:
+    """The report row of a matching layer left dense."""
+    return {"name": name, "d_in": d_in, "d_out": d_out, "kind": DENSE,
+            "params_before": d_in * d_out, "params_after": d_in * d_out, "rel_error": 0.0,
+            "kept": why}
+
+
+def _row(name: str, w: Tensor, layer: StructuredLinear, cov: Tensor | None,
+         measured: bool) -> dict:
+    """The report row of a replaced layer; its errors only when `measured` (projected from real
+    weights: a paper-init or meta-device skeleton has no error to report)."""
     row = {"name": name, "d_in": layer.d_in, "d_out": layer.d_out, "kind": layer.kind,
            **layer.hp, "params_before": w.numel(), "params_after": layer.weight_params(
-               layer.d_in, layer.d_out, **layer.hp),
-           "rel_error": ((w - approx).norm() / w.norm()).item()}
+               layer.d_in, layer.d_out, **layer.hp)}
+    if not measured or w.is_meta:
+        return row
+    approx = layer.to_dense().to(w.dtype)
+    row["rel_error"] = ((w - approx).norm() / w.norm()).item()
     if cov is not None:
         row["weighted_error"] = weighted_error(w, approx, cov)
     return row

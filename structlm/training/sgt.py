@@ -32,10 +32,14 @@ from structlm.linear.guided import (
 )
 from structlm.training.optim import drop_params
 
+SCHEDULES = ("cosine", "linear")
+
 
 def guide_alpha(step: int, guided_steps: int, schedule: str = "cosine") -> float:
     """alpha at optimizer step `step`: 1 at step 0, decaying to 0 at step G (docs/method.md §4.2); 0
     afterwards."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if step >= guided_steps:
         return 0.0
     t = step / guided_steps
@@ -167,12 +171,16 @@ class SelfGuided:
                 sg.finish(optimizer)                     # guides and their AdamW state out
 
     `guides` starts chosen layers' guides from given matrices (by layer name), e.g. the dense
-    weights `structure()` replaced, so training starts at the pretrained function."""
+    weights `structure()` replaced, so training starts at the pretrained function. To resume,
+    save `sg.state_dict()` beside the model and optimizer and `sg.load_state_dict(...)` it into
+    the new SelfGuided (the guides themselves are in the model's state_dict)."""
 
     def __init__(self, model: nn.Module, guided_steps: int, schedule: str = "cosine",
                  init: str = "exact", guides: dict | None = None) -> None:
         if guided_steps < 1:
             raise ValueError(f"guided_steps={guided_steps} must be >= 1")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
         self.model, self.guided_steps, self.schedule = model, guided_steps, schedule
         self.steps = 0
         wrap_guided(model, init, guides=guides)
@@ -189,6 +197,21 @@ class SelfGuided:
         set_guide(self.model, alpha)
         self.steps += 1
         return alpha
+
+    def state_dict(self) -> dict:
+        """Where the schedule stands: what a resumed loop needs besides model and optimizer."""
+        return {"steps": self.steps, "guided_steps": self.guided_steps,
+                "schedule": self.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the schedule of a saved `state_dict()` (its G and schedule must match)."""
+        mine = {"guided_steps": self.guided_steps, "schedule": self.schedule}
+        theirs = {k: state[k] for k in mine}
+        if theirs != mine:
+            raise ValueError(f"this SelfGuided has {mine}, the saved state {theirs}: build it "
+                             "with the saved run's guided_steps and schedule")
+        self.steps = int(state["steps"])
+        set_guide(self.model, guide_alpha(self.steps, self.guided_steps, self.schedule))
 
     def finish(self, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
         """Remove the guides (and their optimizer state): the model is the structured one."""
