@@ -347,7 +347,7 @@ def test_a_short_calibration_does_not_overfit_it(name):
     spec = SPECS[name] if name == "btt" else LinearSpec("blockshuffle", nblocks=4)
     plain, aware = (build_linear(spec, 64, 32, bias=False, dtype=torch.float64) for _ in "ab")
     project_(plain, w)
-    project_(aware, w, few)
+    project_(aware, w, few, tokens=32)
     assert weighted_error(w, aware.to_dense(), other) < 1.2 * weighted_error(
         w, plain.to_dense(), other)
 

@@ -44,7 +44,7 @@ def weighted_sq_error(w: Tensor, approx: Tensor, cov: Tensor) -> Tensor:
     return torch.einsum("oi,ij,oj->", d, cov, d)
 
 
-def damped(cov: Tensor, ridge: float = 1e-2) -> Tensor:
+def damped(cov: Tensor, ridge: float = 1e-9) -> Tensor:
     """C + ridge * mean(diag C) * I. Fewer calibration tokens than inputs leave C singular, and
     the pure weighted optimum then sets the unseen input directions arbitrarily (worse than the
     plain projection on new text); the ridge pulls those towards the Frobenius optimum."""

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.convert import Patterns, named_modules, replace_modules
+from structlm.linear.factors import damped
 from structlm.linear.registry import (
     DENSE,
     LinearSpec,
@@ -65,6 +66,7 @@ def structure(
     if init not in ("project", "paper"):
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
+    n_tokens = None if calib is None else calib.numel()
     report: list[dict] = []
     total = sum(_dense_weight(m) is not None for _, m, _, _ in named_modules(model, include,
                                                                               exclude))
@@ -87,7 +89,7 @@ def structure(
                              dtype=w.dtype)
         with torch.no_grad():
             if init == "project":
-                project_(layer, w.detach(), covs.get(name))
+                project_(layer, w.detach(), covs.get(name), n_tokens)
             if bias is not None:
                 layer.bias.copy_(bias)
         report.append(_row(name, w.detach(), layer, covs.get(name), init == "project"))
@@ -189,8 +191,17 @@ def input_covariances(
 # --- the projections: each kind declares its own (StructuredLinear.project) -----------------------
 
 
+SHORT_RIDGE = 1e-2  # added to a covariance from fewer tokens than inputs (docs/method.md §9)
+
+
 @torch.no_grad()
-def project_(layer: StructuredLinear, w: Tensor, cov: Tensor | None = None) -> None:
+def project_(layer: StructuredLinear, w: Tensor, cov: Tensor | None = None,
+             tokens: int | None = None) -> None:
     """Set `layer`'s factors to the best approximation of the dense `w` (d_out, d_in) its kind
-    allows, computed in float64."""
-    layer.project(w.double(), None if cov is None else cov.double())
+    allows, computed in float64. `tokens`: how many inputs `cov` came from; fewer than d_in
+    make it singular, and a ridge then keeps the projection from fitting only those."""
+    if cov is not None:
+        cov = cov.double()
+        if tokens is not None and tokens < layer.d_in:
+            cov = damped(cov, SHORT_RIDGE)
+    layer.project(w.double(), cov)
