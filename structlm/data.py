@@ -738,6 +738,27 @@ def eot_id(tok: Tokenizer) -> int | None:
     return next((i for t in EOT_CANDIDATES if (i := tok.token_to_id(t)) is not None), None)
 
 
+def declared_token(tokenizer_path: Path, key: str) -> str | None:
+    """The special token ("eos_token", "bos_token") that the tokenizer_config.json beside
+    `tokenizer_path` declares, if any: an instruct model's end of turn (<|im_end|>) rather than
+    the end of text."""
+    conf = Path(tokenizer_path).parent / "tokenizer_config.json"
+    try:
+        v = json.loads(conf.read_text()).get(key)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    v = v.get("content") if isinstance(v, dict) else v  # a serialized AddedToken, or a string
+    return v if isinstance(v, str) and v else None
+
+
+def stop_id(tok: Tokenizer, tokenizer_path: Path) -> int | None:
+    """The id generation stops at: the declared eos_token where the tokenizer has it, else the
+    end-of-text token."""
+    eos = declared_token(tokenizer_path, "eos_token")
+    found = tok.token_to_id(eos) if eos else None
+    return found if found is not None else eot_id(tok)
+
+
 _TOKENIZERS: dict[str, Tokenizer] = {}  # per process: a worker loads each tokenizer once
 
 

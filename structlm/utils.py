@@ -147,6 +147,8 @@ def atomic_write_text(path, text: str) -> None:
 
 def require_empty(out: Path) -> None:
     """Refuse to write into a directory that holds something: nothing a user made is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is a file; choose a directory to write")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another directory")
 

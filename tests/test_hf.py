@@ -401,3 +401,85 @@ def test_mup_scales_fold_into_a_plain_export(case, fmt, tmp_path, tokenizer_path
     with torch.no_grad():
         close(hf(idx).logits, model(idx)[0])
     same_greedy(model, hf, idx[:1, :8])
+
+
+def test_an_instruct_models_end_of_turn_and_chat_template_survive_import_and_export(
+    tmp_path, tokenizer_path
+):
+    """A ChatML model: its eos (<|im_end|>, not <|endoftext|>), bos, chat template and
+    generation config come through import and export, and serving stops at its eos."""
+    from structlm.data import load_tokenizer, stop_id
+
+    path, _ = _hf_model(tmp_path, tokenizer_path, "llama")
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(path / "tokenizer.json"))
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+        "bos_token": {"__type": "AddedToken", "content": "<|im_start|>", "lstrip": False,
+                      "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True},
+        "chat_template": template}))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": start, "eos_token_id": [end, 0], "temperature": 0.7}))
+    run = import_hf(path, tmp_path / "run")
+    assert stop_id(load_tokenizer(run / "tokenizer.json"), run / "tokenizer.json") == end
+    for fmt in ("hf", "hf-merged"):
+        out = export_run(run, tmp_path / fmt, format=fmt)
+        t = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+        assert (t.eos_token, t.bos_token, t.chat_template) == ("<|im_end|>", "<|im_start|>",
+                                                                template)
+        conf = json.loads((out / "config.json").read_text())
+        assert (conf["bos_token_id"], conf["eos_token_id"]) == (start, end)
+        gen = json.loads((out / "generation_config.json").read_text())
+        assert gen["eos_token_id"] == [end, 0] and gen["temperature"] == 0.7
+
+
+def _damage(path: Path, what: str) -> None:
+    conf_path = path / "config.json"
+    conf = json.loads(conf_path.read_text())
+    if what == "no hidden_size":
+        del conf["hidden_size"]
+    elif what == "more layers":
+        conf["num_hidden_layers"] = 3
+    elif what == "other vocab":
+        conf["vocab_size"] = 400
+    elif what == "neox default rotary":
+        for key in ("rope_parameters", "rotary_pct", "partial_rotary_factor"):
+            conf.pop(key, None)
+    elif what == "truncated weights":
+        f = path / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:5])
+    conf_path.write_text(json.dumps(conf))
+
+
+@pytest.mark.parametrize("family, kw, what, match", [
+    ("llama", {}, "no hidden_size", "has no 'hidden_size', which a llama config needs"),
+    ("llama", {}, "more layers", "the weights have no 'model.layers.2.*n_layer=3"),
+    ("llama", {}, "other vocab", "do not fit its config.json: size mismatch"),
+    ("llama", {}, "truncated weights", "not a readable safetensors file"),
+    ("gpt_neox", {}, "neox default rotary", "partial rotary fraction 0.25"),
+    ("llama", {"vocab_size": 256}, "", "has 281 tokens, the model's vocabulary 256"),
+])
+def test_a_damaged_or_mismatched_checkpoint_is_refused_naming_the_problem(
+    tmp_path, tokenizer_path, family, kw, what, match
+):
+    path, _ = _hf_model(tmp_path, tokenizer_path, family, **kw)
+    _damage(path, what)
+    with pytest.raises(ValueError, match=match):
+        import_hf(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_and_export_name_a_wrong_path(tmp_path, tokenizer_path):
+    path, _ = _hf_model(tmp_path, tokenizer_path, "gpt2")
+    with pytest.raises(FileNotFoundError, match="does not exist.*downloaded first"):
+        import_hf(tmp_path / "HuggingFaceTB" / "SmolLM2-135M", tmp_path / "run")
+    with pytest.raises(ValueError, match="is a file; give the checkpoint's directory"):
+        import_hf(path / "model.safetensors", tmp_path / "run")
+    run, _ = random_run(tmp_path, tokenizer_path, **CASES["gpt2"])
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file; choose a directory"):
+        export_run(run, tmp_path / "afile")

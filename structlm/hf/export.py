@@ -22,7 +22,7 @@ from safetensors.torch import save_model
 
 from structlm.checkpoint import find_latest, load_model
 from structlm.config import LinearSpec, RunConfig, load_run_config, to_dict
-from structlm.data import EOT_CANDIDATES, load_tokenizer, run_tokenizer_path
+from structlm.data import EOT_CANDIDATES, declared_token, load_tokenizer, run_tokenizer_path
 from structlm.flops import param_groups
 from structlm.hf.families import Unsupported, family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
@@ -105,13 +105,13 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
     from structlm.hf.remote.configuration_structlm import StructlmConfig  # needs transformers
 
     tok_path = run_tokenizer_path(run_dir)
-    eos = _eos_id(tok_path)
-    conf = StructlmConfig(structlm=to_dict(cfg.model), bos_token_id=eos, eos_token_id=eos,
+    bos, eos = _special_ids(tok_path)
+    conf = StructlmConfig(structlm=to_dict(cfg.model), bos_token_id=bos, eos_token_id=eos,
                           architectures=["StructlmForCausalLM"], auto_map=AUTO_MAP)
 
     def write(tmp: Path) -> None:
         conf.save_pretrained(tmp)
-        T.GenerationConfig(bos_token_id=eos, eos_token_id=eos).save_pretrained(tmp)
+        T.GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         for name in REMOTE_FILES:
             shutil.copyfile(Path(__file__).parent / "remote" / name, tmp / name)
         weights = copy.deepcopy(model).to(DTYPES[dtype])
@@ -125,8 +125,8 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
 
 def _build(T, family: str, cfg, sd: dict, tokenizer_path: Path):
     conf_cls, model_cls = (getattr(T, n) for n in CLASSES[family])
-    eos = _eos_id(tokenizer_path)
-    conf = conf_cls(**hf_config(cfg, family), bos_token_id=eos, eos_token_id=eos,
+    bos, eos = _special_ids(tokenizer_path)
+    conf = conf_cls(**hf_config(cfg, family), bos_token_id=bos, eos_token_id=eos,
                     architectures=[CLASSES[family][1]])
     with torch.device("meta"):
         hf_model = model_cls(conf)
@@ -141,22 +141,48 @@ def _build(T, family: str, cfg, sd: dict, tokenizer_path: Path):
     return hf_model.eval()
 
 
-def _eos_id(tokenizer_path: Path) -> int | None:
+def _special_tokens(tokenizer_path: Path) -> dict[str, str]:
+    """eos/bos as the tokenizer's own files declare them (an imported model's), else its
+    end-of-text token for both."""
     tok = load_tokenizer(tokenizer_path)
-    return next((tok.token_to_id(t) for t in EOT_CANDIDATES if tok.token_to_id(t) is not None),
-                None)
+    eot = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
+    out = {}
+    for key in ("eos_token", "bos_token"):
+        t = declared_token(tokenizer_path, key)
+        t = t if t is not None and tok.token_to_id(t) is not None else eot
+        if t is not None:
+            out[key] = t
+    return out
+
+
+def _special_ids(tokenizer_path: Path) -> tuple[int | None, int | None]:
+    """(bos id, eos id) of `_special_tokens`."""
+    tok, special = load_tokenizer(tokenizer_path), _special_tokens(tokenizer_path)
+    ids = [tok.token_to_id(special[k]) if k in special else None
+           for k in ("bos_token", "eos_token")]
+    return ids[0], ids[1]
 
 
 def _write_tokenizer(out: Path, tokenizer_path: Path, cfg: RunConfig) -> None:
-    """tokenizer.json plus what AutoTokenizer needs to find it and its end-of-text token."""
+    """tokenizer.json plus what AutoTokenizer needs: the tokenizer's own tokenizer_config.json
+    (chat template, special tokens) and generation_config.json where it has them (an imported
+    model), else a config naming the end-of-text token."""
+    src = tokenizer_path.parent
     shutil.copyfile(tokenizer_path, out / "tokenizer.json")
-    tok = load_tokenizer(tokenizer_path)
-    eos = next((t for t in EOT_CANDIDATES if tok.token_to_id(t) is not None), None)
-    special = {"eos_token": eos, "bos_token": eos, "unk_token": eos} if eos else {}
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.block_size,
-        "clean_up_tokenization_spaces": False, **special}, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    for name in ("special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
+    if (src / "tokenizer_config.json").exists():
+        conf = json.loads((src / "tokenizer_config.json").read_text())
+        conf["model_max_length"] = cfg.model.block_size
+    else:
+        special = _special_tokens(tokenizer_path)
+        if "eos_token" in special:
+            special["unk_token"] = special["eos_token"]
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                "model_max_length": cfg.model.block_size, **special}
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
 
 
 @torch.no_grad()
@@ -191,8 +217,8 @@ def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
         f"{list(m.dense_ffn_layers)}; "
         + ("kept as factors: load with `trust_remote_code=True`." if family == "structlm"
            else "here folded into dense matrices (hf-merged)."),
-        f"- structlm parameters: {g['total']:,} ({g['ffn']:,} in FFNs); this export holds the "
-        "merged dense FFNs.",
+        f"- structlm parameters: {g['total']:,} ({g['ffn']:,} in FFNs); this export holds "
+        + ("the factors themselves." if family == "structlm" else "the merged dense FFNs."),
         f"- {m.norm}, {m.act}, {m.pos_emb} positions, {m.n_head} heads ({m.kv_heads} K/V), "
         f"vocabulary {m.vocab_size}, context {m.block_size}.",
     ]

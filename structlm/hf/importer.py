@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from structlm import checkpoint
@@ -43,7 +44,11 @@ def config_from_dict(d: dict, path: Path) -> tuple[ModelConfig, str, dict]:
         raise Unsupported(f"{path}: model_type={d.get('model_type')!r} is not supported; structlm "
                           f"imports {sorted(FAMILIES)}")
     make = {"llama": _llama, "gpt2": _gpt2, "gpt_neox": _neox}[family]
-    return make(d, path), family, d
+    try:
+        return make(d, path), family, d
+    except KeyError as e:
+        raise Unsupported(f"{path}: has no {e.args[0]!r}, which a {family} config needs "
+                          "(is the file complete?)") from None
 
 
 def _need(d: dict, key: str, ok, path: Path, why: str, default=None):
@@ -53,9 +58,9 @@ def _need(d: dict, key: str, ok, path: Path, why: str, default=None):
     return v
 
 
-def _rope(d: dict, path: Path) -> tuple[float, float, float]:
+def _rope(d: dict, path: Path, frac: float = 1.0) -> tuple[float, float, float]:
     """(theta, linear scale, rotary fraction) from either transformers 5's rope_parameters or
-    4.x's rope_theta / rope_scaling / rotary_pct keys."""
+    4.x's rope_theta / rope_scaling / rotary_pct keys; `frac`: the family's default fraction."""
     p = dict(d.get("rope_parameters") or {})
     scaling = d.get("rope_scaling") or {}
     kind = p.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -64,7 +69,7 @@ def _rope(d: dict, path: Path) -> tuple[float, float, float]:
                           "and linear are)")
     theta = p.get("rope_theta", d.get("rope_theta", d.get("rotary_emb_base", 10000.0)))
     factor = p.get("factor", scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-    frac = p.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 1.0)))
+    frac = p.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", frac)))
     return float(theta), float(factor), float(frac)
 
 
@@ -112,7 +117,7 @@ def _neox(d: dict, path: Path) -> ModelConfig:
           "structlm's blocks add attention and MLP one after the other", True)
     _need(d, "hidden_act", lambda v: v in GELU_NAMES, path,
           "structlm's GELU is the tanh approximation", "gelu")
-    theta, factor, frac = _rope(d, path)
+    theta, factor, frac = _rope(d, path, frac=0.25)  # transformers' GPT-NeoX default
     if frac != 1.0:
         raise Unsupported(f"{path}: partial rotary fraction {frac} (structlm rotates every dim)")
     return ModelConfig(
@@ -132,6 +137,8 @@ def read_weights(hf_dir: Path) -> dict[str, Tensor]:
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").exists():  # not an adapter or a copy lying beside it
+        files = ["model.safetensors"]
     else:
         files = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
     if not files:
@@ -139,9 +146,13 @@ def read_weights(hf_dir: Path) -> dict[str, Tensor]:
                                 "are not read: they can run code); convert them to safetensors")
     out = {}
     for name in files:
-        with safe_open(str(hf_dir / name), "pt") as f:
-            for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                out[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(hf_dir / name), "pt") as f:
+                for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    out[k] = f.get_tensor(k)
+        except SafetensorError as e:
+            raise ValueError(f"{hf_dir / name}: not a readable safetensors file ({e}); is the "
+                             "download complete?") from None
     return out
 
 
@@ -182,9 +193,19 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         cfg, sd, _ = read_gguf(gguf)
         return cfg, sd
     cfg, family, _ = read_config(Path(hf_dir))
-    sd = from_hf(read_weights(Path(hf_dir)), cfg, family)
+    try:
+        sd = from_hf(read_weights(Path(hf_dir)), cfg, family)
+    except KeyError as e:
+        raise ValueError(f"{hf_dir}: the weights have no {e.args[0]!r}, which its config.json "
+                         f"implies (n_layer={cfg.n_layer}): an incomplete checkpoint, or the "
+                         "config of another model") from None
     with torch.device("meta"):  # names and shapes only: no memory, no init
-        GPT(cfg).load_state_dict(sd, strict=True, assign=True)
+        try:
+            GPT(cfg).load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            wrong = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            raise ValueError(f"{hf_dir}: the weights do not fit its config.json: "
+                             f"{'; '.join(wrong[:3]) or e}") from None
     return cfg, sd
 
 
@@ -193,21 +214,37 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     a local transformers checkpoint; refuses to write into a non-empty directory."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     require_empty(out)
+    _check_source(hf_dir)
     gguf = gguf_file(hf_dir)
     tok_dir = Path(tempfile.mkdtemp(prefix="structlm-tokenizer-")) if gguf else hf_dir
     try:
         if gguf is not None:
             model_cfg, sd, _ = read_gguf(gguf, tok_dir)
+        else:
+            model_cfg, sd = read_hf(hf_dir)
         tok = tok_dir / "tokenizer.json"
         if not tok.exists():
             raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (a fast tokenizer); save "
                                     "one with the model's tokenizer.save_pretrained first")
-        if gguf is None:
-            model_cfg, sd = read_hf(hf_dir)
+        n = Tokenizer.from_file(str(tok)).get_vocab_size()
+        if n > model_cfg.vocab_size:
+            raise ValueError(f"{tok} has {n:,} tokens, the model's vocabulary "
+                             f"{model_cfg.vocab_size:,}: this tokenizer belongs to another model")
         return _write_run(hf_dir, out, model_cfg, sd, tok_dir)
     finally:
         if gguf is not None:
             shutil.rmtree(tok_dir, ignore_errors=True)
+
+
+def _check_source(path: Path) -> None:
+    """A local checkpoint directory or .gguf file, or an error naming what was given instead."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a local directory with config.json, "
+                                "*.safetensors and tokenizer.json, or a .gguf file (a Hub id must "
+                                "be downloaded first, e.g. huggingface-cli download ID "
+                                "--local-dir DIR)")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{path} is a file; give the checkpoint's directory ({path.parent})")
 
 
 def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_dir: Path) -> Path:
@@ -220,7 +257,7 @@ def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_di
 
     def write(tmp: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja"):
+                     "chat_template.jinja", "generation_config.json"):
             if (tok_dir / name).exists():  # the chat template: tokenizer_config.json or .jinja
                 shutil.copyfile(tok_dir / name, tmp / name)
         checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": str(hf_dir.resolve())})

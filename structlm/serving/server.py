@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from structlm.data import eot_id
+from structlm.data import declared_token, run_tokenizer_path, stop_id
 from structlm.generate import Generator
 from structlm.serving.engine import Engine
 
@@ -21,8 +21,8 @@ def chat_template(run_dir: Path) -> tuple[str | None, str, str]:
     jinja = run_dir / "chat_template.jinja"
     if tpl is None and jinja.exists():
         tpl = jinja.read_text()
-    token = lambda k: meta.get(k) if isinstance(meta.get(k), str) else ""  # noqa: E731
-    return tpl, token("bos_token"), token("eos_token")
+    tok = run_tokenizer_path(run_dir)
+    return tpl, declared_token(tok, "bos_token") or "", declared_token(tok, "eos_token") or ""
 
 
 def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
@@ -38,7 +38,8 @@ def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch:
                           "pip install 'structlm[serve]'") from None
 
     g = Generator.load(run_dir, device, dtype, premerge=premerge, calibrate=calibrate)
-    engine = Engine(g.model, g.tokenizer, eot_id(g.tokenizer) or 0, max_batch=max_batch,
+    eos = stop_id(g.tokenizer, run_tokenizer_path(run_dir)) or 0  # an instruct model's end of turn
+    engine = Engine(g.model, g.tokenizer, eos, max_batch=max_batch,
                     max_queue=max_queue, prefill_chunk=prefill_chunk, device=g.device,
                     dtype=g.dtype, max_len=min(context or 4096, g.model.cfg.block_size))
     tpl, bos, eos = chat_template(Path(run_dir))
