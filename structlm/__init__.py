@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 
+from structlm._version import __version__ as __version__
+
 _EXPORTS = {  # public name -> the module that defines it
     "structlm.config": ("PRESETS", "RunConfig", "ModelConfig", "DataConfig", "OptimConfig",
                         "TrainConfig", "SGTConfig", "to_dict", "from_dict"),
@@ -37,7 +39,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "structlm.bench": ("bench_kernel", "bench_ffn", "bench_train", "bench_decode"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
+__all__ = [*_WHERE, "__version__"]
 
 
 def __getattr__(name: str):

@@ -13,6 +13,7 @@
     structlm import   HF_DIR OUT_RUN_DIR
     structlm convert  RUN_OR_HF_DIR OUT_RUN_DIR [--model.ffn.kind K --fraction F --calib FILE]
     structlm serve    RUN_DIR [--host 127.0.0.1 --port 8000 --max_batch 32 --api_key KEY]
+    structlm --version
 
 Config flags are generated from the dataclasses in structlm.config by tyro, so `--help` lists every field with
 its type, default and comment; unknown flags and bad types are refused before any work starts.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import tyro
 
+from structlm._version import __version__
 from structlm.bench import BENCHMARKS, BenchOptions, plot_rows
 from structlm.config import DEFAULT_PRESET, PRESETS, RunConfig, load_run_config
 from structlm.convert_run import convert_run
@@ -545,6 +547,9 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--version":
+        print(f"structlm {__version__}")
+        return
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("commands:", ", ".join(COMMANDS))

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from structlm import checkpoint
+from structlm._version import __version__
 from structlm.config import RunConfig, save_json
 from structlm.data import encode_text_file, load_tokenizer, run_tokenizer_path
 from structlm.hf.importer import import_hf
@@ -69,7 +70,8 @@ def convert_run(
                     shutil.copyfile(tokenizer.parent / name, tmp / name)
             checkpoint.save(tmp, model, None, new, 0, {"imported_from": origin})
             save_json(new, str(tmp / "config.json"))
-            (tmp / "conversion.json").write_text(json.dumps(report, indent=2))
+            (tmp / "conversion.json").write_text(json.dumps(
+                {"structlm_version": __version__, "source": origin, "layers": report}, indent=2))
             save_file(dense, str(tmp / DENSE_FILE))  # the guides of guided healing
 
         publish_dir(out, write, "convert")

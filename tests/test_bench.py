@@ -87,14 +87,16 @@ def test_ffn_eager_rows_have_no_compile_columns():
     assert not any("vs_eager" in r or r["compiled"] for r in rows)
 
 
-def test_compile_variants_lifts_the_recompile_limit(monkeypatch):
+def test_compile_variants_lifts_the_recompile_limit():
     """Nine variants share MLP.forward: each compiles as a recompilation, so with dynamo's default
-    limit (8) the ninth would silently run eagerly under --compile."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    mods = {str(i): torch.nn.Linear(2, 2) for i in range(9)}
-    compiled = bench.compile_variants(mods)
-    assert torch._dynamo.config.recompile_limit >= 4 * 9
-    assert set(compiled) == set(mods)
+    limit (8) the ninth would silently run eagerly under --compile. dynamo's own `patch` restores
+    the setting afterwards: pytest's monkeypatch undoes it with delattr, which hides the entry
+    from every later torch.compile in the session."""
+    with torch._dynamo.config.patch(recompile_limit=8):
+        mods = {str(i): torch.nn.Linear(2, 2) for i in range(9)}
+        compiled = bench.compile_variants(mods)
+        assert torch._dynamo.config.recompile_limit >= 4 * 9
+        assert set(compiled) == set(mods)
 
 
 @pytest.mark.slow

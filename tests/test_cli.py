@@ -1,12 +1,14 @@
 """The command line end to end, in a temporary directory (subprocesses, as a user runs it)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import structlm
 from structlm.cli import output_path
 
 
@@ -44,6 +46,7 @@ def test_eval_on_val_split_and_on_text(trained):
     res = json.loads(r.stdout)
     summary = json.loads((trained / "run" / "summary.json").read_text())
     assert res["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-3)
+    assert summary["structlm_version"] == structlm.__version__
     other = trained / "other.txt"
     other.write_text("KING 7: Now is the winter of our discontent.\n" * 20)
     r = run("eval", str(trained / "run"), "--text", str(other), "--json")
@@ -69,10 +72,13 @@ def test_generate_streams_text(trained):
     assert again.stdout == r.stdout  # seeded sampling is reproducible
 
 
-def test_resume_of_a_finished_run_extends_it(trained):
-    r = run("train", "--resume", str(trained / "run"), "--train.max_steps", "8")
+def test_resume_of_a_finished_run_extends_it(trained, tmp_path):
+    run_dir = tmp_path / "run"  # a copy: the other tests read the 6-step run, in any order
+    shutil.copytree(trained / "run", run_dir)
+    r = run("train", "--resume", str(run_dir), "--train.max_steps", "8")
     assert "resuming" in r.stdout
-    assert json.loads((trained / "run" / "summary.json").read_text())["steps"] == 8
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+    assert (trained / "run" / "checkpoints" / "latest").read_text() == "step_0000006"
 
 
 def test_resume_refuses_a_checkpoint_dir_and_another_out_dir(trained):
@@ -143,3 +149,11 @@ def test_output_files_get_their_folder_before_the_work(tmp_path):
     target = tmp_path / "new" / "deeper" / "rows.jsonl"
     assert output_path(str(target)) == str(target)
     assert target.parent.is_dir() and not target.exists()
+
+
+def test_version_is_one_string_everywhere():
+    """`structlm --version`, `structlm.__version__` and the installed metadata agree."""
+    from importlib.metadata import version
+
+    assert structlm.__version__ == version("structlm")
+    assert run("--version").stdout.strip() == f"structlm {structlm.__version__}"

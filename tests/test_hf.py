@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import structlm
 from structlm import checkpoint
 from structlm.config import LinearSpec, ModelConfig, RunConfig, save_json
 from structlm.hf.export import export_run
@@ -125,7 +126,8 @@ def test_the_exported_tokenizer_and_generation_config_load(tmp_path, tokenizer_p
     assert tok.eos_token == "<|endoftext|>"
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == ours.token_to_id("<|endoftext|>")
-    assert "GPTNeoXForCausalLM" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "GPTNeoXForCausalLM" in card and f"structlm {structlm.__version__}" in card
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -1,12 +1,14 @@
 """Dense -> structured: projections reproduce representable matrices exactly, are optimal where
 stated, and `structure()` converts structlm's GPT and transformers models in place."""
 
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import structlm
 from structlm.config import ModelConfig
 from structlm.linear import LinearSpec, build_linear, merge_linears, structure
 from structlm.linear.structure import project_, weighted_error
@@ -203,7 +205,9 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     assert r.returncode == 0 and "converted 2 FFN layers" in r.stdout, r.stderr[-2000:]
     model, cfg = checkpoint.load_model(tmp_path / "lr")
     assert cfg.model.ffn == LinearSpec("lowrank", rank=6) and cfg.model.dense_ffn_layers == (0,)
-    assert (tmp_path / "lr" / "conversion.json").exists()
+    conversion = json.loads((tmp_path / "lr" / "conversion.json").read_text())
+    assert conversion["structlm_version"] == structlm.__version__
+    assert [r["name"] for r in conversion["layers"]] == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     fresh = GPT(cfg.model)
     load_init(str(tmp_path / "lr"), fresh, cfg.model)
     idx = torch.randint(0, 320, (1, 8))

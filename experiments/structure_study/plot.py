@@ -23,6 +23,7 @@ def load(out: Path) -> tuple[dict, dict, dict]:
     for kind in KINDS:
         for f in ("63", "32"):
             rep = json.loads((out / f"{kind}-{f}" / "conversion.json").read_text())
+            rep = rep["layers"] if isinstance(rep, dict) else rep  # a list before 0.2.0
             kept[f"{kind}-{f}"] = (sum(x["params_after"] for x in rep)
                                    / sum(x["params_before"] for x in rep))
     speed_path = out / "speed.jsonl"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
+from structlm._version import __version__
 from structlm.checkpoint import find_latest, load_model
 from structlm.config import LinearSpec, RunConfig, load_run_config, to_dict
 from structlm.data import EOT_CANDIDATES, declared_token, load_tokenizer, run_tokenizer_path
@@ -226,6 +227,6 @@ def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
         lines.append(f"- Trained on {s['tokens']:,} tokens; validation loss "
                      f"{s['final_val_loss']:.4f} (perplexity {s['final_val_ppl']:.2f}).")
     fmt = "hf" if family == "structlm" else "hf-merged"
-    lines += ["", f"Made with `structlm export {run_dir} OUT_DIR --format {fmt} --dtype "
-              f"{dtype}`.", ""]
+    lines += ["", f"Made with structlm {__version__}: `structlm export {run_dir} OUT_DIR "
+              f"--format {fmt} --dtype {dtype}`.", ""]
     return "\n".join(lines)

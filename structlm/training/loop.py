@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from structlm import mup
+from structlm._version import __version__
 from structlm.config import RunConfig, TrainConfig, to_dict
 from structlm.convert_run import dense_guides
 from structlm.data import Batches, eval_batches
@@ -76,6 +77,7 @@ class Summary:
     world_size: int
     config: dict
     overrides: list = field(default_factory=list)  # resumes that changed optim/dtype fields
+    structlm_version: str = ""  # the structlm that finished the run ("" in runs before 0.2.0)
 
 
 @dataclass
@@ -400,4 +402,5 @@ def make_summary(
         tokens_per_s=steps * tokens_per_step / max(wall, 1e-9), device=str(world.device),
         dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__,
         world_size=world.size, config=to_dict(cfg), overrides=overrides,
+        structlm_version=__version__,
     )
