@@ -220,7 +220,7 @@ python - "$STAGE/shakespeare" <<'PY'
 import sys
 from pathlib import Path
 
-from structlm.data import _clean_play, _source_files
+from structlm.data.sources import _clean_play, _source_files
 
 out = Path(sys.argv[1])
 plays, _ = _source_files("shakespeare")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from structlm.config import PRESETS, LinearSpec, RunConfig, from_dict
 from structlm.linear.guided import guide_parameters, wrap_guided
-from structlm.model import GPT
+from structlm.model.gpt import GPT
 from structlm.training import distributed, train
 from structlm.training.loop import leave_guided
 from structlm.training.optim import make_optimizer
@@ -42,7 +42,7 @@ def guide_memory(path: str) -> None:
     model = GPT(cfg.model)
     wrap_guided(model, "exact")
     guides = sum(p.numel() for p in guide_parameters(model))
-    model = distributed.prepare(model, world, cfg.train, None)
+    model = distributed.wrap_model(model, world, cfg.train, None)
     opt = make_optimizer(model, cfg.optim)
     x = torch.randint(0, cfg.model.vocab_size, (2, 16))
     model(x, x)[1].backward()

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structlm import activation, native
-from structlm.activation import gelu_tanh, sigmoid_form
+from structlm.ops import gelu as activation
+from structlm.ops import native
+from structlm.ops.gelu import gelu_tanh, sigmoid_form
 
 
 def reference(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structlm import attention as A
 from structlm.config import ModelConfig
-from structlm.model import GPT
+from structlm.model.gpt import GPT
+from structlm.ops import attention as A
 
 
 def _run(fn, q, k, v, g):

@@ -8,7 +8,10 @@ import sys
 import pytest
 import torch
 
-from structlm import bench
+import structlm.bench.decode as decode
+import structlm.bench.kernels as kernels
+import structlm.bench.suite as suite
+import structlm.bench.train as bench_train_mod
 from structlm.config import LinearSpec, ModelConfig
 
 CPU = torch.device("cpu")
@@ -25,33 +28,33 @@ def check(rows, keys):
 
 
 def test_peak_rows():
-    check(bench.bench_peak(CPU, None, quick=True), ["n", "ms", "gflops"])
+    check(kernels.bench_peak(CPU, None, quick=True), ["n", "ms", "gflops"])
 
 
 @pytest.mark.parametrize("backward", [False, True])
 def test_kernel_rows(backward):
-    rows = bench.bench_kernel(CPU, None, quick=True, backward=backward)
+    rows = kernels.bench_kernel(CPU, None, quick=True, backward=backward)
     check(rows, ["kind", "ms", "dense_ms", "same_flops_ms", "speedup", "ideal", "efficiency"])
-    assert {r["kind"] for r in rows} == set(bench.structured_kinds())
+    assert {r["kind"] for r in rows} == set(kernels.bench_kinds())
 
 
 def test_ffn_rows_cover_every_kind_at_both_fractions():
-    rows = bench.bench_ffn(CPU, None, widths=(64,), tokens=(4,), fractions=(0.63, 0.32))
+    rows = kernels.bench_ffn(CPU, None, widths=(64,), tokens=(4,), fractions=(0.63, 0.32))
     check(rows, ["variant", "width", "tokens", "ms", "speedup", "ideal"])
-    assert len(rows) == 1 + 2 * len(bench.structured_kinds())
+    assert len(rows) == 1 + 2 * len(kernels.bench_kinds())
     assert {r["variant"] for r in rows} >= {"dense", "lowrank-32",
                                                                "blockshuffle-63"}
     assert next(r for r in rows if r["variant"] == "lowrank-32")["ideal"] == pytest.approx(3.2)
 
 
 def test_model_benchmarks_rows():
-    check(bench.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, peak=50.0),
+    check(bench_train_mod.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, peak=50.0),
           ["variant", "tokens_per_s", "mfu", "speedup"])
-    check(bench.bench_prefill(TINY, CPU, None, batch=2, seq=16, reps=1),
+    check(decode.bench_prefill(TINY, CPU, None, batch=2, seq=16, reps=1),
           ["variant", "tokens_per_s"])
-    check(bench.bench_decode(TINY, CPU, None, prompt=4, gen=3, reps=1),
+    check(decode.bench_decode(TINY, CPU, None, prompt=4, gen=3, reps=1),
           ["variant", "ms_per_token", "vs_dense"])
-    rows = bench.bench_maxbatch(TINY, CPU, None, gen=8, start=4, step=4, max_batch=8)
+    rows = decode.bench_maxbatch(TINY, CPU, None, gen=8, start=4, step=4, max_batch=8)
     check(rows, ["variant", "max_batch", "tokens_per_s"])
     assert all(r["max_batch"] == 8 and r["hit_limit"] for r in rows)
 
@@ -68,10 +71,10 @@ def test_cli_quick_writes_json_and_plot(tmp_path):
 
 def test_ffn_compiled_rows():
     """--compile times compiled variants (one small width, one fraction: compiling is slow)."""
-    rows = bench.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,), backward=True,
+    rows = kernels.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,), backward=True,
                            fractions=(0.32,), compile=True)
     assert {r["variant"] for r in rows} == {"dense"} | {f"{k}-32"
-                                                        for k in bench.structured_kinds()}
+                                                        for k in kernels.bench_kinds()}
     assert all(r["compiled"] and r["ms"] > 0 for r in rows)
     for r in rows:  # each variant's eager self, timed in the same interleaved loop
         assert r["eager_ms"] > 0 and r["vs_eager"] == pytest.approx(r["eager_ms"] / r["ms"])
@@ -81,7 +84,7 @@ def test_ffn_compiled_rows():
 
 
 def test_ffn_eager_rows_have_no_compile_columns():
-    rows = bench.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,),
+    rows = kernels.bench_ffn(torch.device("cpu"), None, widths=(64,), tokens=(8,),
                            fractions=(0.32,), kinds=["lowrank"])
     assert [r["variant"] for r in rows] == ["dense", "lowrank-32"]
     assert not any("vs_eager" in r or r["compiled"] for r in rows)
@@ -94,7 +97,7 @@ def test_compile_variants_lifts_the_recompile_limit():
     from every later torch.compile in the session."""
     with torch._dynamo.config.patch(recompile_limit=8):
         mods = {str(i): torch.nn.Linear(2, 2) for i in range(9)}
-        compiled = bench.compile_variants(mods)
+        compiled = kernels.compile_variants(mods)
         assert torch._dynamo.config.recompile_limit >= 4 * 9
         assert set(compiled) == set(mods)
 
@@ -103,7 +106,8 @@ def test_compile_variants_lifts_the_recompile_limit():
 def test_memory_rows_from_torchrun_probes():
     """bench memory: one 2-rank torchrun per variant; a structured model holds fewer parameters,
     and every row has a peak and a throughput."""
-    from structlm.bench import bench_memory, quick_model
+    from structlm.bench.memory import bench_memory
+    from structlm.bench.suite import quick_model
 
     cfg = quick_model(ModelConfig(ffn=LinearSpec("lowrank", rank=32)))
     rows = bench_memory(cfg, torch.device("cpu"), None, batch=2, seq=16, steps=1,
@@ -122,10 +126,11 @@ def test_reps_reach_kernel_and_ffn(monkeypatch, name, reps, want):
     def fake(fns, device, reps, **kw):
         seen.append(reps)
         return {k: [1e-3] * reps for k in fns}
-    monkeypatch.setattr(bench, "time_interleaved", fake)
-    opts = bench.BenchOptions(torch.device("cpu"), None, reps=reps, widths=(64,), tokens=(8,),
+    for module in (decode, kernels, bench_train_mod):
+        monkeypatch.setattr(module, "time_interleaved", fake)
+    opts = suite.BenchOptions(torch.device("cpu"), None, reps=reps, widths=(64,), tokens=(8,),
                               kinds=("lowrank",))
-    bench.BENCHMARKS[name].run(opts, ModelConfig())
+    suite.BENCHMARKS[name].run(opts, ModelConfig())
     assert seen and set(seen) == {want}
 
 
@@ -133,8 +138,8 @@ def test_reps_reach_kernel_and_ffn(monkeypatch, name, reps, want):
 def test_serve_rows_from_the_load_generator():
     """bench serve --quick: three servers on loopback, every request answered."""
     pytest.importorskip("uvicorn")
-    rows = bench.BENCHMARKS["serve"].run(
-        bench.BenchOptions(torch.device("cpu"), None, quick=True),
+    rows = suite.BENCHMARKS["serve"].run(
+        suite.BenchOptions(torch.device("cpu"), None, quick=True),
         ModelConfig(ffn=LinearSpec("lowrank", rank=32)))
     assert {r["variant"] for r in rows} == {"dense", "structured", "structured+premerge"}
     assert all(r["errors"] == 0 and r["out_tok_per_s"] > 0 and r["ttft_p50_ms"] > 0
@@ -181,7 +186,7 @@ class GPT(nn.Module):
 def test_train_against_a_nanogpt_style_file(tmp_path):
     path = tmp_path / "model.py"
     path.write_text(NANOGPT_LIKE)
-    rows = bench.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, against=path)
+    rows = bench_train_mod.bench_train(TINY, CPU, None, batch=2, seq=16, steps=1, against=path)
     check(rows, ["variant", "params", "tokens_per_s", "speedup"])
     assert [r["variant"] for r in rows] == ["nanogpt", "dense", "structured"]
     assert rows[0]["speedup"] == 1.0  # the speed-ups are against nanoGPT's step
@@ -191,10 +196,10 @@ def test_train_against_a_nanogpt_style_file(tmp_path):
 
 def test_train_against_refuses_what_it_cannot_compare(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        bench.load_nanogpt(tmp_path / "model.py", TINY, 16, CPU)
+        bench_train_mod.load_nanogpt(tmp_path / "model.py", TINY, 16, CPU)
     (tmp_path / "other.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="defines no GPT and GPTConfig"):
-        bench.load_nanogpt(tmp_path / "other.py", TINY, 16, CPU)
+        bench_train_mod.load_nanogpt(tmp_path / "other.py", TINY, 16, CPU)
     swiglu = ModelConfig(**{**vars(TINY), "act": "swiglu"})
     with pytest.raises(ValueError, match="--model.act gelu --model.d_ff 128"):
-        bench.load_nanogpt(tmp_path / "other.py", swiglu, 16, CPU)
+        bench_train_mod.load_nanogpt(tmp_path / "other.py", swiglu, 16, CPU)

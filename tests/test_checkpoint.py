@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from structlm import checkpoint
 from structlm.config import PRESETS
-from structlm.model import GPT
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
 from structlm.training.optim import make_optimizer
 
 

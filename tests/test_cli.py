@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import structlm
-from structlm.cli import output_path
+from structlm.cli.args import output_path
 
 
 def run(*args, cwd=None, check=True):
@@ -132,7 +132,7 @@ def test_reuse_freed_memory_switch(monkeypatch):
     bad value is named."""
     import platform
 
-    from structlm.utils import reuse_freed_memory
+    from structlm.utils.device import reuse_freed_memory
 
     monkeypatch.setenv("STRUCTLM_MALLOC", "system")
     assert reuse_freed_memory() is False

@@ -17,8 +17,8 @@ from structlm.config import (
     from_dict,
     to_dict,
 )
-from structlm.flops import flops_per_token, param_groups
-from structlm.model import GPT
+from structlm.model.flops import flops_per_token, param_groups
+from structlm.model.gpt import GPT
 
 PAPER_SIZES = {  # docs/method.md §3.2 / §6.3: d_model, n_layer, n_head, head_dim, lr, tokens
     "paper-s": (768, 12, 12, 64, 6e-4, 2.2e9),

@@ -16,7 +16,7 @@ from structlm.linear import (
     unwrap_guided,
     wrap_guided,
 )
-from structlm.linear.convert import matches, named_modules
+from structlm.linear.replace import matches, named_modules
 
 
 class UserBlock(nn.Module):

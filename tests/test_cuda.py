@@ -11,7 +11,7 @@ from test_train import tiny_cfg  # the tests directory is on sys.path under pyte
 
 from structlm.config import PRESETS
 from structlm.linear import LINEARS, LinearSpec, build_linear, premerge
-from structlm.model import GPT
+from structlm.model.gpt import GPT
 from structlm.training import train
 
 pytestmark = pytest.mark.gpu

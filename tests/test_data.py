@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from structlm import data
+import structlm.data.prepare as prep
+import structlm.data.sources as sources
 from structlm.config import DataConfig
-from structlm.data import (
-    Batches,
-    encode_text_file,
-    eval_batches,
-    load_meta,
-    load_tokenizer,
-    load_tokens,
-    prepare,
-    resolve_data_dir,
-    token_dtype,
-)
-from structlm.utils import file_sha256
+from structlm.data.batches import Batches, eval_batches, load_meta, load_tokens
+from structlm.data.prepare import prepare, resolve_data_dir, token_dtype
+from structlm.data.tokenizer import encode_text_file, load_tokenizer
+from structlm.utils.files import file_sha256
 
 # isort: split
 from conftest import doc_text  # the tests directory is on sys.path under pytest
@@ -63,7 +56,7 @@ def test_prepare_text_file_splits_the_single_document(tmp_path):
     f.write_text("".join(doc_text(i) for i in range(8)))
     out = prepare(cfg_for(f, tmp_path / "out"), progress=False)
     n_docs = load_meta(out)["n_docs"]
-    assert 50 <= n_docs["train"] + n_docs["val"] <= 100  # about data._PARTS parts
+    assert 50 <= n_docs["train"] + n_docs["val"] <= 100  # about prep._PARTS parts
     meta = check_prepared(out, n_docs=n_docs["train"] + n_docs["val"])
     assert meta["n_docs"]["val"] == round(0.25 * (n_docs["train"] + n_docs["val"]))
     decoded = load_tokenizer(out).decode(read_split(out, "train").tolist())
@@ -234,10 +227,10 @@ def test_chunked_encoding_equals_whole_encoding():
     """_chunks cuts only where the byte-level pre-tokenizer splits anyway."""
     text = "".join(doc_text(i, 30) for i in range(10)) + "  trailing  \n\n\n  indented\nend it's"
     text += " 3.14, x\ty  z\n \n" * 20
-    tok = data._train_bpe(iter([text]), 400, progress=False)
+    tok = prep._train_bpe(iter([text]), 400, progress=False)
     whole = tok.encode(text).ids
     for size in (1, 7, 50, 333):
-        pieces = list(data._chunks([text[i : i + 97] for i in range(0, len(text), 97)], size))
+        pieces = list(sources._chunks([text[i : i + 97] for i in range(0, len(text), 97)], size))
         assert "".join(pieces) == text and len(pieces) > 3
         assert sum((e.ids for e in tok.encode_batch(pieces)), []) == whole
 
@@ -395,14 +388,14 @@ def test_tokenizer_chars_trains_on_a_deterministic_prefix_of_every_train_documen
         prepare(cfg_for(src, a, tokenizer_chars=5000), progress=False)
 
     # The sample itself: the leading share of each train document, cut between words.
-    files, _ = data._source_files(str(src))
-    docs = data._documents(files, False, "text")
-    idx, chars = data._scan(data._documents(files, False, "text"))
+    files, _ = sources._source_files(str(src))
+    docs = sources._documents(files, False, "text")
+    idx, chars = sources._scan(sources._documents(files, False, "text"))
     is_val = np.zeros(len(idx), dtype=bool)
     is_val[[1, 5, 8]] = True
-    splits = data._Splits(np.asarray(idx), is_val)
-    ticker = data._Ticker("x", None, enabled=False)
-    pieces = list(data._bpe_texts(docs, splits, chars, 0.25, ticker))
+    splits = prep._Splits(np.asarray(idx), is_val)
+    ticker = sources._Ticker("x", None, enabled=False)
+    pieces = list(prep._bpe_texts(docs, splits, chars, 0.25, ticker))
     train = [t for t, v in zip(texts, is_val, strict=True) if not v]
     assert len(pieces) == len(train)  # one piece per train document (each is < one chunk)
     for piece, text in zip(pieces, train, strict=True):
@@ -427,7 +420,7 @@ def test_tokenizer_chars_bad_values_name_the_field_and_fix(kw, match):
 def test_prepare_prints_plain_progress_lines_without_a_tty(
     fresh_corpus, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(data, "_TICK", 0.0)  # a line at every update
+    monkeypatch.setattr(sources, "_TICK", 0.0)  # a line at every update
     prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
     out = capsys.readouterr().out
     for phase in ("reading 6 file(s)", "6 documents", "training a byte-level BPE", "BPE trained",
@@ -456,8 +449,8 @@ def _prepare_peak(tmp_path, name: str, doc_chars: int) -> int:
 
 def test_prepare_memory_does_not_grow_with_corpus_size(tmp_path, monkeypatch):
     """Reading, sampling and encoding stream: 4x the text, about the same peak heap."""
-    monkeypatch.setattr(data, "_CHUNK", 1 << 12)  # small reads and batches, so that a
-    monkeypatch.setattr(data, "_BATCH", 1 << 15)  # corpus of a few MB spans many of them
+    monkeypatch.setattr(sources, "_CHUNK", 1 << 12)  # small reads and batches, so that a
+    monkeypatch.setattr(prep, "_BATCH", 1 << 15)  # corpus of a few MB spans many of them
     _prepare_peak(tmp_path, "warm-up", 20_000)  # one-time allocations (caches, lazy imports)
     small = _prepare_peak(tmp_path, "small", 100_000)  # 0.8 MB of text
     big = _prepare_peak(tmp_path, "big", 400_000)  # 3.2 MB

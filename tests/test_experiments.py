@@ -13,8 +13,8 @@ import pytest
 from conftest import write_corpus  # the tests directory is on sys.path under pytest
 
 from structlm.config import LinearSpec, ModelConfig, to_dict
-from structlm.flops import param_groups
-from structlm.sweep import load_sweep, plan_sweep
+from structlm.model.flops import param_groups
+from structlm.studies.sweep import load_sweep, plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,15 +8,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from structlm.config import PRESETS, LinearSpec, ModelConfig
-from structlm.flops import (
+from structlm.linear import LINEARS
+from structlm.model.flops import (
     ffn_layer_params,
     flops_per_token,
     param_groups,
     tokens_for_budget,
     train_flops,
 )
-from structlm.linear import LINEARS
-from structlm.model import GPT
+from structlm.model.gpt import GPT
 
 KINDS = sorted(LINEARS)
 TOKENS_PER_STEP = 512 * 1024  # the paper's global batch (docs/method.md §6.3)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_train import tiny_cfg, train_rows
 
-from structlm import checkpoint
 from structlm.config import LinearSpec, from_dict, to_dict
+from structlm.runs import checkpoint
 from structlm.training import train
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -101,7 +101,7 @@ def test_sharded_checkpoints_resume_at_another_world_size(runs, corpus):
     cut_at(one, 3)
     torchrun({"runs": [to_dict(cfg)]}, runs, "resume")  # 1 -> 2
     same_losses(ref, one)
-    from structlm.evaluate import evaluate_run  # eval / export / generate read them directly
+    from structlm.runs.evaluate import evaluate_run
     assert math.isfinite(evaluate_run(str(one), max_tokens=512)["loss"])
 
 
@@ -114,10 +114,10 @@ def test_leaving_the_guided_phase_frees_the_guides_shards(runs):
 
 KILLED_SAVE = """
 import os, signal, sys, torch
-from structlm import checkpoint
+from structlm.runs import checkpoint
 from structlm.config import PRESETS
-from structlm.model import GPT
-from structlm.training import sharded
+from structlm.model.gpt import GPT
+from structlm.runs import dcp
 from structlm.training.optim import make_optimizer
 cfg = PRESETS["tiny"]()
 torch.manual_seed(0)
@@ -125,13 +125,13 @@ model = GPT(cfg.model)
 opt = make_optimizer(model, cfg.optim)
 save = lambda step, write: checkpoint.save_sharded(sys.argv[1], write, cfg, step, {}, 5, True,
                                                    lambda: None)
-save(3, lambda d: sharded.save_dcp(d, model, opt))
+save(3, lambda d: dcp.save_dcp(d, model, opt))
 torch.save(model.state_dict(), sys.argv[1] + "/weights-3.pt")
 with torch.no_grad():
     for p in model.parameters():
         p.add_(1.0)
 def dying(d):
-    sharded.save_dcp(d, model, opt)  # every shard of step 6 written, not yet published
+    dcp.save_dcp(d, model, opt)  # every shard of step 6 written, not yet published
     os.kill(os.getpid(), signal.SIGKILL)
 save(6, dying)
 """
@@ -141,7 +141,7 @@ def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     import torch
 
     from structlm.config import PRESETS
-    from structlm.model import GPT
+    from structlm.model.gpt import GPT
 
     run = tmp_path / "run"
     run.mkdir()

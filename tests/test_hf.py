@@ -12,12 +12,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import structlm
-from structlm import checkpoint
 from structlm.config import LinearSpec, ModelConfig, RunConfig, save_json
-from structlm.hf.export import export_run
 from structlm.hf.families import Unsupported
-from structlm.hf.importer import import_hf, read_hf
-from structlm.model import GPT
+from structlm.hf.reader import read_hf
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
+from structlm.runs.export import export_run
+from structlm.runs.importer import import_hf
 from structlm.training.rundir import load_init
 
 transformers = pytest.importorskip("transformers")
@@ -410,7 +411,7 @@ def test_an_instruct_models_end_of_turn_and_chat_template_survive_import_and_exp
 ):
     """A ChatML model: its eos (<|im_end|>, not <|endoftext|>), bos, chat template and
     generation config come through import and export, and serving stops at its eos."""
-    from structlm.data import load_tokenizer, stop_id
+    from structlm.data.tokenizer import load_tokenizer, stop_id
 
     path, _ = _hf_model(tmp_path, tokenizer_path, "llama")
     tok = Tokenizer.from_file(str(tokenizer_path))

@@ -146,7 +146,7 @@ def test_block_layers_with_bias_equal_reference(kind, d_in, d_out, hp, needs):
 
 
 def test_block_diag_matmul_values_grads_and_strided_input():
-    from structlm.linear.kernels import block_diag_matmul
+    from structlm.ops.blocks import block_diag_matmul
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -162,7 +162,7 @@ def test_block_diag_matmul_values_grads_and_strided_input():
 
 
 def test_transpose_within_rows():
-    from structlm.linear.kernels import transpose_within_rows
+    from structlm.ops.blocks import transpose_within_rows
 
     x = torch.arange(2 * 6, dtype=torch.float64).view(2, 6).requires_grad_()
     y = transpose_within_rows(x, 2, 3)  # each row [[0 1 2] [3 4 5]] -> [[0 3] [1 4] [2 5]]
@@ -178,7 +178,7 @@ def test_transpose_within_rows():
 def test_native_shuffles_equal_the_strided_copy(monkeypatch, dtype, rows, a, b):
     """csrc/shuffle.c (block counts 2-16 on one side, any number of rows over the threads) moves
     every element where PyTorch's strided copy does, bit for bit, forward and backward."""
-    from structlm.linear.kernels import transpose_within_rows
+    from structlm.ops.blocks import transpose_within_rows
 
     x = torch.randn(rows, a * b).to(dtype).requires_grad_()
     g = torch.randn(rows, b * a).to(dtype)
@@ -195,7 +195,7 @@ def test_native_shuffles_equal_the_strided_copy(monkeypatch, dtype, rows, a, b):
 
 
 def test_shuffle_switch_names_its_choices(monkeypatch):
-    from structlm.linear.kernels import transpose_within_rows
+    from structlm.ops.blocks import transpose_within_rows
 
     monkeypatch.setenv("STRUCTLM_SHUFFLE", "fast")
     with pytest.raises(ValueError, match="STRUCTLM_SHUFFLE='fast': choose native or aten"):
@@ -205,7 +205,7 @@ def test_shuffle_switch_names_its_choices(monkeypatch):
 def test_native_shuffle_is_used_for_small_block_counts():
     """The kernel is picked where it applies (so the equality test above tests it), and not
     for non-contiguous input, other widths, or no small side."""
-    from structlm.linear.kernels import _native_shuffle
+    from structlm.ops.blocks import _native_shuffle
 
     assert _native_shuffle(torch.zeros(4, 64, dtype=torch.bfloat16), 4, 16) is not None
     assert _native_shuffle(torch.zeros(4, 128), 32, 4)[1] == 32  # deinterleave_4, rows of 32

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structlm import loss as L
+from structlm.ops import xent as L
 
 
 def _ref(logits, targets):

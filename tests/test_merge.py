@@ -8,7 +8,7 @@ from structlm.config import LinearSpec, ModelConfig
 from structlm.linear import LINEARS, build_linear
 from structlm.linear import merge as pm
 from structlm.linear.merge import PreMergedLinear, merge_linears, premerge, unmerge
-from structlm.model import GPT
+from structlm.model.gpt import GPT
 
 SPECS = {
     "dense": LinearSpec("dense"),

@@ -10,7 +10,10 @@ from linear_cases import small_hparams
 from structlm.config import LinearSpec, ModelConfig
 from structlm.linear import LINEARS
 from structlm.linear.dense import DenseLinear
-from structlm.model import GPT, KVCache, apply_rope, rope_angles, sample
+from structlm.model.cache import KVCache
+from structlm.model.gpt import GPT, rope_angles
+from structlm.model.sampling import sample
+from structlm.ops.rope import apply_rope
 
 KINDS = sorted(LINEARS)
 VOCAB = 97
@@ -359,7 +362,7 @@ def test_fused_qkv_rope_matches_the_torch_ops(dtype, options, monkeypatch):
     """csrc/rope.c's split + head transpose + RoPE (and its inverse in the backward) against the
     split, transposes and `apply_rope` of torch ops: same loss and gradients (the same fp32
     arithmetic, rounded once)."""
-    import structlm.model as M
+    import structlm.ops.rope as M
 
     torch.manual_seed(0)
     model = tiny_gpt("dense", dtype=dtype, **options)
@@ -384,7 +387,7 @@ def test_fused_qkv_rope_matches_the_torch_ops(dtype, options, monkeypatch):
 def test_fused_qkv_rope_backward_without_the_kernel(monkeypatch):
     """A forward through the kernel whose backward finds it switched off (or traced by compiled
     autograd) falls back to the torch ops: the same gradient."""
-    import structlm.model as M
+    import structlm.ops.rope as M
 
     h = torch.randn(2, 5, 3 * 8, requires_grad=True)
     cos, sin = rope_angles(tiny_cfg(n_head=2, d_model=8), 0, 5, "cpu")
@@ -404,7 +407,7 @@ def test_fused_qkv_rope_backward_without_the_kernel(monkeypatch):
 def test_fused_qkv_rope_double_backward():
     """backward(create_graph=True) through the fused split-and-rotate: differentiable ops, the
     same second derivatives as the composed path (fp64 takes the torch ops, so compare fp32)."""
-    import structlm.model as M
+    import structlm.ops.rope as M
 
     h = torch.randn(2, 5, 3 * 8, requires_grad=True)
     cos, sin = rope_angles(tiny_cfg(n_head=2, d_model=8), 0, 5, "cpu")
@@ -482,8 +485,8 @@ def test_mlp_gelu_in_half_precision_equals_the_fp32_computation(dtype):
     same in its own kernel (test_activation.py) and falls back to PyTorch's for fp16."""
     import torch.nn.functional as F
 
-    from structlm.activation import gelu_tanh
-    from structlm.model import MLP
+    from structlm.model.gpt import MLP
+    from structlm.ops.gelu import gelu_tanh
 
     mlp = MLP(tiny_cfg("dense"), layer=0)
     h = (torch.randn(64, 128) * 3).to(dtype).requires_grad_()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from structlm import checkpoint, mup
+from structlm.bench.coord import coord_check
 from structlm.config import (
     PRESETS,
     LinearSpec,
@@ -17,10 +17,11 @@ from structlm.config import (
     mup_model,
     to_dict,
 )
-from structlm.coord import coord_check
 from structlm.linear.guided import wrap_guided
 from structlm.linear.registry import choose_hparams, linear_class
-from structlm.model import GPT
+from structlm.model import mup
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
 from structlm.training import train
 from structlm.training.optim import make_optimizer, set_lr
 from tests.test_train import crash_and_resume, tiny_cfg, train_rows

@@ -1,4 +1,4 @@
-"""structlm.native: flags by architecture (and a cross-build for aarch64), the OpenMP runtime
+"""structlm.ops.native: flags by architecture (and a cross-build for aarch64), the OpenMP runtime
 check, the build folder's fallback and one warning per process."""
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from structlm import native
+from structlm.ops import native
 
 TORCH_GOMP = "/site-packages/torch/lib/libgomp.so.1"
 

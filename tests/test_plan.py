@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from structlm import plan
 from structlm.cli import main
 from structlm.config import LinearSpec, ModelConfig, to_dict
+from structlm.studies import plan
 
 LAW = {"E": 1.7, "A": 406.0, "alpha": 0.34, "B": 411.0, "beta": 0.28}  # Chinchilla-like
 K = 6.0  # FLOPs per parameter per token

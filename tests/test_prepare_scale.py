@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from structlm.config import DataConfig
-from structlm.data import Batches, load_meta, load_tokens, prepare
+from structlm.data.batches import Batches, load_meta, load_tokens
+from structlm.data.prepare import prepare
 
 # isort: split
 from conftest import doc_text  # the tests directory is on sys.path under pytest
@@ -88,16 +89,16 @@ def test_workers_and_shards_change_files_not_tokens(tmp_path, reference):
 
 KILLED = """
 import os, signal, sys
-from structlm import data
+import structlm.data.prepare as prep
 from structlm.config import DataConfig
-real, done = data._encode_task, []
+real, done = prep._encode_task, []
 def counted(*args, **kw):
     if len(done) == int(sys.argv[3]):  # that many files tokenized and published: killed
         os.kill(os.getpid(), signal.SIGKILL)
     done.append(1)
     return real(*args, **kw)
-data._encode_task = counted
-data.prepare(DataConfig(source=sys.argv[1], data_dir=sys.argv[2], vocab_size=300,
+prep._encode_task = counted
+prep.prepare(DataConfig(source=sys.argv[1], data_dir=sys.argv[2], vocab_size=300,
                         val_fraction=0.25, workers=1), progress=False)
 print(f"encoded {len(done)} files")
 """

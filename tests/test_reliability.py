@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from structlm import checkpoint
 from structlm.config import PRESETS, DataConfig, OptimConfig, from_dict, to_dict
-from structlm.data import prepare
-from structlm.sweep import SweepConfig, plan_sweep
+from structlm.data.prepare import prepare
+from structlm.runs import checkpoint
+from structlm.studies.sweep import SweepConfig, plan_sweep
 from structlm.training import loop, train
 
 # isort: split

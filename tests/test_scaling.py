@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from structlm.config import PRESETS, LinearSpec, SGTConfig, to_dict
-from structlm.flops import param_groups
-from structlm.scaling import (
+from structlm.model.flops import param_groups
+from structlm.studies.scaling import (
     bootstrap,
     collect,
     compare_steepness,
@@ -17,7 +17,7 @@ from structlm.scaling import (
     fit_families,
     fit_power,
     fit_saturating,
-    report,
+    report_fits,
 )
 
 X = np.geomspace(1e12, 1e16, 8)  # training FLOPs of 8 runs
@@ -183,7 +183,7 @@ def test_collect_finds_dedups_and_sorts(tmp_path):
 
 def test_report_writes_json_and_png(tmp_path, capsys):
     write_sweep(tmp_path / "sweep")
-    out = report([str(tmp_path / "sweep")], n_boot=50, json_path=str(tmp_path / "fit.json"),
+    out = report_fits([str(tmp_path / "sweep")], n_boot=50, json_path=str(tmp_path / "fit.json"),
                  png=str(tmp_path / "fit.png"))
     assert (tmp_path / "fit.png").stat().st_size > 0
     data = json.loads((tmp_path / "fit.json").read_text())
@@ -192,14 +192,14 @@ def test_report_writes_json_and_png(tmp_path, capsys):
     assert "b_samples" in out["fits"][0]
     printed = capsys.readouterr().out
     assert "lowrank-32%" in printed and "saturating" in printed and "P=" in printed
-    out = report([str(tmp_path / "sweep")], x="params", forms=("power",), n_boot=20)
+    out = report_fits([str(tmp_path / "sweep")], x="params", forms=("power",), n_boot=20)
     assert all("note" in f for f in out["fits"])  # one model size per family: nothing to fit
 
 
 def test_an_exact_fit_gets_no_interval_and_no_verdict():
     """3 points for the 3-parameter saturating form: every resample is the same set, so the
     bootstrap cannot measure uncertainty; say so instead of a zero-width interval and P=1."""
-    from structlm.scaling import bootstrap, compare_steepness
+    from structlm.studies.scaling import bootstrap, compare_steepness
 
     x = np.array([1e12, 1e13, 1e14])
     fits = []

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from structlm import bench, cli
+import structlm.bench.kernels as kernels
+from structlm import cli
 from structlm.config import PRESETS, LinearSpec, from_dict, to_dict
-from structlm.flops import flops_per_token, param_groups
 from structlm.linear import (
     LINEARS,
     StructuredLinear,
@@ -31,7 +31,8 @@ from structlm.linear import (
     wrap_guided,
 )
 from structlm.linear.guided import guided_layers, set_guide
-from structlm.model import GPT
+from structlm.model.flops import flops_per_token, param_groups
+from structlm.model.gpt import GPT
 from structlm.training import train
 
 # isort: split
@@ -180,7 +181,7 @@ def test_info_accepts_the_toy():
 
 
 def test_bench_kernel_accepts_the_toy():
-    rows = bench.bench_kernel(torch.device("cpu"), None, quick=True, kinds=["kron"])
+    rows = kernels.bench_kernel(torch.device("cpu"), None, quick=True, kinds=["kron"])
     assert {r["kind"] for r in rows} == {"kron"} and len(rows) == 2
     assert all(r["factor"] == 2 and r["ms"] > 0 and r["ideal"] > 1 for r in rows)
     text = run_cli("bench", "kernel", "--quick", "--kinds", "kron")

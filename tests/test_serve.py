@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from structlm import checkpoint
 from structlm.config import DataConfig, LinearSpec, ModelConfig, RunConfig, save_json
-from structlm.data import prepare
-from structlm.model import GPT
+from structlm.data.prepare import prepare
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
 
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
@@ -282,7 +282,7 @@ def test_an_imported_instruct_model_chats_through_its_own_template(tmp_path):
     it and the model answers in words."""
     from test_hf import smollm2_file
 
-    from structlm.hf.importer import import_hf
+    from structlm.runs.importer import import_hf
 
     run = import_hf(smollm2_file(), tmp_path / "smol")
     app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=2, context=512)

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from structlm import checkpoint
 from structlm.config import PRESETS, LinearSpec, SGTConfig, from_dict, to_dict
 from structlm.linear import LINEARS, build_linear
 from structlm.linear.guided import (
@@ -19,7 +18,8 @@ from structlm.linear.guided import (
     unwrap_guided,
     wrap_guided,
 )
-from structlm.model import GPT
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
 from structlm.training import train
 from structlm.training.optim import lr_at
 from structlm.training.sgt import guide_alpha, guide_draws, guide_forwards, make_plan

@@ -12,7 +12,7 @@ import structlm
 from structlm.config import ModelConfig
 from structlm.linear import LinearSpec, build_linear, merge_linears, structure
 from structlm.linear.structure import project_, weighted_error
-from structlm.model import GPT
+from structlm.model.gpt import GPT
 
 SPECS = {  # kind: spec for 24 -> 48 and 48 -> 24 layers
     "lowrank": LinearSpec("lowrank", rank=6),
@@ -187,7 +187,7 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     from test_hf import random_run  # the tests directory is on sys.path under pytest
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from structlm import checkpoint
+    from structlm.runs import checkpoint
     from structlm.training.rundir import load_init
 
     tok = Tokenizer(models.BPE())
@@ -221,7 +221,7 @@ def test_guided_healing_starts_at_the_dense_models_loss(corpus, tmp_path):
     from test_train import tiny_cfg, train_rows  # the tests directory is on sys.path
 
     from structlm.config import from_dict, to_dict
-    from structlm.convert_run import convert_run
+    from structlm.runs.convert import convert_run
     from structlm.training import train
 
     dense = tiny_cfg(corpus, tmp_path / "dense", max_steps=3, eval_interval=0)

@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 
 from structlm.cli import main
-from structlm.flops import param_groups, train_flops
-from structlm.report import report, report_rows, to_csv, to_markdown
-from structlm.sweep import SweepConfig, load_sweep, parse_size, plan_sweep, run_sweep, status
+from structlm.model.flops import param_groups, train_flops
+from structlm.studies.report import report_rows, report_runs, to_csv, to_markdown
+from structlm.studies.sweep import (
+    SweepConfig,
+    load_sweep,
+    parse_size,
+    plan_sweep,
+    run_sweep,
+    status,
+)
 
 
 def tiny_sweep(corpus: Path, out: Path, **kw) -> SweepConfig:
@@ -268,7 +275,7 @@ def test_report_rows_match_the_summaries(corpus, tmp_path):
     assert float(parsed[0]["train_flops"]) == rows[0]["train_flops"]
     shutil.rmtree(out)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        report([str(out)])
+        report_runs([str(out)])
 
 
 def test_a_new_budget_extends_finished_runs_instead_of_skipping_them(corpus, tmp_path):

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from structlm import checkpoint
 from structlm.config import PRESETS, LinearSpec, ModelConfig, from_dict, to_dict
-from structlm.model import GPT
+from structlm.model.gpt import GPT
+from structlm.runs import checkpoint
 from structlm.training import train
 from structlm.training.optim import lr_at
 
@@ -148,7 +148,7 @@ def test_sigkill_then_resume_loses_nothing(corpus, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    import structlm.model as M
+    import structlm.model.gpt as M
 
     real = M.cross_entropy
     calls = {"n": 0}

@@ -5,14 +5,15 @@ every dtype, shapes that straddle the kernels' tiles, and the dispatch rules."""
 import pytest
 import torch
 
-from structlm.linear import LINEARS, kernels
+from structlm.linear import LINEARS
 from structlm.linear.blockshuffle import blockshuffle_matmul_reference
+from structlm.ops import blocks as kernels
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():  # the interpreter is for CPU; tests/test_cuda.py runs the kernels
     pytest.skip("on a GPU machine the compiled kernels are tested in test_cuda.py",
                 allow_module_level=True)
-from structlm.linear import triton_block  # noqa: E402  (needs triton only when called)
+from structlm.ops import triton_block
 
 
 @pytest.fixture

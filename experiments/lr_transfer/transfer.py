@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from structlm.scaling import collect, read_summary
+from structlm.studies.scaling import collect, read_summary
 
 
 def curves(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict[float, float]]]:

@@ -21,7 +21,8 @@ structlm prepare --data.tokenizer "$OUT/dense/tokenizer.json" --data.data_dir "$
 # calibration text: the first train play, never the validation plays
 python - "$DATA" "$OUT/calib.txt" <<'PY'
 import sys
-from structlm.data import load_tokenizer, load_tokens
+from structlm.data.tokenizer import load_tokenizer
+from structlm.data.batches import load_tokens
 tok = load_tokenizer(f"{sys.argv[1]}/tokenizer.json")
 open(sys.argv[2], "w").write(tok.decode(load_tokens(sys.argv[1], "train")[:4096].tolist()))
 PY

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from structlm.bench import bench_decode, bench_prefill
+from structlm.bench.decode import bench_decode, bench_prefill
 from structlm.config import load_run_config
 from structlm.linear import LinearSpec, premerge, unmerge
-from structlm.model import MLP
-from structlm.timing import context, time_interleaved
-from structlm.utils import autocast, autocast_dtype
+from structlm.model.gpt import MLP
+from structlm.utils.device import autocast, autocast_dtype
+from structlm.utils.timing import context, time_interleaved
 
 DEVICE = torch.device("cpu")
 DTYPE = autocast_dtype(DEVICE, "auto")

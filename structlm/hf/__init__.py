@@ -1,7 +1,9 @@
-"""Hugging Face interop: export a run as a transformers model directory, import a transformers
-checkpoint as a structlm run.
+"""Hugging Face's formats, read and written as structlm configs and weights (no run directories:
+`structlm.runs` imports and exports runs through this package).
 
-    families.py   the architectures both sides share, and the exact weight mappings
-    export.py     export_run: a run -> LlamaForCausalLM / GPT2LMHeadModel / GPTNeoXForCausalLM
-    importer.py   read_hf / import_hf: a local transformers checkpoint -> structlm (no code run)
+    families.py   the architectures both sides share (Llama, GPT-2, GPT-NeoX), the exact weight
+                  mappings both ways, and the transformers config of each
+    reader.py     read_hf: a local transformers checkpoint (config.json + safetensors) or a GGUF
+                  file -> ModelConfig + structlm weights; no code from the checkpoint runs
+    remote/       the modeling code copied beside a `--format hf` export (transformers only)
 """

@@ -2,17 +2,17 @@
 
     base.py        StructuredLinear: what every kind declares and shares
     registry.py    LINEARS, LinearSpec, register, build_linear, choose_hparams
-    kernels.py     the block-diagonal ops (eager, custom ops for torch.compile, FLOP formulas)
     factors.py     polar init, rank rounding
-    convert.py     find and replace modules of any nn.Module by name pattern
+    replace.py     find and replace modules of any nn.Module by name pattern (the converters' seam)
     guided.py      self-guided training's GuidedLinear and its converters
     merge.py       pre-merge, merge-to-dense, and the calibration of the switch point
     structure.py   dense -> structured for any model, the factors projected from the weights
-    <kind>.py      one structure each: dense, lowrank, blockshuffle, blockdense
+    <kind>.py      one structure each: dense, lowrank, blockshuffle, blockdense, btt
 
-A structure is one module here: every StructuredLinear subclass with a `kind` defined in a module of
-this package is registered below, when the package is imported, in module-name order. A kind
-defined elsewhere is registered by calling `register` on it.
+The block kinds' products (eager, custom ops, Triton) are structlm.ops.blocks. A structure is one
+module here: every StructuredLinear subclass with a `kind` defined in a module of this package is
+registered below, when the package is imported, in module-name order. A kind defined elsewhere is
+registered by calling `register` on it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import inspect
 import pkgutil
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.convert import is_structured, replace_modules
 from structlm.linear.guided import GuidedLinear, unwrap_guided, wrap_guided
 from structlm.linear.merge import PreMergedLinear, merge_linears, premerge, unmerge
 from structlm.linear.registry import (
@@ -37,6 +36,7 @@ from structlm.linear.registry import (
     structured_kinds,
     unregister,
 )
+from structlm.linear.replace import is_structured, replace_modules
 from structlm.linear.structure import structure
 
 __all__ = [

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import dense_weights, polar_, rank_step, weighted_refine
-from structlm.linear.kernels import block_diag_matmul
+from structlm.ops.blocks import block_diag_matmul
 
 
 def blockdense_matmul_reference(x: Tensor, blkdiag: Tensor, up: Tensor) -> Tensor:

@@ -27,13 +27,8 @@ from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import check_blocks_divide, dense_weights, polar_, weighted_refine
-from structlm.linear.kernels import (
-    block_diag_matmul,
-    cast_operands,
-    transpose_within_rows,
-    use_triton,
-)
-from structlm.linear.triton_block import blockshuffle_matmul_triton
+from structlm.ops.blocks import block_diag_matmul, cast_operands, transpose_within_rows, use_triton
+from structlm.ops.triton_block import blockshuffle_matmul_triton
 
 
 def shuffle_indices(nblocks: int, q: int) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import check_blocks_divide, dense_weights, polar_, weighted_refine
-from structlm.linear.kernels import block_diag_matmul
+from structlm.ops.blocks import block_diag_matmul
 
 
 def btt_matmul_reference(x: Tensor, core1: Tensor, core2: Tensor) -> Tensor:

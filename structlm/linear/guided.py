@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.convert import Patterns, Wrapper, is_structured, replace_modules
+from structlm.linear.replace import Patterns, Wrapper, is_structured, replace_modules
 
 
 class GuidedLinear(Wrapper):

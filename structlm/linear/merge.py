@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.convert import Patterns, Wrapper, is_structured, replace_modules
-from structlm.timing import context, time_interleaved
-from structlm.utils import autocast, cache_dir
+from structlm.linear.replace import Patterns, Wrapper, is_structured, replace_modules
+from structlm.utils.device import autocast
+from structlm.utils.files import cache_dir
+from structlm.utils.timing import context, time_interleaved
 
 # pre-merge below 16 tokens per call when uncalibrated (the paper's example)
 DEFAULT_MAX_DENSE_TOKENS = 16

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from structlm.linear.base import StructuredLinear
-from structlm.linear.convert import Patterns, named_modules, replace_modules
 from structlm.linear.factors import damped
 from structlm.linear.registry import (
     DENSE,
@@ -34,6 +33,7 @@ from structlm.linear.registry import (
     choose_hparams,
     linear_class,
 )
+from structlm.linear.replace import Patterns, named_modules, replace_modules
 
 # every FFN linear of every block (structlm, Llama, GPT-2, NeoX, a module tree with an `mlp`)
 DEFAULT_INCLUDE = ("*.mlp.*", "mlp.*")

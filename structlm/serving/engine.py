@@ -25,8 +25,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from structlm.linear.merge import PreMergedLinear
-from structlm.model import SlotCache, sample
-from structlm.utils import autocast
+from structlm.model.cache import SlotCache
+from structlm.model.sampling import sample
+from structlm.utils.device import autocast
 
 
 class QueueFull(RuntimeError):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from structlm.data import declared_token, run_tokenizer_path, stop_id
-from structlm.generate import Generator
+from structlm.data.tokenizer import declared_token, run_tokenizer_path, stop_id
+from structlm.runs.generate import Generator
 from structlm.serving.engine import Engine
 
 

@@ -5,8 +5,11 @@
     inputs.py        the run's data: prepared, checked against model and checkpoint, opened
     optim.py         AdamW, the learning-rate schedule, steps from the budget
     sgt.py           self-guided training: alpha schedule, step plan, the guided phase
+    saving.py        the loop's checkpoints: single-file or sharded (DCP), in the background
     metrics.py       metrics.jsonl, TensorBoard, progress, loss.png
-    distributed.py   torchrun's process group, DDP, collectives
+    distributed.py   torchrun's process group, DDP or FSDP2 sharding, collectives
+    sharded.py       a full checkpoint into a sharded model; leaving SGT under FSDP2
+    memory.py        activation checkpointing and per-block compile
 """
 
 import importlib

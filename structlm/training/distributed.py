@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from structlm.config import TrainConfig
 from structlm.training.memory import apply_activation_checkpointing, compile_blocks
-from structlm.utils import autodetect_device, dist_info
+from structlm.utils.device import autodetect_device, dist_info
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def setup(device_name: str) -> World:
     return World(rank, local_rank, size, device)
 
 
-def prepare(model: nn.Module, world: World, t: TrainConfig, amp: torch.dtype | None) -> nn.Module:
+def wrap_model(
+    model: nn.Module, world: World, t: TrainConfig, amp: torch.dtype | None
+) -> nn.Module:
     """The raw model made ready to train, in place: activation checkpointing and compilation per
     block, then FSDP2's sharding under --train.parallel fsdp. Returns it."""
     apply_activation_checkpointing(model, t.activation_checkpointing)
@@ -88,7 +90,7 @@ def shard(model: nn.Module, world: World, amp: torch.dtype | None) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
     """Whether FSDP2 sharded `model`."""
     return any(isinstance(p, DTensor) for p in model.parameters())
 

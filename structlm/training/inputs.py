@@ -9,15 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from structlm.config import RunConfig
-from structlm.data import (
-    Batches,
-    check_tokenizer,
-    load_meta,
-    load_tokenizer,
-    load_tokens,
-    prepare,
-    resolve_data_dir,
-)
+from structlm.data.batches import Batches, check_tokenizer, load_meta, load_tokens
+from structlm.data.prepare import prepare, resolve_data_dir
+from structlm.data.tokenizer import load_tokenizer
 from structlm.training import distributed
 from structlm.training.distributed import World
 from structlm.training.rundir import Resume

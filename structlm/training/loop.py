@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from structlm import mup
 from structlm._version import __version__
 from structlm.config import RunConfig, TrainConfig, to_dict
-from structlm.convert_run import dense_guides
-from structlm.data import Batches, eval_batches
-from structlm.evaluate import evaluate_sums
-from structlm.flops import flops_per_token, param_groups
-from structlm.model import GPT
+from structlm.data.batches import Batches, eval_batches
+from structlm.model import mup
+from structlm.model.flops import flops_per_token, param_groups
+from structlm.model.gpt import GPT
+from structlm.runs.convert import dense_guides
+from structlm.runs.evaluate import evaluate_sums
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.inputs import RunData, load_run_data
@@ -50,7 +50,8 @@ from structlm.training.rundir import (
 )
 from structlm.training.saving import Checkpointer
 from structlm.training.sgt import GuidePhase, SGTPlan, make_plan
-from structlm.utils import atomic_write_text, autocast, autocast_dtype, is_tty, json_safe, seed_all
+from structlm.utils.device import autocast, autocast_dtype, seed_all
+from structlm.utils.files import atomic_write_text, is_tty, json_safe
 
 
 @dataclass
@@ -214,7 +215,7 @@ def build(
     phase = GuidePhase(plan, t.sgt, t.seed)
     fresh_dense = t.sgt.guide_init == "dense" and resume.ckpt is None
     phase.enter(raw, resume.step, dense_guides(t.init_from) if fresh_dense else None)
-    raw = distributed.prepare(raw, world, t, amp)  # memory levers; FSDP2 shards it in place
+    raw = distributed.wrap_model(raw, world, t, amp)  # memory levers; FSDP2 shards it in place
     optimizer = make_optimizer(raw, cfg.optim)
     restore(resume, raw, optimizer, cfg.optim, world)
     return raw, optimizer, phase
@@ -226,12 +227,12 @@ def leave_guided(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model and optimizer without guides: unwrapped in place, or (FSDP2, whose parameter
     groups are fixed at sharding) rebuilt and re-sharded with the factors' state carried over."""
-    if not distributed.is_sharded(raw):
+    if not distributed.is_fsdp(raw):
         phase.leave(raw, optimizer)
         return raw, optimizer
     phase.active = False
     return sharded.leave_guided(raw, optimizer, cfg,
-                                lambda m: distributed.prepare(m, world, cfg.train, amp))
+                                lambda m: distributed.wrap_model(m, world, cfg.train, amp))
 
 
 def finish(
@@ -329,7 +330,7 @@ def val_loss(
     forwards (the short ranks' last ones on a batch they do not count)."""
     phase.before_eval(raw, step)
     batches = eval_batches(data.val, cfg.seq_len, cfg.train.micro_batch_size, max_tokens)
-    if distributed.is_sharded(raw):
+    if distributed.is_fsdp(raw):
         s, n = sharded_eval_sums(raw, batches, world, amp)
     else:
         s, n = evaluate_sums(raw, islice(batches, world.rank, None, world.size), world.device, amp)

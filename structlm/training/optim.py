@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from structlm import mup
 from structlm.config import OptimConfig, RunConfig
-from structlm.flops import tokens_for_budget
+from structlm.model import mup
+from structlm.model.flops import tokens_for_budget
 
 
 def total_steps(cfg: RunConfig) -> int:
@@ -51,9 +51,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def fused_supported(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW (one kernel over all tensors: 88 -> 24 ms a step for a 49M
-    parameter model on a 2-core CPU, BENCHMARKS.md) takes these parameters: plain floating
-    tensors on CPU or CUDA. Sharded (DTensor) parameters keep the per-tensor loop."""
+    """Whether torch's fused AdamW (one kernel over all tensors, several times faster than the
+    per-tensor loop on a CPU: BENCHMARKS.md) takes these parameters: plain floating tensors on
+    CPU or CUDA. Sharded (DTensor) parameters keep the per-tensor loop."""
     return all(type(p.data) is torch.Tensor and p.is_floating_point()
                and p.device.type in ("cpu", "cuda") for p in params)
 

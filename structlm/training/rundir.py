@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from structlm import checkpoint
 from structlm.config import (
     DataConfig,
     ModelConfig,
@@ -26,13 +25,14 @@ from structlm.config import (
     load_run_config,
     save_json,
 )
-from structlm.convert_run import dense_guides_path
-from structlm.hf.importer import gguf_file, read_config, read_hf
+from structlm.hf.reader import gguf_file, read_config, read_hf
+from structlm.runs import checkpoint, dcp
+from structlm.runs.convert import dense_guides_path
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
 from structlm.training.sgt import SGTPlan
-from structlm.utils import atomic_write_text
+from structlm.utils.files import atomic_write_text
 
 # fields that define a run's trajectory: a run directory is resumed only under the same values (the
 # budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
@@ -165,8 +165,8 @@ def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
         return
     device = world.device
     if checkpoint.is_sharded(resume.ckpt):
-        sharded.load_dcp(resume.ckpt / checkpoint.SHARDED, model, optimizer)
-    elif distributed.is_sharded(model):
+        dcp.load_dcp(resume.ckpt / checkpoint.SHARDED, model, optimizer)
+    elif distributed.is_fsdp(model):
         weights = load_file(str(resume.ckpt / "model.safetensors"))
         sharded.load_full_checkpoint(model, optimizer, weights, resume.state["optimizer"])
     else:

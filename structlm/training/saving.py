@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from structlm import checkpoint
 from structlm.config import RunConfig
-from structlm.training import distributed, sharded
+from structlm.runs import checkpoint, dcp
+from structlm.training import distributed
 from structlm.training.distributed import World
 
 
@@ -35,9 +35,9 @@ class Checkpointer:
             return
         background = self.async_ and not final
         if background:
-            write = lambda d: sharded.async_save_dcp(d, raw, optimizer, self.group)  # noqa: E731
+            write = lambda d: dcp.async_save_dcp(d, raw, optimizer, self.group)  # noqa: E731
         else:
-            write = lambda d: sharded.save_dcp(d, raw, optimizer)  # noqa: E731
+            write = lambda d: dcp.save_dcp(d, raw, optimizer)  # noqa: E731
         pending = checkpoint.ShardedSave(t.out_dir, write, cfg, step, state, t.keep_last,
                                          world.master, lambda: distributed.barrier(world))
         if background:

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from structlm.config import LinearSpec, ModelConfig, SGTConfig
-from structlm.flops import flops_per_token, sgt_train_flops
 from structlm.linear.guided import (
     guide_parameters,
     guided_layers,
@@ -30,6 +29,7 @@ from structlm.linear.guided import (
     unwrap_guided,
     wrap_guided,
 )
+from structlm.model.flops import flops_per_token, sgt_train_flops
 from structlm.training.optim import drop_params
 
 SCHEDULES = ("cosine", "linear")

@@ -1,0 +1,100 @@
+"""`structlm convert`: a dense structlm run or Hugging Face checkpoint -> a structured run whose
+FFN factors are projected from the dense weights (`structure`), ready for `structlm train
+--train.init_from` to heal it and `structlm export` to ship it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from structlm._version import __version__
+from structlm.config import RunConfig, save_json
+from structlm.data.tokenizer import encode_text_file, load_tokenizer, run_tokenizer_path
+from structlm.linear.registry import DENSE, choose_hparams
+from structlm.linear.structure import structure
+from structlm.runs import checkpoint
+from structlm.runs.importer import import_hf
+from structlm.utils.files import is_tty, publish_dir, require_empty
+
+DENSE_FILE = "dense_ffn.safetensors"  # the replaced dense FFN weights, by layer name
+CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activation-aware)
+
+
+def convert_run(
+    source: str | Path, out_dir: str | Path, kind: str, fraction: float,
+    calib_text: str | None = None,
+) -> tuple[Path, list[dict]]:
+    """Write `out_dir`: the source model with every FFN outside model.dense_ffn_layers converted to
+    `kind` at `fraction` of the dense FFN's parameters (the paper's rule for the whole FFN, so fc1
+    and fc2 share one spec). Returns (out_dir, the per-layer report)."""
+    out = Path(out_dir)
+    require_empty(out)
+    with tempfile.TemporaryDirectory() as scratch:
+        run = Path(source)
+        if (run / "config.json").exists() and "model_type" in json.loads(
+                (run / "config.json").read_text()) or run.suffix == ".gguf":
+            run = import_hf(run, Path(scratch) / "imported")  # a Hugging Face checkpoint
+        model, cfg = checkpoint.load_model(run)
+        m = cfg.model
+        if m.ffn.kind != DENSE:
+            raise ValueError(f"convert {source}: its FFNs are {m.ffn.kind} already; convert "
+                             "projects a dense model (the run this one came from, or a Hugging "
+                             "Face model)")
+        spec = choose_hparams(kind, [(n, k) for _, n, k in m.ffn_shapes()], fraction)
+        exclude = [f"blocks.{i}.*" for i in m.dense_ffn_layers]
+        calib = _calib_ids(calib_text, run, m.block_size) if calib_text else None
+        dense = {k.removesuffix(".weight"): v.clone() for k, v in model.state_dict().items()
+                 if ".mlp.fc" in k and k.endswith(".weight")}
+        layers = 2 * (m.n_layer - len(m.dense_ffn_layers))
+        hp = {"rank": spec.rank, "nblocks": spec.nblocks, **spec.params}
+        print(f"convert: projecting {layers} FFN layers onto {kind} ("
+              + ", ".join(f"{k}={v}" for k, v in hp.items() if v is not None)
+              + (", activation-aware" if calib is not None else "") + ")", flush=True)
+        model, report = structure(model, spec, include="blocks.*.mlp.*", exclude=exclude,
+                                  calib=calib, progress=is_tty())
+        dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
+        new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
+        new.train.out_dir = str(out)
+        tokenizer, origin = run_tokenizer_path(run), str(Path(source).resolve())
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (tokenizer.parent / name).exists():  # the chat template, when there is one
+                    shutil.copyfile(tokenizer.parent / name, tmp / name)
+            checkpoint.save(tmp, model, None, new, 0, {"imported_from": origin})
+            save_json(new, str(tmp / "config.json"))
+            (tmp / "conversion.json").write_text(json.dumps(
+                {"structlm_version": __version__, "source": origin, "layers": report}, indent=2))
+            save_file(dense, str(tmp / DENSE_FILE))  # the guides of guided healing
+
+        publish_dir(out, write, "convert")
+    return out, report
+
+
+def _calib_ids(path: str, run: Path, block_size: int) -> torch.Tensor:
+    ids = encode_text_file(path, load_tokenizer(run_tokenizer_path(run)))[:CALIB_TOKENS]
+    if len(ids) < 16:
+        raise ValueError(f"--calib {path}: only {len(ids)} tokens; give a few thousand")
+    n = len(ids) // block_size * block_size or len(ids)
+    return torch.as_tensor(ids[:n].astype("int64")).view(-1, min(block_size, n))
+
+
+def dense_guides_path(run: str | Path) -> Path:
+    """Where a converted run keeps the dense weights its FFN layers came from (checked)."""
+    path = Path(run) / DENSE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run} has no {DENSE_FILE}: guide_init=dense needs a run made by "
+                                "structlm convert as --train.init_from")
+    return path
+
+
+def dense_guides(run: str | Path) -> dict[str, torch.Tensor]:
+    """The dense weights a converted run's FFN layers came from, by layer name."""
+    return load_file(str(dense_guides_path(run)))
