@@ -31,7 +31,7 @@ _EXPORTS = {  # public name -> the module that defines it
                         "replace_modules", "structure"),
     "structlm.model.gpt": ("GPT",),
     "structlm.model.cache": ("KVCache",),
-    "structlm.runs.checkpoint": ("load_model",),
+    "structlm.runs.run": ("load_model", "Run"),
     "structlm.runs.generate": ("Generator",),
     "structlm.data.prepare": ("prepare",),
     "structlm.data.batches": ("Batches",),

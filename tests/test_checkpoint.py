@@ -6,6 +6,7 @@ import torch
 from structlm.config import PRESETS
 from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
+from structlm.runs.run import load_model
 from structlm.training.optim import make_optimizer
 
 
@@ -24,7 +25,7 @@ def setup():
 def test_round_trip_is_exact(setup, tmp_path):
     cfg, model, opt = setup
     ckpt = checkpoint.save(tmp_path, model, opt, cfg, 7, {"best_val": 1.5})
-    loaded, cfg2 = checkpoint.load_model(tmp_path)
+    loaded, cfg2 = load_model(tmp_path)
     assert cfg2 == cfg
     for (n, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
@@ -87,6 +88,6 @@ def test_checkpoint_of_another_model_is_refused(setup, tmp_path):
 
 def test_load_model_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.load_model(tmp_path / "missing")
+        load_model(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint.load_model(tmp_path)
+        load_model(tmp_path)

@@ -19,6 +19,7 @@ from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
 from structlm.runs.export import export_run
 from structlm.runs.importer import import_hf
+from structlm.runs.run import load_model
 from structlm.training.rundir import load_init
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +100,7 @@ def test_export_then_transformers_then_import_is_exact(case, tmp_path, tokenizer
     if model.cfg.bias and model.cfg.ffn.kind == "dense":  # no zero biases added, nothing merged
         assert hf.num_parameters() == sum(p.numel() for p in model.parameters())
     back = import_hf(out, tmp_path / "back")
-    again, _ = checkpoint.load_model(back)
+    again, _ = load_model(back)
     with torch.no_grad():
         close(again(idx)[0], ref)
 
@@ -185,7 +186,7 @@ def _hf_model(tmp_path, tokenizer_path, family: str, **kw):
 def test_a_transformers_checkpoint_imports_exactly(tmp_path, tokenizer_path, family):
     path, hf = _hf_model(tmp_path, tokenizer_path, family)
     run = import_hf(path, tmp_path / "run")
-    model, cfg = checkpoint.load_model(run)
+    model, cfg = load_model(run)
     idx = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         close(model(idx)[0], hf(idx).logits)
@@ -255,7 +256,7 @@ def test_smollm2_imports_matches_transformers_and_exports_back(tmp_path):
     equal transformers' on the same weights, and its export loads back to the same logits."""
     f = smollm2_file()
     run = import_hf(f, tmp_path / "run")
-    model, cfg = checkpoint.load_model(run)
+    model, cfg = load_model(run)
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head, cfg.model.kv_heads) == (
         30, 576, 9, 3) and cfg.model.tie_embeddings
     hf = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name,

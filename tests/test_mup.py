@@ -21,7 +21,7 @@ from structlm.linear.guided import wrap_guided
 from structlm.linear.registry import choose_hparams, linear_class
 from structlm.model import mup
 from structlm.model.gpt import GPT
-from structlm.runs import checkpoint
+from structlm.runs.run import load_model
 from structlm.training import train
 from structlm.training.optim import make_optimizer, set_lr
 from tests.test_train import crash_and_resume, tiny_cfg, train_rows
@@ -179,7 +179,7 @@ def test_a_mup_run_resumes_exactly_and_exports_a_standard_model(corpus, tmp_path
     crash_and_resume(lambda out: mup_cfg(corpus, out), tmp_path, monkeypatch)
     assert [r["loss"] for r in train_rows(tmp_path / "a")] == [
         r["loss"] for r in train_rows(tmp_path / "b")]
-    model, cfg = checkpoint.load_model(tmp_path / "a")
+    model, cfg = load_model(tmp_path / "a")
     assert cfg.optim.param_scaling == "mup" and model.cfg.logit_scale == 0.5
 
 

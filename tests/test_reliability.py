@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from structlm.config import PRESETS, DataConfig, OptimConfig, from_dict, to_dict
 from structlm.data.prepare import prepare
 from structlm.runs import checkpoint
+from structlm.runs.run import load_model
 from structlm.studies.sweep import SweepConfig, plan_sweep
 from structlm.training import loop, train
 
@@ -161,8 +162,8 @@ def test_every_preset_checkpoints_before_the_end():
 def _diverge_at(monkeypatch, bad_step: int) -> None:
     real = loop.forward_backward
 
-    def fb(model, raw, batches, data_step, step, *a):
-        loss = real(model, raw, batches, data_step, step, *a)
+    def fb(run, step):
+        loss = real(run, step)
         return loss * float("nan") if step == bad_step else loss
 
     monkeypatch.setattr(loop, "forward_backward", fb)
@@ -390,8 +391,8 @@ def test_sigkill_at_random_points_resumes_to_the_uninterrupted_run(corpus, tmp_p
     ref_s, run_s = untimed(summary(tmp_path / "ref")), untimed(summary(tmp_path / "run"))
     ref_s.pop("out_dir"), run_s.pop("out_dir"), ref_s.pop("config"), run_s.pop("config")
     assert run_s == ref_s
-    a, _ = checkpoint.load_model(tmp_path / "ref")
-    b, _ = checkpoint.load_model(tmp_path / "run")
+    a, _ = load_model(tmp_path / "ref")
+    b, _ = load_model(tmp_path / "run")
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
     left = [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name or ".old_" in p.name]

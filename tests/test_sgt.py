@@ -20,6 +20,7 @@ from structlm.linear.guided import (
 )
 from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
+from structlm.runs.run import load_model
 from structlm.training import train
 from structlm.training.optim import lr_at
 from structlm.training.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
@@ -199,7 +200,7 @@ def test_training_removes_guides_and_their_optimizer_state(corpus, tmp_path):
     ckpt = checkpoint.find_latest(tmp_path / "run")
     state = checkpoint.load_state(ckpt)
     # strict: a plain structured model, no guide keys
-    model, _ = checkpoint.load_model(tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
     n_params = len(list(model.parameters()))
     assert len(state["optimizer"]["state"]) == n_params
     assert sum(len(g["params"]) for g in state["optimizer"]["param_groups"]) == n_params
@@ -254,10 +255,10 @@ def test_checkpoints_inside_the_guided_phase_are_refused_for_serving(corpus, tmp
     train(_sgt_cfg(corpus, tmp_path / "run", keep_last=20))
     early = tmp_path / "run" / "checkpoints" / "step_0000004"
     with pytest.raises(checkpoint.CheckpointError, match="self-guided phase"):
-        checkpoint.load_model(early)
+        load_model(early)
     # G = 6: written after the guides left
     boundary = tmp_path / "run" / "checkpoints" / "step_0000006"
-    model, _ = checkpoint.load_model(boundary)
+    model, _ = load_model(boundary)
     assert not guided_layers(model)
 
 
@@ -285,5 +286,5 @@ def test_ddp_with_sgt_and_reduce_flop_runs_and_removes_the_guides(corpus, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sgt"]["guided_steps"] == 3
-    model, _ = checkpoint.load_model(tmp_path / "ddp")
+    model, _ = load_model(tmp_path / "ddp")
     assert not guided_layers(model)

@@ -13,6 +13,7 @@ from structlm.config import ModelConfig
 from structlm.linear import LinearSpec, build_linear, merge_linears, structure
 from structlm.linear.structure import project_, weighted_error
 from structlm.model.gpt import GPT
+from structlm.runs.run import load_model
 
 SPECS = {  # kind: spec for 24 -> 48 and 48 -> 24 layers
     "lowrank": LinearSpec("lowrank", rank=6),
@@ -187,7 +188,6 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     from test_hf import random_run  # the tests directory is on sys.path under pytest
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from structlm.runs import checkpoint
     from structlm.training.rundir import load_init
 
     tok = Tokenizer(models.BPE())
@@ -203,7 +203,7 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     r = subprocess.run([sys.executable, "-m", "structlm", "convert", str(run), str(tmp_path / "lr"),
                         "--fraction", "0.32", "--calib", str(text)], capture_output=True, text=True)
     assert r.returncode == 0 and "converted 2 FFN layers" in r.stdout, r.stderr[-2000:]
-    model, cfg = checkpoint.load_model(tmp_path / "lr")
+    model, cfg = load_model(tmp_path / "lr")
     assert cfg.model.ffn == LinearSpec("lowrank", rank=6) and cfg.model.dense_ffn_layers == (0,)
     conversion = json.loads((tmp_path / "lr" / "conversion.json").read_text())
     assert conversion["structlm_version"] == structlm.__version__

@@ -18,6 +18,7 @@ import torch
 from structlm.config import PRESETS, LinearSpec, ModelConfig, from_dict, to_dict
 from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
+from structlm.runs.run import load_model
 from structlm.training import train
 from structlm.training.optim import lr_at
 
@@ -112,8 +113,8 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
     assert [r["step"] for r in b] == list(range(1, 21))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # exact, fp32 on CPU
     wa = checkpoint.find_latest(tmp_path / "a")
-    ma, _ = checkpoint.load_model(wa)
-    mb, _ = checkpoint.load_model(tmp_path / "b")
+    ma, _ = load_model(wa)
+    mb, _ = load_model(tmp_path / "b")
     for (n, p), q in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
 
@@ -141,8 +142,8 @@ def test_sigkill_then_resume_loses_nothing(corpus, tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     a, b = train_rows(tmp_path / "ref"), train_rows(tmp_path / "killed")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    ma, _ = checkpoint.load_model(tmp_path / "ref")
-    mb, _ = checkpoint.load_model(tmp_path / "killed")
+    ma, _ = load_model(tmp_path / "ref")
+    mb, _ = load_model(tmp_path / "killed")
     for p, q in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True):
         assert torch.equal(p, q)
 

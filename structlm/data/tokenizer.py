@@ -56,15 +56,6 @@ def stop_id(tok: Tokenizer, tokenizer_path: Path) -> int | None:
     return found if found is not None else eot_id(tok)
 
 
-def run_tokenizer_path(run_dir: str | Path) -> Path:
-    """The run's tokenizer.json (copied into the run directory at training; also found from a
-    checkpoint)."""
-    for d in (Path(run_dir), Path(run_dir).parent.parent):
-        if (d / "tokenizer.json").exists():
-            return d / "tokenizer.json"
-    raise FileNotFoundError(f"{run_dir} has no tokenizer.json; was it trained by structlm train?")
-
-
 def load_tokenizer(data_dir_or_file: str | Path) -> Tokenizer:
     """The tokenizer.json of a prepared data dir or run dir (or the file), with no truncation."""
     tok = Tokenizer.from_file(str(_tokenizer_path(data_dir_or_file)))

@@ -31,8 +31,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model
 from torch import nn
 
-from structlm.config import RunConfig, load_run_config, save_json, to_dict
-from structlm.model.gpt import GPT
+from structlm.config import RunConfig, save_json, to_dict
 from structlm.utils.files import atomic_write_text, file_sha256, fsync_path
 
 FORMAT_VERSION = 1
@@ -315,32 +314,3 @@ def config_diff(a: RunConfig, b: RunConfig, paths=("model", "data", "optim")) ->
     for p in paths:
         walk(get(da, p), get(db, p), p)
     return out
-
-
-def load_model(run_dir: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
-    """Rebuild GPT from a run directory's newest checkpoint (or a checkpoint directory) for
-    eval/serving."""
-    path = Path(run_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"run directory {path} does not exist")
-    if (path / "manifest.json").exists():  # one checkpoint directory
-        ckpt = path
-        verify(ckpt)
-    else:
-        ckpt = find_latest(path)  # verified
-    if ckpt is None:
-        raise FileNotFoundError(
-            f"{path} holds no complete checkpoint; train it first (structlm train)"
-        )
-    cfg = load_run_config(str(ckpt / "config.json"))
-    if any(k.endswith(".guide") for k in weight_names(ckpt)):
-        raise CheckpointError(
-            f"{ckpt} was saved inside the self-guided phase (the dense guides are still mixed "
-            "in); evaluate or serve a checkpoint from after the guided steps, or finish "
-            "training first"
-        )
-    model = GPT(cfg.model)
-    load_weights(model, ckpt)
-    if device is not None:
-        model.to(device)
-    return model.eval(), cfg

@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from structlm._version import __version__
 from structlm.config import RunConfig, save_json
-from structlm.data.tokenizer import encode_text_file, load_tokenizer, run_tokenizer_path
+from structlm.data.tokenizer import encode_text_file
 from structlm.linear.registry import DENSE, choose_hparams
 from structlm.linear.structure import structure
 from structlm.runs import checkpoint
 from structlm.runs.importer import import_hf
+from structlm.runs.run import Run
 from structlm.utils.files import is_tty, publish_dir, require_empty
 
 DENSE_FILE = "dense_ffn.safetensors"  # the replaced dense FFN weights, by layer name
@@ -36,11 +37,10 @@ def convert_run(
     out = Path(out_dir)
     require_empty(out)
     with tempfile.TemporaryDirectory() as scratch:
-        run = Path(source)
-        if (run / "config.json").exists() and "model_type" in json.loads(
-                (run / "config.json").read_text()) or run.suffix == ".gguf":
-            run = import_hf(run, Path(scratch) / "imported")  # a Hugging Face checkpoint
-        model, cfg = checkpoint.load_model(run)
+        run = Run.open(source)
+        if not run.is_structlm:  # a Hugging Face checkpoint: its tokenizer files written out too
+            run = Run.open(import_hf(run.path, Path(scratch) / "imported"))
+        model, cfg = run.load_model()
         m = cfg.model
         if m.ffn.kind != DENSE:
             raise ValueError(f"convert {source}: its FFNs are {m.ffn.kind} already; convert "
@@ -61,7 +61,7 @@ def convert_run(
         dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
         new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
         new.train.out_dir = str(out)
-        tokenizer, origin = run_tokenizer_path(run), str(Path(source).resolve())
+        tokenizer, origin = run.tokenizer_path, str(Path(source).resolve())
 
         def write(tmp: Path) -> None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -78,8 +78,8 @@ def convert_run(
     return out, report
 
 
-def _calib_ids(path: str, run: Path, block_size: int) -> torch.Tensor:
-    ids = encode_text_file(path, load_tokenizer(run_tokenizer_path(run)))[:CALIB_TOKENS]
+def _calib_ids(path: str, run: Run, block_size: int) -> torch.Tensor:
+    ids = encode_text_file(path, run.tokenizer())[:CALIB_TOKENS]
     if len(ids) < 16:
         raise ValueError(f"--calib {path}: only {len(ids)} tokens; give a few thousand")
     n = len(ids) // block_size * block_size or len(ids)

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from structlm.data.batches import check_tokenizer, eval_batches, load_meta, load_tokens
 from structlm.data.prepare import resolve_data_dir
-from structlm.data.tokenizer import encode_text_file, load_tokenizer, run_tokenizer_path
-from structlm.runs.checkpoint import load_model
+from structlm.data.tokenizer import encode_text_file, load_tokenizer
+from structlm.runs.run import Run
 from structlm.utils.device import autocast, autocast_dtype, autodetect_device
 from structlm.utils.files import file_sha256
 
@@ -62,8 +62,9 @@ def evaluate_run(
     file, tokenized with the run's tokenizer), a prepared `data` directory, or the run's own data;
     {"source", "loss", "ppl", "tokens"}."""
     dev = autodetect_device(device)
-    model, cfg = load_model(run_dir, dev)
-    tok_path = run_tokenizer_path(run_dir)
+    run = Run.open(run_dir)
+    model, cfg = run.load_model(dev)
+    tok_path = run.tokenizer_path
     if text:
         tokens, source = encode_text_file(text, load_tokenizer(tok_path)), text
     else:

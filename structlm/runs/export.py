@@ -21,23 +21,22 @@ import torch
 from safetensors.torch import save_model
 
 from structlm._version import __version__
-from structlm.config import LinearSpec, RunConfig, load_run_config, to_dict
+from structlm.config import LinearSpec, RunConfig, to_dict
 from structlm.data.tokenizer import (
     EOT_CANDIDATES,
     declared_token,
     load_tokenizer,
-    run_tokenizer_path,
 )
 from structlm.hf.families import Unsupported, family_for, hf_config, to_hf
 from structlm.linear.merge import merge_linears
-from structlm.linear.registry import DENSE
 from structlm.model.flops import param_groups
 from structlm.model.mup import fold_scales
-from structlm.runs.checkpoint import find_latest, load_model
+from structlm.runs.run import Run
 from structlm.utils.files import publish_dir, require_empty
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REMOTE_FILES = ("configuration_structlm.py", "modeling_structlm.py")
+REMOTE_DIR = Path(__file__).parent.parent / "hf" / "remote"  # copied beside a --format hf export
 AUTO_MAP = {"AutoConfig": "configuration_structlm.StructlmConfig",
             "AutoModelForCausalLM": "modeling_structlm.StructlmForCausalLM"}
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
@@ -57,12 +56,10 @@ def _transformers():
 
 def default_format(run_dir: str | Path) -> str:
     """hf for a run with structured FFN layers (keep the savings), hf-merged for a dense one."""
-    path = Path(run_dir)
-    ckpt = path if (path / "manifest.json").exists() else find_latest(path)
-    if ckpt is None:
-        return "hf-merged"
-    m = load_run_config(str(ckpt / "config.json")).model
-    return "hf" if any(m.ffn_spec(i).kind != DENSE for i in range(m.n_layer)) else "hf-merged"
+    try:
+        return "hf" if Run.open(run_dir).structured else "hf-merged"
+    except (FileNotFoundError, ValueError):
+        return "hf-merged"  # export_run names what is wrong with the path
 
 
 def export_run(
@@ -79,12 +76,16 @@ def export_run(
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     out = Path(out_dir)
     require_empty(out)
-    model, cfg = load_model(run_dir)
+    run = Run.open(run_dir)
+    if not run.is_structlm:
+        raise ValueError(f"{run_dir} is a Hugging Face model already; import it first (structlm "
+                         "import) to export a structlm run of it")
+    model, cfg = run.load_model()
     model = fold_scales(model)  # muP's attention and logit factors into the weights
     cfg = dataclasses.replace(cfg, model=model.cfg,  # a standard model from here on
                               optim=dataclasses.replace(cfg.optim, param_scaling="standard"))
     if format == "hf":
-        return _export_factors(_transformers(), model, cfg, run_dir, out, dtype, check_tokens)
+        return _export_factors(_transformers(), model, cfg, run, out, dtype, check_tokens)
     dense_cfg = dataclasses.replace(cfg.model, ffn=LinearSpec())
     try:
         family = family_for(dense_cfg)  # refuses what no native class computes, before any work
@@ -93,24 +94,24 @@ def export_run(
                           "model's own code, loaded with trust_remote_code=True)") from None
     T = _transformers()
     merged = merge_linears(model).float().eval()
-    hf_model = _build(T, family, dense_cfg, merged.state_dict(), run_tokenizer_path(run_dir))
+    hf_model = _build(T, family, dense_cfg, merged.state_dict(), run.tokenizer_path)
 
     def write(tmp: Path) -> None:
         hf_model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
-        _write_tokenizer(tmp, run_tokenizer_path(run_dir), cfg)
-        (tmp / "README.md").write_text(model_card(cfg, run_dir, family, dtype))
+        _write_tokenizer(tmp, run.tokenizer_path, cfg)
+        (tmp / "README.md").write_text(model_card(cfg, run, family, dtype))
         check_parity(T, tmp, model, dense_cfg, check_tokens, dtype)
 
     return publish_dir(out, write, "export")
 
 
-def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
+def _export_factors(T, model, cfg: RunConfig, run: Run, out: Path, dtype: str,
                     check_tokens: int) -> Path:
     """--format hf: the structured factors as they are, with the self-contained modeling code
     (structlm/hf/remote/) copied beside them for trust_remote_code=True."""
     from structlm.hf.remote.configuration_structlm import StructlmConfig  # needs transformers
 
-    tok_path = run_tokenizer_path(run_dir)
+    tok_path = run.tokenizer_path
     bos, eos = _special_ids(tok_path)
     conf = StructlmConfig(structlm=to_dict(cfg.model), bos_token_id=bos, eos_token_id=eos,
                           architectures=["StructlmForCausalLM"], auto_map=AUTO_MAP)
@@ -119,11 +120,11 @@ def _export_factors(T, model, cfg: RunConfig, run_dir, out: Path, dtype: str,
         conf.save_pretrained(tmp)
         T.GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         for name in REMOTE_FILES:
-            shutil.copyfile(Path(__file__).parent / "remote" / name, tmp / name)
+            shutil.copyfile(REMOTE_DIR / name, tmp / name)
         weights = copy.deepcopy(model).to(DTYPES[dtype])
         save_model(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_tokenizer(tmp, tok_path, cfg)
-        (tmp / "README.md").write_text(model_card(cfg, run_dir, "structlm", dtype))
+        (tmp / "README.md").write_text(model_card(cfg, run, "structlm", dtype))
         check_parity(T, tmp, model, cfg.model, check_tokens, dtype, remote=True)
 
     return publish_dir(out, write, "export")
@@ -207,14 +208,14 @@ def check_parity(T, path: Path, model, cfg, tokens: int, dtype: str, remote: boo
                            "their scale; nothing was written (please report this)")
 
 
-def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
+def model_card(cfg: RunConfig, run: Run, family: str, dtype: str) -> str:
     """A short README.md: what the model is, how it was trained, how it was made."""
     m, g = cfg.model, param_groups(cfg.model)
-    summary = Path(run_dir) / "summary.json"
+    summary = run.root / "summary.json"
     s = json.loads(summary.read_text()) if summary.exists() else {}
     spec = ", ".join(f"{k}={v}" for k, v in m.ffn.hparams().items())
     lines = [
-        f"# {Path(run_dir).name}",
+        f"# {run.root.name}",
         "",
         f"A {m.n_layer}-layer, d={m.d_model} GPT trained with structlm, exported as "
         f"`{CLASSES.get(family, ('', 'StructlmForCausalLM'))[1]}` ({dtype}).",
@@ -232,6 +233,6 @@ def model_card(cfg: RunConfig, run_dir, family: str, dtype: str) -> str:
         lines.append(f"- Trained on {s['tokens']:,} tokens; validation loss "
                      f"{s['final_val_loss']:.4f} (perplexity {s['final_val_ppl']:.2f}).")
     fmt = "hf" if family == "structlm" else "hf-merged"
-    lines += ["", f"Made with structlm {__version__}: `structlm export {run_dir} OUT_DIR "
+    lines += ["", f"Made with structlm {__version__}: `structlm export {run.path} OUT_DIR "
               f"--format {fmt} --dtype {dtype}`.", ""]
     return "\n".join(lines)

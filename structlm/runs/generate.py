@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from structlm.data.tokenizer import eot_id, load_tokenizer, run_tokenizer_path
+from structlm.data.tokenizer import eot_id
 from structlm.linear.merge import premerge as premerge_model
 from structlm.linear.merge import thresholds_for
-from structlm.runs.checkpoint import load_model
+from structlm.runs.run import Run
 from structlm.utils.device import autocast, autocast_dtype, autodetect_device
 
 
@@ -33,19 +33,20 @@ class Generator:
 
     @classmethod
     def load(
-        cls, run_dir: str | Path, device: str = "auto", dtype: str = "fp32", premerge: bool = True,
-        calibrate: bool = False,
+        cls, run_dir: str | Path | Run, device: str = "auto", dtype: str = "fp32",
+        premerge: bool = True, calibrate: bool = False,
     ) -> Generator:
-        """Load a run. `premerge` folds each structured FFN layer into a dense matrix for calls with
-        few tokens (thresholds from `structlm bench crossover`'s cache, measured now if
-        `calibrate`)."""
+        """Load a run (or anything `Run.open` opens). `premerge` folds each structured FFN layer
+        into a dense matrix for calls with few tokens (thresholds from `structlm bench
+        crossover`'s cache, measured now if `calibrate`)."""
         dev = autodetect_device(device)
         amp = autocast_dtype(dev, dtype)
-        model, cfg = load_model(run_dir, dev)
+        run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+        model, cfg = run.load_model(dev)
         if premerge:
             thresholds, _ = thresholds_for(model, dev, amp, calibrate)
             premerge_model(model, thresholds)
-        return cls(model, cfg, load_tokenizer(run_tokenizer_path(run_dir)), dev, amp)
+        return cls(model, cfg, run.tokenizer(), dev, amp)
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if prompt else []

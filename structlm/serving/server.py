@@ -3,26 +3,11 @@ the API with uvicorn until interrupted."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from structlm.data.tokenizer import declared_token, run_tokenizer_path, stop_id
 from structlm.runs.generate import Generator
+from structlm.runs.run import Run
 from structlm.serving.engine import Engine
-
-
-def chat_template(run_dir: Path) -> tuple[str | None, str, str]:
-    """(the chat template, bos, eos) from the run's tokenizer files; None when it has none."""
-    conf = run_dir / "tokenizer_config.json"
-    meta = json.loads(conf.read_text()) if conf.exists() else {}
-    tpl = meta.get("chat_template")
-    if isinstance(tpl, list):  # several named templates: the default one
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
-    jinja = run_dir / "chat_template.jinja"
-    if tpl is None and jinja.exists():
-        tpl = jinja.read_text()
-    tok = run_tokenizer_path(run_dir)
-    return tpl, declared_token(tok, "bos_token") or "", declared_token(tok, "eos_token") or ""
 
 
 def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
@@ -37,13 +22,15 @@ def build(run_dir: str, *, device: str = "auto", dtype: str = "auto", max_batch:
         raise ImportError(f"structlm serve needs the serve extra ({e.name} is missing): "
                           "pip install 'structlm[serve]'") from None
 
-    g = Generator.load(run_dir, device, dtype, premerge=premerge, calibrate=calibrate)
-    eos = stop_id(g.tokenizer, run_tokenizer_path(run_dir)) or 0  # an instruct model's end of turn
+    run = Run.open(run_dir)
+    g = Generator.load(run, device, dtype, premerge=premerge, calibrate=calibrate)
+    eos = run.stop_id(g.tokenizer)  # an instruct model's end of turn, else the end of text
     engine = Engine(g.model, g.tokenizer, eos, max_batch=max_batch,
                     max_queue=max_queue, prefill_chunk=prefill_chunk, device=g.device,
                     dtype=g.dtype, max_len=min(context or 4096, g.model.cfg.block_size))
-    tpl, bos, eos = chat_template(Path(run_dir))
-    cfg = ServeConfig(Path(run_dir).resolve().name, max_tokens, api_key, tpl, bos, eos)
+    bos, eos_text = run.special_token("bos_token") or "", run.special_token("eos_token") or ""
+    cfg = ServeConfig(Path(run_dir).resolve().name, max_tokens, api_key, run.chat_template(),
+                      bos, eos_text)
     return create_app(engine, g.tokenizer, cfg), engine
 
 

@@ -25,9 +25,10 @@ from structlm.config import (
     load_run_config,
     save_json,
 )
-from structlm.hf.reader import gguf_file, read_config, read_hf
+from structlm.hf.reader import read_hf
 from structlm.runs import checkpoint, dcp
 from structlm.runs.convert import dense_guides_path
+from structlm.runs.run import Run
 from structlm.training import distributed, sharded
 from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
@@ -179,20 +180,6 @@ def restore(resume: Resume, model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.cuda.set_rng_state_all(resume.state["rng"]["cuda"])
 
 
-def _init_ckpt(p: Path) -> Path:
-    """The structlm checkpoint --train.init_from names: itself, or its run's latest."""
-    ckpt = p if (p / "manifest.json").exists() else checkpoint.find_latest(p)
-    if ckpt is None:
-        raise FileNotFoundError(f"--train.init_from {p}: no structlm checkpoint or Hugging "
-                                "Face model (config.json with model_type) there")
-    return ckpt
-
-
-def _is_hf(p: Path) -> bool:
-    hf_config = p / "config.json"
-    return hf_config.exists() and "model_type" in json.loads(hf_config.read_text())
-
-
 def _require_same_model(p: Path, src: ModelConfig, cfg: ModelConfig) -> None:
     diff = checkpoint.config_diff(RunConfig(model=src), RunConfig(model=cfg), ("model",))
     if diff:
@@ -210,28 +197,32 @@ def check_init(cfg: RunConfig, resume: Resume) -> None:
     t = cfg.train
     if resume.ckpt is not None or not t.init_from:
         return
-    p = Path(t.init_from)
-    if not _is_hf(p):
-        _require_same_model(p, load_run_config(str(_init_ckpt(p) / "config.json")).model,
-                            cfg.model)
-    elif gguf_file(p) is None:
-        _require_same_model(p, read_config(p)[0], cfg.model)
+    run = _open_init(t.init_from)
+    if run.kind != "gguf":
+        _require_same_model(run.path, run.config.model, cfg.model)
     if t.sgt.guide_init == "dense":
-        dense_guides_path(p)
+        dense_guides_path(run.root)
 
 
 def load_init(path: str, model: nn.Module, cfg: ModelConfig) -> None:
     """--train.init_from: the weights of a structlm run or checkpoint, or of a Hugging Face model
-    directory, into a fresh run's model, whose config must match the source's."""
-    p = Path(path)
-    if _is_hf(p):
-        src, sd = read_hf(p)
-        _require_same_model(p, src, cfg)
-        model.load_state_dict(sd, strict=True)
+    directory or GGUF file, into a fresh run's model, whose config must match the source's."""
+    run = _open_init(path)
+    if run.is_structlm:
+        _require_same_model(run.path, run.config.model, cfg)
+        checkpoint.load_weights(model, run.ckpt)
     else:
-        ckpt = _init_ckpt(p)
-        _require_same_model(p, load_run_config(str(ckpt / "config.json")).model, cfg)
-        checkpoint.load_weights(model, ckpt)
+        src, sd = read_hf(run.path)
+        _require_same_model(run.path, src, cfg)
+        model.load_state_dict(sd, strict=True)
+
+
+def _open_init(path: str) -> Run:
+    """--train.init_from's source, with the flag named in what is wrong with it."""
+    try:
+        return Run.open(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--train.init_from: {e}") from None
 
 
 def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> None:
