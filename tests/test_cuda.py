@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_cfg
 from linear_cases import small_hparams
-from test_train import tiny_cfg  # the tests directory is on sys.path under pytest
 
 from structlm.config import PRESETS
 from structlm.linear import LINEARS, LinearSpec, build_linear, premerge

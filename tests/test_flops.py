@@ -3,7 +3,7 @@ tables."""
 
 import pytest
 import torch
-from linear_cases import small_hparams
+from helpers import tiny_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,19 +42,6 @@ GRID = {  # tiny configs covering every term of param_groups
 }
 
 
-def tiny_cfg(kind: str, **kw) -> ModelConfig:
-    fields = {
-        "vocab_size": 97,
-        "block_size": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "d_model": 32,
-        "d_ff": 128,
-        "ffn": LinearSpec(kind, **small_hparams(kind, 32, 128)),
-    }
-    return ModelConfig(**{**fields, **kw})
-
-
 def paper_cfg(preset: str, kind: str = "dense", **hp) -> ModelConfig:
     cfg = PRESETS[preset]().model
     cfg.ffn = LinearSpec(kind, **hp)
@@ -76,7 +63,7 @@ def sig(x: float, digits: int) -> float:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("opts", list(GRID.values()), ids=list(GRID))
 def test_param_groups_total_equals_model_numel(kind, opts):
-    cfg = tiny_cfg(kind, **opts)
+    cfg = tiny_model(kind, **opts)
     model = GPT(cfg)
     g = param_groups(cfg)
     assert g["total"] == sum(p.numel() for p in model.parameters())
@@ -98,7 +85,7 @@ def test_param_groups_total_equals_model_numel(kind, opts):
 def test_matrix_params_count_matrices_and_one_embedding(kind, opts):
     """docs/method.md §3.6: the paper's model size counts >= 2-D weights (a tied embedding once);
     no biases, norms or position table."""
-    cfg = tiny_cfg(kind, **opts)
+    cfg = tiny_model(kind, **opts)
     model = GPT(cfg)
     matrices = sum(
         p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and n != "wpe.weight"
@@ -115,7 +102,7 @@ def test_matrix_params_count_matrices_and_one_embedding(kind, opts):
 def test_ffn_flops_match_flop_counter(kind, act, bias):
     """One MLP forward: FlopCounterMode (2·M·N·K per mm/bmm, bias adds ignored) equals flops.py
     exactly."""
-    cfg = tiny_cfg(kind, act=act, bias=bias, dense_ffn_layers=())
+    cfg = tiny_model(kind, act=act, bias=bias, dense_ffn_layers=())
     model = GPT(cfg)
     B, T = 3, 5
     x = torch.randn(B, T, cfg.d_model)
@@ -133,7 +120,7 @@ def test_model_forward_flops_match_flop_counter(kind, opts):
     """The whole forward with the math SDPA backend (plain bmm's over the full T x T scores, i.e. no
     causal
     halving, the paper's convention) equals flops_per_token(cfg, T)["total"] x tokens exactly."""
-    cfg = tiny_cfg(kind, **opts)
+    cfg = tiny_model(kind, **opts)
     model = GPT(cfg)
     B, T = 2, 32
     idx = torch.randint(0, cfg.vocab_size, (B, T))
@@ -145,13 +132,13 @@ def test_model_forward_flops_match_flop_counter(kind, opts):
 
 
 def test_train_flops_and_tokens_for_budget_are_inverse():
-    cfg = tiny_cfg("lowrank")
+    cfg = tiny_model("lowrank")
     assert train_flops(cfg, 1e6) == 3 * flops_per_token(cfg)["total"] * 1e6
     assert tokens_for_budget(cfg, train_flops(cfg, 12345.0)) == pytest.approx(12345.0, rel=1e-12)
 
 
 def test_flops_per_token_uses_seq_len():
-    cfg = tiny_cfg("dense")
+    cfg = tiny_model("dense")
     a, b = flops_per_token(cfg, 16), flops_per_token(cfg, 32)
     assert b["attention_scores"] == 2 * a["attention_scores"]
     assert flops_per_token(cfg) == b  # default: block_size

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import tiny_cfg, train_rows
+from helpers import tiny_cfg, train_rows
 
 from structlm.config import LinearSpec, from_dict, to_dict
 from structlm.runs import checkpoint

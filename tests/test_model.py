@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from linear_cases import small_hparams
+from helpers import tiny_model
 
-from structlm.config import LinearSpec, ModelConfig
 from structlm.linear import LINEARS
 from structlm.linear.dense import DenseLinear
 from structlm.model.cache import KVCache
@@ -37,23 +36,9 @@ OPTIONS = {
 }
 
 
-def tiny_cfg(kind: str = "lowrank", **kw) -> ModelConfig:
-    d_model, d_ff = kw.get("d_model", 32), kw.get("d_ff", 128)
-    fields = {
-        "vocab_size": VOCAB,
-        "block_size": 32,
-        "n_layer": 2,
-        "n_head": 4,
-        "d_model": d_model,
-        "d_ff": d_ff,
-        "ffn": LinearSpec(kind, **small_hparams(kind, d_model, d_ff)),
-    }
-    return ModelConfig(**{**fields, **kw})
-
-
 def tiny_gpt(kind: str = "lowrank", dtype=torch.float64, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
-    return GPT(tiny_cfg(kind, **kw)).to(dtype).eval()
+    return GPT(tiny_model(kind, **kw)).to(dtype).eval()
 
 
 def tokens(B: int, T: int, seed: int = 0) -> torch.Tensor:
@@ -83,7 +68,7 @@ def test_output_shapes(kind, opts):
 @pytest.mark.parametrize("dense_layers", [(0,), (1, 2), (), (0, 1, 2)])
 def test_dense_ffn_layers_structure(kind, dense_layers):
     """Blocks in dense_ffn_layers get DenseLinear FFNs, every other block the configured kind."""
-    model = GPT(tiny_cfg(kind, n_layer=3, dense_ffn_layers=dense_layers))
+    model = GPT(tiny_model(kind, n_layer=3, dense_ffn_layers=dense_layers))
     for i, block in enumerate(model.blocks):
         want = DenseLinear if i in dense_layers else LINEARS[kind]
         assert type(block.mlp.fc1) is want and type(block.mlp.fc2) is want
@@ -92,12 +77,12 @@ def test_dense_ffn_layers_structure(kind, dense_layers):
 
 
 def test_swiglu_fc1_is_twice_as_wide():
-    model = GPT(tiny_cfg("lowrank", act="swiglu"))
+    model = GPT(tiny_model("lowrank", act="swiglu"))
     assert model.blocks[1].mlp.fc1.d_out == 256 and model.blocks[1].mlp.fc2.d_in == 128
 
 
 def test_attention_projection_shapes():
-    model = GPT(tiny_cfg(n_head=4, n_kv_head=2, attn_dim=64, d_model=48, d_ff=192))
+    model = GPT(tiny_model(n_head=4, n_kv_head=2, attn_dim=64, d_model=48, d_ff=192))
     attn = model.blocks[0].attn
     # rows [Q: 4 heads | K: 2 | V: 2] x head_dim 16
     assert attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 48)
@@ -108,7 +93,7 @@ def test_attention_projection_shapes():
 def test_dense_init(tie):
     """docs/method.md §3.5: linears and embeddings N(0, 0.02^2), biases 0, norms 1 / 0; tied
     lm_head."""
-    model = GPT(tiny_cfg(tie_embeddings=tie, vocab_size=4096))
+    model = GPT(tiny_model(tie_embeddings=tie, vocab_size=4096))
     assert (model.lm_head.weight is model.wte.weight) == tie
     # 131k samples: 5% relative is > 10 sigma of the sample std
     assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -125,7 +110,7 @@ def test_dense_init(tie):
 def test_gpt_builds_and_runs_on_the_meta_device(kind, norm):
     """GPT names no device: built under a default device, every tensor (cache too) follows it."""
     with torch.device("meta"):
-        model = GPT(tiny_cfg(kind, norm=norm))
+        model = GPT(tiny_model(kind, norm=norm))
     assert all(p.device.type == "meta" for p in model.parameters())
     idx = torch.zeros(2, 8, dtype=torch.long, device="meta")
     cache = model.make_cache()
@@ -324,7 +309,7 @@ def test_sample_top_k_and_top_p_combined():
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rope_scores_depend_on_relative_position_only(interleaved):
     """<R_m q, R_n k> depends on m - n only: shifting both positions by 5 keeps the scores."""
-    cfg = tiny_cfg(rope_interleaved=interleaved)
+    cfg = tiny_model(rope_interleaved=interleaved)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 6, cfg.head_dim, generator=g)
     k = torch.randn(1, 1, 6, cfg.head_dim, generator=g)
@@ -345,7 +330,7 @@ def test_rope_scores_depend_on_relative_position_only(interleaved):
 def test_rope_interleaved_is_half_layout_under_a_permutation():
     """Interleaved rotates pairs (2i, 2i+1), the half layout (i, i + hd/2): the same map on permuted
     dimensions."""
-    cfg_half, cfg_inter = tiny_cfg(), tiny_cfg(rope_interleaved=True)
+    cfg_half, cfg_inter = tiny_model(), tiny_model(rope_interleaved=True)
     hd = cfg_half.head_dim
     perm = torch.arange(hd).view(2, hd // 2).T.reshape(-1)  # interleaved position -> half position
     x = torch.randn(2, 3, 7, hd)
@@ -390,7 +375,7 @@ def test_fused_qkv_rope_backward_without_the_kernel(monkeypatch):
     import structlm.ops.rope as M
 
     h = torch.randn(2, 5, 3 * 8, requires_grad=True)
-    cos, sin = rope_angles(tiny_cfg(n_head=2, d_model=8), 0, 5, "cpu")
+    cos, sin = rope_angles(tiny_model(n_head=2, d_model=8), 0, 5, "cpu")
     if (fused := M._qkv_fused(h, cos, sin)) is None:
         pytest.skip("no C compiler: the kernel is not built")
     w = [torch.randn(2, 2, 5, 4) for _ in range(3)]
@@ -410,7 +395,7 @@ def test_fused_qkv_rope_double_backward():
     import structlm.ops.rope as M
 
     h = torch.randn(2, 5, 3 * 8, requires_grad=True)
-    cos, sin = rope_angles(tiny_cfg(n_head=2, d_model=8), 0, 5, "cpu")
+    cos, sin = rope_angles(tiny_model(n_head=2, d_model=8), 0, 5, "cpu")
     if (fused := M._qkv_fused(h, cos, sin)) is None:
         pytest.skip("no C compiler: the kernel is not built")
     def composed(h):
@@ -488,7 +473,7 @@ def test_mlp_gelu_in_half_precision_equals_the_fp32_computation(dtype):
     from structlm.model.gpt import MLP
     from structlm.ops.gelu import gelu_tanh
 
-    mlp = MLP(tiny_cfg("dense"), layer=0)
+    mlp = MLP(tiny_model("dense"), layer=0)
     h = (torch.randn(64, 128) * 3).to(dtype).requires_grad_()
     fast = F.gelu(h, approximate="tanh")
     ref = F.gelu(h.float(), approximate="tanh").to(dtype)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import crash_and_resume, tiny_cfg, train_rows
 
 from structlm.bench.coord import coord_check
 from structlm.config import (
@@ -24,7 +25,6 @@ from structlm.model.gpt import GPT
 from structlm.runs.run import load_model
 from structlm.training import train
 from structlm.training.optim import make_optimizer, set_lr
-from tests.test_train import crash_and_resume, tiny_cfg, train_rows
 
 KINDS = ("dense", "lowrank", "blockshuffle", "blockdense", "btt")
 

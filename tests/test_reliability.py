@@ -24,7 +24,7 @@ from structlm.studies.sweep import SweepConfig, plan_sweep
 from structlm.training import loop, train
 
 # isort: split
-from test_train import tiny_cfg, train_rows  # the tests directory is on sys.path under pytest
+from helpers import tiny_cfg, train_rows
 
 TIMING = ("wall_time_s", "tokens_per_s")
 

@@ -36,7 +36,7 @@ from structlm.model.gpt import GPT
 from structlm.training import train
 
 # isort: split
-from test_train import tiny_cfg  # the tests directory is on sys.path under pytest
+from helpers import tiny_cfg
 
 
 class KroneckerLinear(StructuredLinear):

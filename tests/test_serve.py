@@ -280,7 +280,7 @@ def test_queue_limit_answers_429_and_api_key_401(run):
 def test_an_imported_instruct_model_chats_through_its_own_template(tmp_path):
     """SmolLM2-135M-Instruct (GGUF) imported keeps its chat template; /v1/chat/completions renders
     it and the model answers in words."""
-    from test_hf import smollm2_file
+    from helpers import smollm2_file
 
     from structlm.runs.importer import import_hf
 

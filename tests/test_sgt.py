@@ -26,7 +26,7 @@ from structlm.training.optim import lr_at
 from structlm.training.sgt import guide_alpha, guide_draws, guide_forwards, make_plan
 
 # isort: split
-from test_train import tiny_cfg  # the tests directory is on sys.path under pytest
+from helpers import tiny_cfg
 
 SPECS = {
     "lowrank": LinearSpec("lowrank", rank=4),

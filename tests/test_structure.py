@@ -185,7 +185,7 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     import subprocess
     import sys
 
-    from test_hf import random_run  # the tests directory is on sys.path under pytest
+    from helpers import random_run
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from structlm.training.rundir import load_init
@@ -218,7 +218,7 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
 def test_guided_healing_starts_at_the_dense_models_loss(corpus, tmp_path):
     """A converted run healed with SGT and guide_init=dense: alpha = 1 at step 0 and the guides
     are the dense weights it came from, so its first loss is the pretrained dense model's."""
-    from test_train import tiny_cfg, train_rows  # the tests directory is on sys.path
+    from helpers import tiny_cfg, train_rows  # the tests directory is on sys.path
 
     from structlm.config import from_dict, to_dict
     from structlm.runs.convert import convert_run

@@ -1,7 +1,6 @@
 """End-to-end training: loss falls, one batch overfits, resume is exact, bad input fails early, DDP
 matches."""
 
-import importlib
 import json
 import math
 import os
@@ -10,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import crash_and_resume, tiny_cfg, train_rows
 
 from structlm.config import PRESETS, LinearSpec, ModelConfig, from_dict, to_dict
 from structlm.model.gpt import GPT
@@ -21,30 +20,6 @@ from structlm.runs import checkpoint
 from structlm.runs.run import load_model
 from structlm.training import train
 from structlm.training.optim import lr_at
-
-
-def tiny_cfg(corpus: Path, out: Path, **train_kw):
-    cfg = PRESETS["tiny"]()
-    cfg.data.source = str(corpus)
-    cfg.data.data_dir = str(corpus.with_name(corpus.name + "-prepared"))
-    cfg.data.vocab_size = 300
-    cfg.data.val_fraction = 0.2
-    cfg.model.vocab_size = 300
-    cfg.model.block_size = 32
-    cfg.train.out_dir = str(out)
-    cfg.train.dtype = "fp32"
-    cfg.train.max_steps = 20
-    cfg.train.eval_interval = 10
-    cfg.train.eval_tokens = 1024
-    cfg.train.log_interval = 1
-    for k, v in train_kw.items():
-        setattr(cfg.train, k, v)
-    return from_dict(type(cfg), to_dict(cfg))
-
-
-def train_rows(out: Path, split="train") -> list[dict]:
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == split]
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -82,26 +57,6 @@ def test_overfit_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-
-
-def crash_and_resume(make_cfg, tmp_path: Path, monkeypatch) -> None:
-    """Train make_cfg(tmp_path / "a") uninterrupted; train make_cfg(tmp_path / "b") until it
-    crashes at step 13, then again: it resumes from its step-10 checkpoint."""
-    train(make_cfg(tmp_path / "a"))
-    T = importlib.import_module("structlm.training.loop")
-    real = T.lr_at
-
-    def crash(step, *a):
-        if step == 13:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(T, "lr_at", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_cfg(tmp_path / "b"))
-    monkeypatch.setattr(T, "lr_at", real)
-    assert checkpoint.find_latest(tmp_path / "b").name == "step_0000010"
-    train(make_cfg(tmp_path / "b"))  # auto-resume: same config in the same out_dir
 
 
 def test_resume_reproduces_uninterrupted_run(corpus, tmp_path, monkeypatch):
