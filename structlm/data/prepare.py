@@ -5,7 +5,6 @@ data.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -44,6 +43,7 @@ from structlm.data.tokenizer import (
     load_tokenizer,
 )
 from structlm.utils.files import atomic_write_text, file_sha256
+from structlm.utils.locks import Busy, exclusive, lock_path
 
 _BATCH = 1 << 19  # characters per encode_batch call (its chunks are encoded in parallel)
 META_VERSION = 1  # bump when the prepared format or the preparation itself changes
@@ -68,53 +68,61 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     """Tokenize cfg.source into resolve_data_dir(cfg), or reuse it if it holds the same inputs.
-    Resumes an interrupted preparation of the same inputs (its work directory, next to `out`)."""
+    Resumes an interrupted preparation of the same inputs (its work directory, next to `out`).
+    The data directory is locked for the whole preparation: a second prepare of it (same inputs
+    or not) stops with a message naming the first, before it reads, deletes or writes anything."""
     t0 = time.time()
     progress = sys.stderr.isatty() if progress is None else progress
     files, builtin = _source_files(cfg.source)
     tok_path = _tokenizer_path(cfg.tokenizer) if cfg.tokenizer else None
     fingerprint = _fingerprint(cfg, files, builtin, tok_path)
     out = resolve_data_dir(cfg)
-    if _matches(out, fingerprint):
+    if _matches(out, fingerprint):  # published data is only ever read: no lock needed
         print(f"reusing prepared data at {out}", flush=True)
         return out
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial"
+    fix = ("wait for it to finish (the same inputs are then reused), or give this one another "
+           "--data.data_dir")
     try:
-        with _work_dir(work, fingerprint):
-            if _matches(out, fingerprint):  # a concurrent prepare finished while this one waited
+        with exclusive(lock_path(out), f"the data directory {out}", fix):
+            if _matches(out, fingerprint):  # published while this process read the inputs
                 print(f"reusing prepared data at {out}", flush=True)
                 return out
-            _prepare_into(cfg, files, builtin, tok_path, fingerprint, out, work, progress, t0)
-    except BaseException:
-        for p in made:  # a preparation that failed early leaves no directories behind
-            with contextlib.suppress(OSError):
-                p.rmdir()
+            work = out.parent / f".{out.name}.partial"
+            with _work_dir(work, fingerprint):
+                _prepare_into(cfg, files, builtin, tok_path, fingerprint, out, work, progress, t0)
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:
+        if not isinstance(e, Busy):  # a preparation that failed early leaves no directories
+            _remove_made(made)
         raise
-    shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the directories a failed prepare created."""
+    for p in made:
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 @contextlib.contextmanager
 def _work_dir(work: Path, fingerprint: str):
-    """The preparation's work directory, locked (a concurrent prepare of the same data waits);
-    one left by a preparation of other inputs is replaced. Removed again when the preparation
-    fails before it tokenized anything."""
+    """The preparation's work directory (the caller holds the data directory's lock); one left by
+    a preparation of other inputs is replaced, one of the same inputs resumed. Removed again when
+    the preparation fails before it tokenized anything."""
     marker = work / "fingerprint"
     if work.exists() and (not marker.exists() or marker.read_text() != fingerprint):
         shutil.rmtree(work)
     work.mkdir(exist_ok=True)
-    with open(work / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            atomic_write_text(marker, fingerprint)
-        try:
-            yield work
-        except BaseException:
-            if not any(work.glob("*.bin")):
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+    if not marker.exists():
+        atomic_write_text(marker, fingerprint)
+    try:
+        yield work
+    except BaseException:
+        if not any(work.glob("*.bin")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def _prepare_into(

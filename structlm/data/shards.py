@@ -17,7 +17,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +49,48 @@ def run_tasks(
     progress: Callable[[dict], None],
 ) -> None:
     """Run the tasks whose pieces are not in `work` yet (in `workers` processes; inline for 1),
-    reporting each finished task's counts to `progress`."""
+    reporting each finished task's counts to `progress`. Where worker processes cannot start (a
+    script read from standard input, a script that starts training on import) the remaining
+    tasks run in this process, said once on stderr; a pool is never left respawning workers."""
     todo = [t for t in tasks if not piece(work, "train", t.index).exists()
             or not piece(work, "val", t.index).exists()]
+    if workers > 1 and len(todo) > 1 and not can_spawn():
+        _inline_note("this program's main module is not a file a worker can import "
+                     f"({sys.modules['__main__'].__file__})")
+        workers = 1
     if workers <= 1 or len(todo) <= 1:
         for t in todo:
             progress(encode_task(t))
         return
+    try:
+        _run_in_workers(todo, encode_task, workers, progress)
+    except BrokenProcessPool:
+        _inline_note("a worker process died while starting (a script that starts training at "
+                     'import needs an `if __name__ == "__main__":` guard for workers)')
+        discard_partial_pieces(work)
+        run_tasks(tasks, encode_task, work, 1, progress)
+
+
+def _run_in_workers(todo: list[Task], encode_task: Callable[[Task], dict], workers: int,
+                    progress: Callable[[dict], None]) -> None:
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or locks (torch, tokenizers)
-    with ctx.Pool(min(workers, len(todo)), initializer=_one_thread) as pool:
-        for counts in pool.imap_unordered(encode_task, todo):
-            progress(counts)
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                             initializer=_one_thread) as pool:
+        for done in as_completed([pool.submit(encode_task, t) for t in todo]):
+            progress(done.result())
+
+
+def can_spawn() -> bool:
+    """Whether a spawned worker can start: it imports this program's main module again, which
+    needs a file on disk (not `python -` reading standard input)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or getattr(main, "__spec__", None) is not None or Path(path).is_file()
+
+
+def _inline_note(why: str) -> None:
+    print(f"prepare: tokenizing in this process instead of worker processes: {why}",
+          file=sys.stderr, flush=True)
 
 
 def _one_thread() -> None:

@@ -10,6 +10,10 @@
         every eval_interval: validation loss; every ckpt_interval (or eval): checkpoint
     finish:   full validation, final checkpoint, summary.json, loss.png
 
+The loop's helpers (forward_backward, val_loss, save, finish, ...) take one RunState: the run's
+fixed parts (config, world, dtype, plan, resume point, data, checkpointer, metrics log) and what
+the loop changes (model, optimizer, guide phase, running numbers) plus the step they work on.
+
 Data order is a pure function of (seed, step), so a resumed run, a DDP or FSDP rank and an
 uninterrupted run read the same rows. Only rank 0 logs; under fsdp every rank writes its shards.
 """
@@ -28,7 +32,7 @@ from torch import nn
 
 from structlm._version import __version__
 from structlm.config import RunConfig, TrainConfig, to_dict
-from structlm.data.batches import Batches, eval_batches
+from structlm.data.batches import eval_batches
 from structlm.model import mup
 from structlm.model.flops import flops_per_token, param_groups
 from structlm.model.gpt import GPT
@@ -126,6 +130,32 @@ class Tally:
         return out
 
 
+@dataclass
+class RunState:
+    """What the loop's helpers share, built once by `train`. Fixed for the run: cfg, world, amp,
+    plan, resume, data, saver, log, accum. Changed by the loop: raw, model and optimizer (rebuilt
+    when the guided phase ends), phase (its guides), tally (every step)."""
+
+    cfg: RunConfig
+    world: World
+    amp: torch.dtype | None  # the autocast dtype (None: fp32)
+    plan: SGTPlan
+    resume: Resume
+    data: RunData
+    saver: Checkpointer
+    log: MetricsLog
+    accum: int  # micro-batches per optimizer step on each rank
+    raw: nn.Module  # the model itself (sharded in place under fsdp)
+    model: nn.Module  # raw as the forward runs it: DDP around it, or raw itself
+    optimizer: torch.optim.Optimizer
+    phase: GuidePhase
+    tally: Tally
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.seq_len
+
+
 def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = False) -> Summary:
     """Train (or resume) the run described by cfg; returns its Summary (also written to
     summary.json). `override`: resume even though optimizer/schedule fields or the dtype changed
@@ -151,7 +181,6 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
 
     # --- model, guides, optimizer, restored state ---
     raw, optimizer, phase = build(cfg, plan, resume, world, amp)
-    tally = Tally.from_state(resume.state)
     if world.master:
         start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
         if resume.step == 0:
@@ -159,27 +188,29 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     log = MetricsLog(resume.out, enabled=world.master, steps=steps, start=resume.step,
                      progress=progress, tensorboard=t.tensorboard)
     model = distributed.wrap(raw, world, t.parallel, find_unused=phase.active)
+    run = RunState(cfg, world, amp, plan, resume, data, saver, log, accum, raw, model, optimizer,
+                   phase, Tally.from_state(resume.state))
+    tally = run.tally
 
-    model.train()
+    run.model.train()
     tally.start()
     for step in range(resume.step, steps):
         lr = lr_at(step, cfg.optim, steps)
-        set_lr(optimizer, lr)
-        loss = forward_backward(model, raw, data.train, plan.data_step(step), step, phase, t,
-                                world, accum, amp)
-        gnorm = distributed.full(
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip or math.inf))
+        set_lr(run.optimizer, lr)
+        loss = forward_backward(run, step)
+        gnorm = distributed.full(torch.nn.utils.clip_grad_norm_(
+            run.raw.parameters(), cfg.optim.grad_clip or math.inf))
         # the loss's mean over ranks, so every rank checks and logs the same numbers; one sync
         both = torch.stack([distributed.mean_(loss, world).double(), gnorm.double()])
         step_loss, gnorm = both.tolist()
         step_loss /= accum
-        check_finite(step_loss, gnorm, step, resume, world, amp)  # before the update
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        check_finite(run, step, step_loss, gnorm)  # before the update
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if phase.due(done):  # alpha is 0 from here: guides and their AdamW state removed
-            raw, optimizer = leave_guided(raw, optimizer, phase, cfg, world, amp)
-            model = distributed.wrap(raw, world, t.parallel, find_unused=False)
+            run.raw, run.optimizer = leave_guided(run.raw, run.optimizer, phase, cfg, world, amp)
+            run.model = distributed.wrap(run.raw, world, t.parallel, find_unused=False)
         tally.add(step_loss)
         if done % t.log_interval == 0 or done == steps:
             train_loss, dt, n = tally.flush()
@@ -188,15 +219,15 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
         log.advance()
         is_eval = t.eval_interval > 0 and done % t.eval_interval == 0 and done < steps
         if is_eval:
-            val = val_loss(raw, data, phase, done, cfg, world, amp, t.eval_tokens)
+            val = val_loss(run, done, t.eval_tokens)
             tally.best_val = min(tally.best_val, val)
             log.val(done, val, done * tokens_per_step)
         due = done % t.ckpt_interval == 0 if t.ckpt_interval else is_eval
         if due and done < steps:  # the last step is saved once, after the final evaluation
-            save(saver, raw, optimizer, cfg, done, tally, data, plan, world, log, resume)
+            save(run, done)
     log.close_bar()
     tally.stop()
-    return finish(saver, raw, optimizer, cfg, plan, world, amp, data, phase, tally, log, resume)
+    return finish(run)
 
 
 def build(
@@ -235,28 +266,23 @@ def leave_guided(
                                 lambda m: distributed.wrap_model(m, world, cfg.train, amp))
 
 
-def finish(
-    saver: Checkpointer, raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
-    plan: SGTPlan, world: World, amp: torch.dtype | None, data: RunData, phase: GuidePhase,
-    tally: Tally, log: MetricsLog, resume: Resume,
-) -> Summary:
+def finish(run: RunState) -> Summary:
     """Full validation, the final checkpoint, summary.json and loss.png. Killed anywhere in here, a
     rerun redoes it from the final checkpoint (or the last step) to the same summary."""
-    steps = plan.total_steps
-    final_val = val_loss(raw, data, phase, steps, cfg, world, amp, None)
-    tally.best_val = min(tally.best_val, final_val)
-    saver.wait()
-    if resume.step < steps:  # a resumed final phase already has its final checkpoint
-        save(saver, raw, optimizer, cfg, steps, tally, data, plan, world, log, resume, final=True)
-    log.val(steps, final_val, steps * cfg.train.batch_size * cfg.seq_len, echo=False)
-    log.close()
-    summary = make_summary(cfg, plan, world, amp, final_val, tally, resume.overrides)
-    if world.master:
-        atomic_write_text(resume.out / "summary.json",
+    steps, out = run.plan.total_steps, run.resume.out
+    final_val = val_loss(run, steps, None)
+    run.tally.best_val = min(run.tally.best_val, final_val)
+    run.saver.wait()
+    if run.resume.step < steps:  # a resumed final phase already has its final checkpoint
+        save(run, steps, final=True)
+    run.log.val(steps, final_val, steps * run.tokens_per_step, echo=False)
+    run.log.close()
+    summary = make_summary(run, final_val)
+    if run.world.master:
+        atomic_write_text(out / "summary.json",
                           json.dumps(json_safe(asdict(summary)), indent=2, allow_nan=False))
-        plot_losses(resume.out / "metrics.jsonl", resume.out / "loss.png",
-                    3 * summary.flops_per_token)
-    distributed.barrier(world)
+        plot_losses(out / "metrics.jsonl", out / "loss.png", 3 * summary.flops_per_token)
+    distributed.barrier(run.world)
     return summary
 
 
@@ -268,18 +294,16 @@ def finished_summary(resume: Resume, world: World) -> Summary:
     return Summary(**{k: v for k, v in resume.summary.items() if k in names})
 
 
-def check_finite(
-    loss: float, gnorm: float, step: int, resume: Resume, world: World, amp: torch.dtype | None
-) -> None:
+def check_finite(run: RunState, step: int, loss: float, gnorm: float) -> None:
     """Stop before an update from a non-finite loss or gradient norm, so the weights stay as they
     were; the checkpoint whose weights gave that loss is set aside, and the message names the last
     good one and how to resume from it."""
     if math.isfinite(loss) and math.isfinite(gnorm):
         return
-    bad, good = diverged(resume.out, step, world)
+    bad, good = diverged(run.resume.out, step, run.world)
     aside = f"The checkpoint whose weights gave it was moved to {bad}. " if bad else ""
-    fix = f"structlm train --resume {resume.out} --override --optim.lr LOWER_LR"
-    if amp:
+    fix = f"structlm train --resume {run.resume.out} --override --optim.lr LOWER_LR"
+    if run.amp:
         fix += " (or add --train.dtype fp32: this run computes in bf16)"
     raise FloatingPointError(
         f"the loss became {loss} (gradient norm {gnorm}) at step {step}; stopped before that "
@@ -298,38 +322,35 @@ def grad_accum(t: TrainConfig, world: World) -> int:
     return t.batch_size // (world.size * t.micro_batch_size)
 
 
-def forward_backward(
-    model: nn.Module, raw: nn.Module, batches: Batches, data_step: int, step: int,
-    phase: GuidePhase, t: TrainConfig, world: World, accum: int, amp: torch.dtype | None,
-) -> torch.Tensor:
-    """Gradients of one optimizer step: `accum` micro-batches of this rank's contiguous slice of
-    the global batch. Returns the sum of the micro-batch losses (detached)."""
-    per_rank = t.batch_size // world.size
+def forward_backward(run: RunState, step: int) -> torch.Tensor:
+    """Gradients of one optimizer step: `run.accum` micro-batches of this rank's contiguous slice
+    of the global batch. Returns the sum of the micro-batch losses (detached)."""
+    t, world, accum = run.cfg.train, run.world, run.accum
+    data_step, per_rank = run.plan.data_step(step), t.batch_size // world.size
     loss_sum = torch.zeros((), device=world.device)
     for micro in range(accum):
-        phase.before_forward(raw, step, micro)
+        run.phase.before_forward(run.raw, step, micro)
         row = world.rank * per_rank + micro * t.micro_batch_size
-        x, y = batches.rows(data_step, row, t.micro_batch_size)
+        x, y = run.data.train.rows(data_step, row, t.micro_batch_size)
         x, y = x.to(world.device), y.to(world.device)
         sync = micro == accum - 1  # reduce gradients across ranks on the last micro-step only
-        with distributed.grad_sync(model, world, sync), autocast(world.device, amp):
-            _, loss = model(x, y)
+        with distributed.grad_sync(run.model, world, sync), autocast(world.device, run.amp):
+            _, loss = run.model(x, y)
         # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
         (loss / accum).backward()
         loss_sum += loss.detach()
     return loss_sum
 
 
-def val_loss(
-    raw: nn.Module, data: RunData, phase: GuidePhase, step: int, cfg: RunConfig, world: World,
-    amp: torch.dtype | None, max_tokens: int | None,
-) -> float:
+def val_loss(run: RunState, step: int, max_tokens: int | None) -> float:
     """Mean validation loss over `max_tokens` tokens (all when None), each rank a share of the
     batches. The raw model: no DDP collectives in eval, so ranks with fewer batches cannot hang;
     a sharded model gathers its weights in every forward, so there every rank runs as many
     forwards (the short ranks' last ones on a batch they do not count)."""
-    phase.before_eval(raw, step)
-    batches = eval_batches(data.val, cfg.seq_len, cfg.train.micro_batch_size, max_tokens)
+    raw, world, amp = run.raw, run.world, run.amp
+    run.phase.before_eval(raw, step)
+    batches = eval_batches(run.data.val, run.cfg.seq_len, run.cfg.train.micro_batch_size,
+                           max_tokens)
     if distributed.is_fsdp(raw):
         s, n = sharded_eval_sums(raw, batches, world, amp)
     else:
@@ -356,17 +377,14 @@ def sharded_eval_sums(
     return s, n
 
 
-def save(
-    saver: Checkpointer, raw: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
-    step: int, tally: Tally, data: RunData, plan: SGTPlan, world: World, log: MetricsLog,
-    resume: Resume, final: bool = False,
-) -> None:
+def save(run: RunState, step: int, final: bool = False) -> None:
     """The checkpoint of `step` (single-file from rank 0, or every rank's shards)."""
-    if world.master:
-        log.sync()  # the rows this checkpoint covers are on disk before it is
-    state = {**tally.state(), "tokenizer_sha256": data.meta["tokenizer_sha256"],
-             "sgt_plan": asdict(plan), "metrics_rows": log.rows, "overrides": resume.overrides}
-    saver.save(raw, optimizer, cfg, step, state, final)
+    if run.world.master:
+        run.log.sync()  # the rows this checkpoint covers are on disk before it is
+    state = {**run.tally.state(), "tokenizer_sha256": run.data.meta["tokenizer_sha256"],
+             "sgt_plan": asdict(run.plan), "metrics_rows": run.log.rows,
+             "overrides": run.resume.overrides}
+    run.saver.save(run.raw, run.optimizer, run.cfg, step, state, final)
 
 
 def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | None) -> None:
@@ -387,11 +405,9 @@ def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | Non
     )
 
 
-def make_summary(
-    cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | None, final_val: float,
-    tally: Tally, overrides: list,
-) -> Summary:
-    steps, tokens_per_step = plan.total_steps, cfg.train.batch_size * cfg.seq_len
+def make_summary(run: RunState, final_val: float) -> Summary:
+    cfg, plan, tally = run.cfg, run.plan, run.tally
+    steps, tokens_per_step = plan.total_steps, run.tokens_per_step
     wall = tally.wall()
     return Summary(
         out_dir=str(Path(cfg.train.out_dir)), steps=steps, tokens=steps * tokens_per_step,
@@ -400,8 +416,8 @@ def make_summary(
         param_groups=param_groups(cfg.model), final_val_loss=final_val,
         final_val_ppl=math.exp(final_val), best_val_loss=tally.best_val,
         final_train_loss=tally.train_loss, wall_time_s=wall, sgt=asdict(plan),
-        tokens_per_s=steps * tokens_per_step / max(wall, 1e-9), device=str(world.device),
-        dtype=str(amp or "fp32").replace("torch.", ""), torch_version=torch.__version__,
-        world_size=world.size, config=to_dict(cfg), overrides=overrides,
+        tokens_per_s=steps * tokens_per_step / max(wall, 1e-9), device=str(run.world.device),
+        dtype=str(run.amp or "fp32").replace("torch.", ""), torch_version=torch.__version__,
+        world_size=run.world.size, config=to_dict(cfg), overrides=run.resume.overrides,
         structlm_version=__version__,
     )

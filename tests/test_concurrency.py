@@ -1,0 +1,130 @@
+"""Two commands on one thing, in real processes: the second stops naming the first, a lock left by
+a killed process is taken over, and what is published belongs to one command only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from structlm.utils.locks import Busy, exclusive, lock_path
+
+PREPARE = ["--data.vocab_size", "300", "--data.workers", "1", "--data.val_fraction", "0.2"]
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from structlm.utils.locks import exclusive, lock_path
+    with exclusive(lock_path(Path(sys.argv[1])), "x", "y"):
+        print("held", flush=True)
+        time.sleep(60)
+""")
+
+
+def structlm(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "structlm", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def hold_lock(target):
+    """A process that holds `target`'s lock until it is killed."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path):
+    holder = hold_lock(tmp_path / "thing")
+    try:
+        busy = pytest.raises(Busy, match=rf"the thing is in use by process {holder.pid} on ")
+        with busy, exclusive(lock_path(tmp_path / "thing"), "the thing", "wait"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(lock_path(tmp_path / "thing"), "the thing", "wait"):  # a dead holder's lock
+        info = json.loads(lock_path(tmp_path / "thing").read_text())
+        assert info["pid"] == os.getpid()
+
+
+def test_prepare_refuses_a_data_dir_another_prepare_holds(fresh_corpus, tmp_path):
+    out = tmp_path / "data"
+    holder = hold_lock(out)
+    try:
+        r = structlm("prepare", "--data.source", str(fresh_corpus), "--data.data_dir", str(out),
+                     *PREPARE)
+        assert r.returncode == 2 and f"in use by process {holder.pid}" in r.stderr, r.stderr
+        assert "--data.data_dir" in r.stderr and "Traceback" not in r.stderr
+        assert not out.exists() and not (tmp_path / ".data.partial").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    r = structlm("prepare", "--data.source", str(fresh_corpus), "--data.data_dir", str(out),
+                 *PREPARE)  # the killed holder's lock is taken over
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "meta.json").read_text())["split_seed"] == 1005
+
+
+def _tokens(d) -> int:
+    meta = json.loads((d / "meta.json").read_text())
+    return meta["train_tokens"] + meta["val_tokens"]
+
+
+def test_two_prepares_with_other_settings_never_mix(fresh_corpus, tmp_path):
+    """The reported defect: two seeds into one directory at once published a mixture with exit
+    0. Now one publishes, the other exits 2, and the data equals a clean prepare of its seed."""
+    out = tmp_path / "data"
+    cmds = [[sys.executable, "-m", "structlm", "prepare", "--data.source", str(fresh_corpus),
+             "--data.data_dir", str(out), *PREPARE, "--data.seed", str(seed)] for seed in (1, 7)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert "in use by process" in loser or "prepared from something else" in loser, loser
+    seed = json.loads((out / "meta.json").read_text())["split_seed"]
+    clean = tmp_path / "clean"
+    r = structlm("prepare", "--data.source", str(fresh_corpus), "--data.data_dir", str(clean),
+                 *PREPARE, "--data.seed", str(seed))
+    assert r.returncode == 0, r.stderr
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert _tokens(out) == _tokens(clean)
+
+
+SCRIPT = """
+from structlm.config import DataConfig
+from structlm.data.prepare import prepare
+prepare(DataConfig(source={src!r}, data_dir={out!r}, vocab_size=300, workers=2,
+                   val_fraction=0.2), progress=False)
+print("prepared", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stdin", "unguarded-file"])
+def test_prepare_from_a_script_workers_cannot_start_from_still_finishes(fresh_corpus, tmp_path,
+                                                                         how):
+    """Spawned workers import the main module again: from `python -` (standard input) they cannot,
+    and a script without a __main__ guard makes them run it. The pool used to respawn them
+    forever; now the tasks run in this process, said once, with the same result."""
+    out = tmp_path / "data"
+    code = SCRIPT.format(src=str(fresh_corpus), out=str(out))
+    if how == "stdin":
+        r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                           timeout=300)
+    else:
+        (tmp_path / "script.py").write_text(code)
+        r = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "prepared" in r.stdout, r.stderr[-2000:]
+    assert "tokenizing in this process instead of worker processes" in r.stderr
+    clean = tmp_path / "clean"
+    r = structlm("prepare", "--data.source", str(fresh_corpus), "--data.data_dir", str(clean),
+                 *PREPARE)
+    assert r.returncode == 0, r.stderr
+    assert (out / "train.bin").read_bytes() == (clean / "train.bin").read_bytes()
