@@ -8,8 +8,8 @@ The lock is the kernel's (`flock` on a small file beside the directory, `.<name>
 when the command ends), so it dies with its process: a lock left by a SIGKILL or a crash is taken
 over by the next command, never waited for. Nor is a live holder waited for: the second command
 stops at once with `Busy`, naming the holder (pid, host, start, command) read from the file, and
-what to do. On NFS, Linux maps flock onto the server's byte-range locks, so processes on several hosts
-exclude each other too (a holder's host that dies releases it when its lease expires).
+what to do. On NFS, Linux maps flock onto the server's byte-range locks, so processes on several
+hosts exclude each other too (a holder's host that dies releases it when its lease expires).
 """
 
 from __future__ import annotations
