@@ -128,3 +128,49 @@ def test_prepare_from_a_script_workers_cannot_start_from_still_finishes(fresh_co
                  *PREPARE)
     assert r.returncode == 0, r.stderr
     assert (out / "train.bin").read_bytes() == (clean / "train.bin").read_bytes()
+
+
+def train_args(corpus, data, out, *extra):
+    return ["train", "--preset", "tiny", "--data.source", str(corpus), "--data.data_dir",
+            str(data), "--data.vocab_size", "300", "--model.vocab_size", "300",
+            "--data.val_fraction", "0.2", "--train.max_steps", "30", "--train.eval_interval",
+            "10", "--train.eval_tokens", "1024", "--train.dtype", "fp32", "--train.out_dir",
+            str(out), *extra]
+
+
+def test_train_refuses_a_run_directory_another_command_holds(corpus, tmp_path):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        r = structlm(*train_args(corpus, tmp_path / "data", out))
+        assert r.returncode == 2 and f"in use by process {holder.pid}" in r.stderr, r.stderr
+        assert "--train.out_dir" in r.stderr and "Traceback" not in r.stderr
+        assert not out.exists() and not (tmp_path / "data").exists()  # nothing read or written
+        r = structlm("train", "--resume", str(out))  # --resume of a run that is training
+        assert r.returncode == 2
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_trains_into_one_run_directory_keep_one_run(corpus, tmp_path):
+    """The reported defect: both exited 0, the files were the second run's and metrics.jsonl
+    interleaved both. Now one trains, the other exits 2, and every file is the winner's."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert structlm("prepare", "--data.source", str(corpus), "--data.data_dir", str(data),
+                    "--data.vocab_size", "300", "--data.val_fraction", "0.2").returncode == 0
+    runs = {lr: [sys.executable, "-m", "structlm",
+                 *train_args(corpus, data, out, "--optim.lr", lr)] for lr in ("3e-3", "1e-3")}
+    procs = {lr: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for lr, c in runs.items()}
+    done = {lr: (p.wait(), p.stderr.read()) for lr, p in procs.items()}
+    assert sorted(rc for rc, _ in done.values()) == [0, 2], done
+    winner = next(lr for lr, (rc, _) in done.items() if rc == 0)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optim"]["lr"] == float(winner)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["optim"]["lr"] == float(winner) and summary["steps"] == 30
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln)["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # one run's rows, once each
+    assert not list(tmp_path.glob(".run.lock"))  # released and removed

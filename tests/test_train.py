@@ -169,7 +169,7 @@ def test_bad_init_from_and_missing_tensorboard_fail_before_the_data(fresh_corpus
     prepared = fresh_corpus.with_name(fresh_corpus.name + "-prepared")
     shutil.rmtree(prepared)
     cases = [({"init_from": str(tmp_path / "nowhere")}, FileNotFoundError,
-              "no structlm checkpoint"),
+              "--train.init_from: .*nowhere does not exist"),
              ({"init_from": str(donor)}, ValueError, "its model differs"),
              ({"init_from": str(donor)}, FileNotFoundError, "has no dense_ffn.safetensors")]
     for i, (kw, err, message) in enumerate(cases):

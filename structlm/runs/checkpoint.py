@@ -19,6 +19,7 @@ is used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -120,9 +121,16 @@ def begin(run_dir: str | Path, step: int) -> tuple[Path, Path, Path]:
 
 def _failed(tmp: Path, final: Path, e: OSError):
     shutil.rmtree(tmp, ignore_errors=True)
+    if e.errno == errno.ENOSPC:
+        fix = "Free disk space and resume"
+    elif isinstance(e, PermissionError):
+        fix = "Fix the directory's permissions and resume"
+    else:  # e.g. a file another process removed or renamed under this one
+        fix = ("Check that no other command writes into this run (structlm train locks it; a "
+               "copy or a script may not) and resume")
     raise CheckpointError(
         f"could not write checkpoint {final} ({e}); the earlier checkpoints in {final.parent} "
-        "are intact. Free disk space (or fix the directory's permissions) and resume"
+        f"are intact. {fix}"
     ) from None
 
 

@@ -48,6 +48,7 @@ from structlm.training.rundir import (
     check_init,
     diverged,
     find_resume,
+    hold_run_dir,
     load_init,
     restore,
     start_files,
@@ -170,64 +171,67 @@ def train(cfg: RunConfig, *, progress: bool | None = None, override: bool = Fals
     steps = plan.total_steps  # S, or S + G for fixedflop self-guided training
     accum = grad_accum(t, world)
 
-    # --- the run directory, its checkpoint and the data: all checked before any work ---
-    resume = find_resume(Path(t.out_dir), cfg, plan, override=override)
-    check_init(cfg, resume)
-    if t.tensorboard and world.master:
-        require_tensorboard()
-    data = load_run_data(cfg, resume, world, progress)
-    if resume.finished(steps):
-        return finished_summary(resume, world)
+    # --- the run directory (locked: no other command writes into it while this one runs),
+    # its checkpoint and the data: all checked before any work ---
+    with hold_run_dir(Path(t.out_dir), world):
+        resume = find_resume(Path(t.out_dir), cfg, plan, override=override)
+        check_init(cfg, resume)
+        if t.tensorboard and world.master:
+            require_tensorboard()
+        data = load_run_data(cfg, resume, world, progress)
+        if resume.finished(steps):
+            return finished_summary(resume, world)
 
-    # --- model, guides, optimizer, restored state ---
-    raw, optimizer, phase = build(cfg, plan, resume, world, amp)
-    if world.master:
-        start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
-        if resume.step == 0:
-            announce(cfg, plan, world, amp)
-    log = MetricsLog(resume.out, enabled=world.master, steps=steps, start=resume.step,
-                     progress=progress, tensorboard=t.tensorboard)
-    model = distributed.wrap(raw, world, t.parallel, find_unused=phase.active)
-    run = RunState(cfg, world, amp, plan, resume, data, saver, log, accum, raw, model, optimizer,
-                   phase, Tally.from_state(resume.state))
-    tally = run.tally
+        # --- model, guides, optimizer, restored state ---
+        raw, optimizer, phase = build(cfg, plan, resume, world, amp)
+        if world.master:
+            start_files(resume, cfg, data.data_dir, steps)  # before metrics.jsonl is opened
+            if resume.step == 0:
+                announce(cfg, plan, world, amp)
+        log = MetricsLog(resume.out, enabled=world.master, steps=steps, start=resume.step,
+                         progress=progress, tensorboard=t.tensorboard)
+        model = distributed.wrap(raw, world, t.parallel, find_unused=phase.active)
+        run = RunState(cfg, world, amp, plan, resume, data, saver, log, accum, raw, model,
+                       optimizer, phase, Tally.from_state(resume.state))
+        tally = run.tally
 
-    run.model.train()
-    tally.start()
-    for step in range(resume.step, steps):
-        lr = lr_at(step, cfg.optim, steps)
-        set_lr(run.optimizer, lr)
-        loss = forward_backward(run, step)
-        gnorm = distributed.full(torch.nn.utils.clip_grad_norm_(
-            run.raw.parameters(), cfg.optim.grad_clip or math.inf))
-        # the loss's mean over ranks, so every rank checks and logs the same numbers; one sync
-        both = torch.stack([distributed.mean_(loss, world).double(), gnorm.double()])
-        step_loss, gnorm = both.tolist()
-        step_loss /= accum
-        check_finite(run, step, step_loss, gnorm)  # before the update
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if phase.due(done):  # alpha is 0 from here: guides and their AdamW state removed
-            run.raw, run.optimizer = leave_guided(run.raw, run.optimizer, phase, cfg, world, amp)
-            run.model = distributed.wrap(run.raw, world, t.parallel, find_unused=False)
-        tally.add(step_loss)
-        if done % t.log_interval == 0 or done == steps:
-            train_loss, dt, n = tally.flush()
-            log.train(done, train_loss, lr, gnorm, done * tokens_per_step,
-                      n * tokens_per_step / dt, 1e3 * dt / n)
-        log.advance()
-        is_eval = t.eval_interval > 0 and done % t.eval_interval == 0 and done < steps
-        if is_eval:
-            val = val_loss(run, done, t.eval_tokens)
-            tally.best_val = min(tally.best_val, val)
-            log.val(done, val, done * tokens_per_step)
-        due = done % t.ckpt_interval == 0 if t.ckpt_interval else is_eval
-        if due and done < steps:  # the last step is saved once, after the final evaluation
-            save(run, done)
-    log.close_bar()
-    tally.stop()
-    return finish(run)
+        run.model.train()
+        tally.start()
+        for step in range(resume.step, steps):
+            lr = lr_at(step, cfg.optim, steps)
+            set_lr(run.optimizer, lr)
+            loss = forward_backward(run, step)
+            gnorm = distributed.full(torch.nn.utils.clip_grad_norm_(
+                run.raw.parameters(), cfg.optim.grad_clip or math.inf))
+            # the loss's mean over ranks, so every rank checks and logs the same numbers; one sync
+            both = torch.stack([distributed.mean_(loss, world).double(), gnorm.double()])
+            step_loss, gnorm = both.tolist()
+            step_loss /= accum
+            check_finite(run, step, step_loss, gnorm)  # before the update
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if phase.due(done):  # alpha is 0 from here: guides and their AdamW state removed
+                run.raw, run.optimizer = leave_guided(run.raw, run.optimizer, phase, cfg, world,
+                                                      amp)
+                run.model = distributed.wrap(run.raw, world, t.parallel, find_unused=False)
+            tally.add(step_loss)
+            if done % t.log_interval == 0 or done == steps:
+                train_loss, dt, n = tally.flush()
+                log.train(done, train_loss, lr, gnorm, done * tokens_per_step,
+                          n * tokens_per_step / dt, 1e3 * dt / n)
+            log.advance()
+            is_eval = t.eval_interval > 0 and done % t.eval_interval == 0 and done < steps
+            if is_eval:
+                val = val_loss(run, done, t.eval_tokens)
+                tally.best_val = min(tally.best_val, val)
+                log.val(done, val, done * tokens_per_step)
+            due = done % t.ckpt_interval == 0 if t.ckpt_interval else is_eval
+            if due and done < steps:  # the last step is saved once, after the final evaluation
+                save(run, done)
+        log.close_bar()
+        tally.stop()
+        return finish(run)
 
 
 def build(

@@ -7,9 +7,11 @@ the fix named.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from structlm.training.distributed import World
 from structlm.training.optim import apply_hparams
 from structlm.training.sgt import SGTPlan
 from structlm.utils.files import atomic_write_text
+from structlm.utils.locks import Busy, exclusive, lock_path
 
 # fields that define a run's trajectory: a run directory is resumed only under the same values (the
 # budget, logging, evaluation and checkpoint cadence may change, e.g. to extend a finished run)
@@ -47,6 +50,26 @@ RUN_IDENTITY = ("model", *DATA_IDENTITY, "optim", "train.seed", "train.batch_siz
 OVERRIDABLE = ("optim", "train.dtype")
 FIXED_UNDER_OVERRIDE = ("model", *DATA_IDENTITY, "optim.decay_all", "train.seed",
                         "train.batch_size", "train.seq_len", "train.sgt", "train.init_from")
+
+
+@contextlib.contextmanager
+def hold_run_dir(out: Path, world: World) -> Iterator[None]:
+    """The run directory's exclusive lock, held by rank 0 for the whole of train (taken before
+    anything of the run is read or written). When another command holds it, every rank stops with
+    the holder named: two trains into one directory silently lost one run before."""
+    held = contextlib.ExitStack()
+    error = None
+    if world.master:
+        fix = ("wait for it to finish, or give this run another --train.out_dir (to continue it "
+               "afterwards: structlm train --resume " + str(out) + ")")
+        try:
+            held.enter_context(exclusive(lock_path(out), f"the run directory {out}", fix))
+        except Busy as e:
+            error = e
+    if distributed.sum_([float(error is not None)], world)[0] > 0:  # every rank agrees
+        raise error or Busy(f"the run directory {out} is in use by another command (see rank 0)")
+    with held:
+        yield
 
 
 def refuse_checkpoint_dir(path: Path, flag: str) -> None:

@@ -55,8 +55,14 @@ def exclusive(path: Path, what: str, fix: str) -> Iterator[None]:
     <fix>". The lock file is removed when the block ends (a SIGKILL leaves it: the next holder
     takes it over)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, what, fix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, what, fix)
+    except Busy:
+        raise
+    except OSError as e:  # the folder is a file, or not writable: said with what was locked
+        raise type(e)(e.errno, f"{what} cannot be locked ({e.strerror}: "
+                               f"{e.filename or path})") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
