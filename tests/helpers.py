@@ -100,9 +100,10 @@ def random_run(tmp_path, tokenizer_path, **overrides):
         for p in model.parameters():
             p.normal_(0.0, 0.3 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
     run = tmp_path / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())  # first, as train does
     checkpoint.save(run, model, None, cfg, 1, {})
     save_json(cfg, str(run / "config.json"))
-    (run / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
     return run, model.eval()
 
 

@@ -42,7 +42,7 @@ from structlm.data.tokenizer import (
     eot_id,
     load_tokenizer,
 )
-from structlm.utils.files import atomic_write_text, file_sha256
+from structlm.utils.files import alive, atomic_write_text, file_sha256
 from structlm.utils.locks import Busy, exclusive, lock_path
 
 _BATCH = 1 << 19  # characters per encode_batch call (its chunks are encoded in parallel)
@@ -203,18 +203,8 @@ def _clean_stale_temps(out: Path) -> None:
     gone); a concurrent prepare's own stays."""
     for d in out.parent.glob(f".{out.name}.tmp-*"):
         pid = d.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _split_documents(

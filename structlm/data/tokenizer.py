@@ -58,7 +58,13 @@ def stop_id(tok: Tokenizer, tokenizer_path: Path) -> int | None:
 
 def load_tokenizer(data_dir_or_file: str | Path) -> Tokenizer:
     """The tokenizer.json of a prepared data dir or run dir (or the file), with no truncation."""
-    tok = Tokenizer.from_file(str(_tokenizer_path(data_dir_or_file)))
+    path = _tokenizer_path(data_dir_or_file)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path} is not a readable tokenizer.json ({str(e)[:200]}); restore it "
+                         "from where it came from (the prepared data directory, or the model's "
+                         "files)") from None
     tok.no_truncation()
     tok.no_padding()
     return tok

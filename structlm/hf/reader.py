@@ -170,6 +170,7 @@ def read_gguf(path: Path, tokenizer_dir: Path | None = None) -> tuple[ModelConfi
     kw = {"gguf_file": path.name}
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
     cfg, family, _ = config_from_dict(hf.config.to_dict(), path)
+    check_finite(dict(hf.state_dict()), path)
     if tokenizer_dir is not None:
         transformers.AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tokenizer_dir)
     return cfg, from_hf(dict(hf.state_dict()), cfg, family), family
@@ -183,8 +184,10 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         cfg, sd, _ = read_gguf(gguf)
         return cfg, sd
     cfg, family, _ = read_config(Path(hf_dir))
+    weights = read_weights(Path(hf_dir))
+    check_finite(weights, hf_dir)  # named as the checkpoint names them
     try:
-        sd = from_hf(read_weights(Path(hf_dir)), cfg, family)
+        sd = from_hf(weights, cfg, family)
     except KeyError as e:
         raise ValueError(f"{hf_dir}: the weights have no {e.args[0]!r}, which its config.json "
                          f"implies (n_layer={cfg.n_layer}): an incomplete checkpoint, or the "
@@ -197,3 +200,14 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             raise ValueError(f"{hf_dir}: the weights do not fit its config.json: "
                              f"{'; '.join(wrong[:3]) or e}") from None
     return cfg, sd
+
+
+def check_finite(sd: dict[str, Tensor], source) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor (a damaged or
+    badly converted checkpoint would otherwise evaluate to `loss nan` and sample garbage)."""
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: the weight {name} holds {bad:,} non-finite value(s) "
+                             "(NaN or infinity); the checkpoint is damaged or was converted "
+                             "wrongly, so nothing was read from it")

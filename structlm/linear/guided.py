@@ -87,6 +87,13 @@ def wrap_guided(
     GuidedLinear, in place; `guides` gives some layers (by qualified name) their guide's starting
     matrix, e.g. the dense weights they were converted from. Returns the model."""
     guides = guides or {}
+    structured = {name for name, m in model.named_modules() if is_structured(m)}
+    if unknown := sorted(set(guides) - structured):
+        raise ValueError(
+            f"guides for {len(unknown)} name(s) that are no structured layer of this model "
+            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); its structured "
+            f"layers are named like {min(structured, default='(none)')}: the guides would be "
+            "ignored and the model would start away from the dense function")
 
     def wrap(name: str, m: nn.Module) -> nn.Module | None:
         return GuidedLinear(m, init, guides.get(name)) if is_structured(m) else None

@@ -33,7 +33,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from structlm.config import RunConfig, save_json, to_dict
-from structlm.utils.files import atomic_write_text, file_sha256, fsync_path
+from structlm.utils.files import atomic_write_text, file_sha256, fsync_path, umask_modes
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "state.pt", "config.json")
@@ -168,7 +168,11 @@ def _write(
         full_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(full_state, tmp / "state.pt")
     save_json(cfg, str(tmp / "config.json"))
+    umask_modes(tmp)  # safetensors writes its file private; a checkpoint is the user's to share
     manifest = {"version": FORMAT_VERSION, "step": step, "files": {}}
+    tokenizer = tmp.parent.parent / "tokenizer.json"  # the run's, beside checkpoints/
+    if tokenizer.is_file():  # what identifies it: a run opened later checks its copy against it
+        manifest["tokenizer_sha256"] = file_sha256(tokenizer)
     for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         f = p.relative_to(tmp).as_posix()
         fsync_path(p)

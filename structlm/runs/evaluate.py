@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from structlm.data.batches import check_tokenizer, eval_batches, load_meta, load_tokens
 from structlm.data.prepare import resolve_data_dir
-from structlm.data.tokenizer import encode_text_file, load_tokenizer
+from structlm.data.tokenizer import encode_text_file
 from structlm.runs.run import Run
 from structlm.utils.device import autocast, autocast_dtype, autodetect_device
 from structlm.utils.files import file_sha256
@@ -63,10 +63,10 @@ def evaluate_run(
     {"source", "loss", "ppl", "tokens"}."""
     dev = autodetect_device(device)
     run = Run.open(run_dir)
+    tokenizer, tok_path = run.tokenizer(), run.tokenizer_path  # a damaged file is named first
     model, cfg = run.load_model(dev)
-    tok_path = run.tokenizer_path
     if text:
-        tokens, source = encode_text_file(text, load_tokenizer(tok_path)), text
+        tokens, source = encode_text_file(text, tokenizer), text
     else:
         data_dir = Path(data) if data else resolve_data_dir(cfg.data)
         check_tokenizer(data_dir, load_meta(data_dir), file_sha256(tok_path), f"the run {run_dir}",

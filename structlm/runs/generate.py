@@ -49,6 +49,7 @@ class Generator:
         return cls(model, cfg, run.tokenizer(), dev, amp)
 
     def encode(self, prompt: str) -> list[int]:
+        check_text(prompt, "the prompt")
         ids = self.tokenizer.encode(prompt).ids if prompt else []
         ids = ids or [self.eot]
         if max(ids) >= self.cfg.model.vocab_size:
@@ -84,3 +85,13 @@ class Generator:
     def generate(self, prompt: str, max_new_tokens: int = 200, **kw) -> str:
         """The prompt followed by the generated text."""
         return prompt + "".join(self.stream(prompt, max_new_tokens, **kw))
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode: bytes that were not UTF-8 (a shell passes them on
+    as lone surrogates), naming where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (a byte that no UTF-8 character starts with, "
+                         f"at character {e.start}); give UTF-8 text") from None

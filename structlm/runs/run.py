@@ -33,6 +33,7 @@ from structlm.runs.checkpoint import (
     verify,
     weight_names,
 )
+from structlm.utils.files import file_sha256
 
 KINDS = ("run", "checkpoint", "hf", "gguf")
 
@@ -123,12 +124,25 @@ class Run:
         which `structlm import` writes out)."""
         tok = self.root / "tokenizer.json"
         if tok.is_file():
+            self._check_tokenizer(tok)
             return tok
         if self.kind == "gguf":
             raise FileNotFoundError(f"{self.path}: a GGUF file's tokenizer is inside it; import "
                                     f"it first (structlm import {self.path} runs/NAME)")
         raise FileNotFoundError(f"{self.root} has no tokenizer.json; was it trained by structlm "
                                 "train (or saved with its tokenizer)?")
+
+    def _check_tokenizer(self, tok: Path) -> None:
+        """The run's tokenizer.json is the one its checkpoint was saved with (the manifest
+        records its sha256; checkpoints older than that record are taken on trust)."""
+        if self.ckpt is None:
+            return
+        want = json.loads((self.ckpt / "manifest.json").read_text()).get("tokenizer_sha256")
+        if want and file_sha256(tok) != want:
+            raise ValueError(f"{tok} is not the tokenizer {self.ckpt} was saved with (its sha256 "
+                             f"differs from the {want[:12]}... the checkpoint records): another "
+                             "model's tokenizer would turn its ids into the wrong text. Restore "
+                             "the run's own tokenizer.json")
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
@@ -57,6 +58,7 @@ from structlm.training.saving import Checkpointer
 from structlm.training.sgt import GuidePhase, SGTPlan, make_plan
 from structlm.utils.device import autocast, autocast_dtype, seed_all
 from structlm.utils.files import atomic_write_text, is_tty, json_safe
+from structlm.utils.units import amount
 
 
 @dataclass
@@ -332,18 +334,45 @@ def forward_backward(run: RunState, step: int) -> torch.Tensor:
     t, world, accum = run.cfg.train, run.world, run.accum
     data_step, per_rank = run.plan.data_step(step), t.batch_size // world.size
     loss_sum = torch.zeros((), device=world.device)
-    for micro in range(accum):
-        run.phase.before_forward(run.raw, step, micro)
-        row = world.rank * per_rank + micro * t.micro_batch_size
-        x, y = run.data.train.rows(data_step, row, t.micro_batch_size)
-        x, y = x.to(world.device), y.to(world.device)
-        sync = micro == accum - 1  # reduce gradients across ranks on the last micro-step only
-        with distributed.grad_sync(run.model, world, sync), autocast(world.device, run.amp):
-            _, loss = run.model(x, y)
-        # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
-        (loss / accum).backward()
-        loss_sum += loss.detach()
+    try:
+        for micro in range(accum):
+            run.phase.before_forward(run.raw, step, micro)
+            row = world.rank * per_rank + micro * t.micro_batch_size
+            x, y = run.data.train.rows(data_step, row, t.micro_batch_size)
+            x, y = x.to(world.device), y.to(world.device)
+            sync = micro == accum - 1  # reduce gradients across ranks on the last micro-step
+            with distributed.grad_sync(run.model, world, sync), autocast(world.device, run.amp):
+                _, loss = run.model(x, y)
+            # the micro-batch losses are averaged: each contributes 1/accum of the step's gradient
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        if not out_of_memory(e):
+            raise
+        raise oom_error(run, step, e) from None
     return loss_sum
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocator's out-of-memory error (CPU or CUDA)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+class OutOfMemory(ValueError):
+    """A training step that did not fit in memory (a ValueError: the CLI exits 2)."""
+
+
+def oom_error(run: RunState, step: int, e: BaseException) -> OutOfMemory:
+    """The out-of-memory error with what to change; a fresh run that never reached a checkpoint
+    is removed (rank 0), so no half-made run directory is left behind."""
+    t = run.cfg.train
+    if run.world.master and run.resume.ckpt is None and not run.resume.existing:
+        shutil.rmtree(run.resume.out, ignore_errors=True)
+    return OutOfMemory(
+        f"step {step + 1} ran out of memory ({str(e).splitlines()[0][:160]}) with "
+        f"{t.micro_batch_size} sequences of {run.cfg.seq_len} tokens per micro-batch. Lower "
+        f"--train.micro_batch_size (the batch of {t.batch_size} stays the same: more micro-steps "
+        "accumulate it), or add --train.activation_checkpointing block")
 
 
 def val_loss(run: RunState, step: int, max_tokens: int | None) -> float:
@@ -402,7 +431,7 @@ def announce(cfg: RunConfig, plan: SGTPlan, world: World, amp: torch.dtype | Non
     print(
         f"model: {groups['total']:,} params ({groups['ffn']:,} FFN, {cfg.model.ffn.kind}) | "
         f"{plan.total_steps} steps x {tokens_per_step:,} tokens = "
-        f"{plan.total_steps * tokens_per_step / 1e6:.1f}M tokens | "
+        f"{amount(plan.total_steps * tokens_per_step, 'tokens')} | "
         f"{plan.train_flops:.2e} FLOPs{sgt_note} | {world.device}, {amp or 'fp32'}, "
         f"world {world.size}",
         flush=True,

@@ -53,17 +53,45 @@ def require_empty(out: Path) -> None:
 
 def publish_dir(out: Path, write, what: str = "write") -> Path:
     """Run write(tmp) in a temporary directory beside `out` (empty or absent), then rename it to
-    `out`: a failed or refused write leaves nothing behind."""
+    `out`: a failed or refused write leaves nothing behind, and what a killed one left (its
+    process is gone) is removed by the next. The result has the user's umask, as a mkdir would."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    prefix = f".{out.name}.{what}-"
+    for stale in out.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
     try:
         write(tmp)
+        umask_modes(tmp)
         if out.exists():
             out.rmdir()  # empty: callers check with require_empty first
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def umask_modes(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain mkdir / open would (0777 / 0666 less
+    the umask): temporary directories and some writers (safetensors) make them private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [Path(root), *Path(root).rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def json_safe(obj):
