@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -174,3 +175,60 @@ def test_two_trains_into_one_run_directory_keep_one_run(corpus, tmp_path):
              if json.loads(ln)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # one run's rows, once each
     assert not list(tmp_path.glob(".run.lock"))  # released and removed
+
+
+@pytest.mark.slow
+def test_racing_prepares_and_trains_with_random_kills_never_mix(tmp_path):
+    """20 rounds of 2-4 processes racing `prepare` and `train` on two data and two run
+    directories with random settings, some SIGKILLed at random moments. Afterwards every published
+    data directory equals a clean prepare of the settings it records, and every file of a run
+    (config, checkpoints, summary, metrics) belongs to that one run."""
+    import random
+
+    from conftest import write_corpus
+
+    rng = random.Random(0)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=6, n_lines=120)
+    datas = [tmp_path / f"data{i}" for i in range(2)]
+    runs = [tmp_path / f"run{i}" for i in range(2)]
+    for _ in range(20):
+        procs = []
+        for _ in range(rng.randint(2, 4)):
+            data, seed = rng.choice(datas), rng.choice(["1", "7"])
+            if rng.random() < 0.4:
+                args = ["prepare", "--data.source", str(corpus), "--data.data_dir", str(data),
+                        *PREPARE, "--data.seed", seed]
+            else:
+                args = train_args(corpus, data, rng.choice(runs), "--optim.lr",
+                                  rng.choice(["3e-3", "1e-3"]), "--data.seed", seed,
+                                  "--data.workers", "1")
+            procs.append(subprocess.Popen([sys.executable, "-m", "structlm", *args],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        for p in procs:
+            if rng.random() < 0.3:
+                time.sleep(rng.uniform(0.5, 6.0))
+                p.send_signal(signal.SIGKILL)
+        for p in procs:
+            rc = p.wait()
+            err = p.stderr.read().decode(errors="replace")
+            assert rc in (0, 2, -signal.SIGKILL), err[-2000:]
+            assert rc != 2 or "Traceback" not in err, err[-2000:]
+    for data in datas:
+        if (data / "meta.json").exists():
+            seed = str(json.loads((data / "meta.json").read_text())["split_seed"])
+            clean = tmp_path / f"clean-{data.name}"
+            assert structlm("prepare", "--data.source", str(corpus), "--data.data_dir",
+                            str(clean), *PREPARE, "--data.seed", seed).returncode == 0
+            for name in ("train.bin", "val.bin", "tokenizer.json"):
+                assert (data / name).read_bytes() == (clean / name).read_bytes(), (data, name)
+    for run in runs:
+        if not (run / "config.json").exists():
+            continue
+        cfg = json.loads((run / "config.json").read_text())
+        for ckpt in (run / "checkpoints").glob("step_*"):
+            assert json.loads((ckpt / "config.json").read_text()) == cfg, ckpt
+        if (run / "summary.json").exists():
+            assert json.loads((run / "summary.json").read_text())["config"] == cfg
+        steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(ln).get("split") == "train"]
+        assert steps == sorted(set(steps)), run
