@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import structlm
-from structlm.cli.args import output_path
+from structlm.cli.args import output_path, parse_run_config
 
 
 def run(*args, cwd=None, check=True):
@@ -109,7 +109,7 @@ def test_resume_refuses_a_checkpoint_dir_and_another_out_dir(trained):
         (["info", "--model.ffn.rank", "100000"], "rank=100000"),
         (["eval", "/nonexistent/run"], "does not exist"),
         (["frobnicate"], "unknown command"),
-        (["plan", "--flops=-1e20"], "'-1e20' is not a positive number"),
+        (["plan", "--flops=-1e20"], "--flops -1e+20 is not a positive number"),
         (["serve", "/nonexistent/run", "--port", "99999"], "is not a port number (0-65535)"),
         (["report", "/nonexistent/run", "--decode_batch", "0"], "'0' is not a positive integer"),
         (["bench", "ffn", "--quick", "--json", "/"], "is a folder; give a file name in it"),
@@ -125,6 +125,46 @@ def test_bad_input_exits_2_with_a_message(args, message):
 def test_help_lists_config_fields():
     r = run("train", "--help", check=False)
     assert "--model.ffn.kind" in r.stdout and "--train.max_steps" in r.stdout
+
+
+def test_generate_help_loads_no_library():
+    """`structlm generate --help` reads its options dataclass and nothing heavy: not the training
+    loop, not matplotlib, not torch (whose import brings torch.distributed)."""
+    code = ("import sys\nfrom structlm.cli import main\ntry:\n    main(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = ('structlm.training.loop', 'matplotlib', 'torch.distributed', 'torch')\n"
+            "print('LOADED', [m for m in heavy if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--max_new_tokens" in r.stdout and "LOADED []" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flags",
+    [
+        (["sweep"], ["--dry-run", "--tokens_per_param", "--sizes", "--structures", "--sgt"]),
+        (["plan"], ["--flops", "--target_loss", "--from", "--bootstrap", "--extrapolate"]),
+        (["bench", "ffn"], ["--quick", "--widths", "--tokens", "--kinds", "--json",
+                            "--model.ffn.kind"]),
+        (["export"], ["RUN_DIR", "OUT_DIR", "--format", "hf-merged"]),
+    ],
+)
+def test_help_lists_each_verbs_flags(args, flags):
+    """Each verb's --help comes from its options dataclass: every flag, with its comment."""
+    r = run(*args, "--help")
+    for flag in flags:
+        assert flag in r.stdout, flag
+
+
+def test_switching_the_ffn_kind_drops_the_presets_hparams():
+    """--model.ffn.kind blockshuffle --model.ffn.nblocks 4 on a LowRank preset (tiny: rank 16):
+    the preset's rank is dropped before the overrides apply, however the flag is written."""
+    for kind in (["--model.ffn.kind", "blockshuffle"], ["--model.ffn.kind=blockshuffle"]):
+        cfg, _, _ = parse_run_config("structlm info", ["--preset", "tiny", *kind,
+                                                        "--model.ffn.nblocks", "4"])
+        assert (cfg.model.ffn.kind, cfg.model.ffn.nblocks) == ("blockshuffle", 4)
+    cfg, _, _ = parse_run_config("structlm info", ["--preset", "tiny", "--model.ffn.rank", "8"])
+    assert (cfg.model.ffn.kind, cfg.model.ffn.rank) == ("lowrank", 8)
 
 
 def test_reuse_freed_memory_switch(monkeypatch):

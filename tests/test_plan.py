@@ -124,3 +124,18 @@ def test_cli_plans_from_a_sweep_directory(tmp_path, capsys):
     best = json.loads((tmp_path / "plan.json").read_text())["recommendation"]
     assert best["family"].startswith("lowrank") and best["law"] == "L(N,D)"
     assert "recommended: lowrank" in capsys.readouterr().out
+
+
+def test_a_fit_through_as_many_runs_as_parameters_claims_no_interval(tmp_path, capsys):
+    """Two runs and the two-parameter power law: the fit passes through both and every resample
+    gives the same curve. A zero-width 90% interval would be false certainty; none is printed."""
+    dense = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, d_ff=128)
+    for i, r in enumerate(law_rows(LAW)[:2]):
+        _write_summary(tmp_path / "sweep" / f"dense-{i}", dense, r["params"], r["tokens"],
+                       r["val_loss"])
+    main(["plan", "--from", str(tmp_path / "sweep"), "--flops", "1e16", "--bootstrap", "50",
+          "--json", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert "none (too few runs)" in out
+    lo, hi = json.loads((tmp_path / "plan.json").read_text())["plans"][0]["loss_ci"]
+    assert lo is None and hi is None  # NaN written as null

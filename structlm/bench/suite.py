@@ -8,9 +8,12 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import tyro
 from matplotlib.figure import Figure
+from tyro.constructors import PrimitiveConstructorSpec
 
 from structlm.bench.coord import coord_check, plot_coord
 from structlm.bench.decode import (
@@ -24,9 +27,10 @@ from structlm.bench.serve import bench_serve
 from structlm.bench.train import bench_train
 from structlm.config import DataConfig, ModelConfig, OptimConfig
 from structlm.linear.merge import cache_path, thresholds_for
-from structlm.linear.registry import LinearSpec, choose_hparams
+from structlm.linear.registry import LINEARS, LinearSpec, choose_hparams
 from structlm.model.flops import ffn_params
 from structlm.model.gpt import GPT
+from structlm.utils.device import autocast_dtype, autodetect_device
 from structlm.utils.timing import context
 
 
@@ -72,35 +76,92 @@ def plot_rows(
     fig.savefig(png, dpi=110)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+# a tuple of ints on the command line: --tokens 1,16,256 (or 1 16 256)
+_INTS = PrimitiveConstructorSpec(
+    nargs="+", metavar="N,N,...", instance_from_str=lambda args: sum(map(_ints, args), ()),
+    is_instance=lambda x: x is None or isinstance(x, tuple),
+    str_from_instance=lambda x: [str(x) if x is None else ",".join(map(str, x))])
+
+
+def _name(metavar: str, choices: tuple[str, ...] | None = None) -> PrimitiveConstructorSpec:
+    """A name on the command line (resolved to a torch object by BenchOptions)."""
+    return PrimitiveConstructorSpec(
+        nargs=1, metavar="{" + ",".join(choices) + "}" if choices else metavar,
+        instance_from_str=lambda args: args[0], choices=choices,
+        is_instance=lambda x: True, str_from_instance=lambda x: [str(x)])
+
+
+_POSITIVE = ("batch", "seq", "prompt", "gen", "reps", "max_batch", "procs", "steps")
+
+
 @dataclass(frozen=True)
 class BenchOptions:
-    """The options every benchmark draws from (the CLI's flags)."""
+    """The options every benchmark draws from: `structlm bench NAME`'s flags (a field's comment is
+    its --help)."""
 
-    device: torch.device
-    dtype: torch.dtype | None
-    quick: bool = False  # small shapes, few repetitions
-    backward: bool = False  # kernel/ffn: forward + backward
-    compile: bool = False  # ffn/train: torch.compile every variant
-    widths: tuple[int, ...] = (768, 1024, 1536, 2048)  # ffn
-    tokens: tuple[int, ...] = (1, 16, 256, 4096)  # ffn; kernel: the last one
-    batch: int | None = None  # decode/train/prefill
-    seq: int = 256  # train/prefill
-    prompt: int = 32  # decode
-    gen: int = 32  # decode/maxbatch
-    reps: int | None = None  # None: each benchmark's own default
-    max_batch: int = 4096  # maxbatch
-    calibrate: bool = False  # decode: calibrate pre-merge first
+    # a torch.device, or a name: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    device: Annotated[torch.device | str, _name("DEVICE")] = "auto"
+    # autocast dtype (None: fp32), or a name: auto (bf16 where the hardware is fast at it), bf16,
+    # fp32
+    dtype: Annotated[torch.dtype | str | None, _name("DTYPE", ("auto", "bf16", "fp32"))] = "auto"
+    quick: bool = False  # small shapes, few repetitions (under a minute)
+    backward: bool = False  # kernel/ffn: time forward + backward
+    compile: bool = False  # ffn/train: torch.compile every variant (compiled in the warm-up)
+    # ffn: 768,1024,1536,2048; coord: 64,128,256,512 (None: these, each benchmark's own)
+    widths: Annotated[tuple[int, ...] | None, _INTS] = None
+    # ffn: token counts; kernel: the last one
+    tokens: Annotated[tuple[int, ...], _INTS] = (1, 16, 256, 4096)
+    batch: int | None = None  # decode/train/prefill: batch size
+    seq: int = 256  # train/prefill: sequence length
+    prompt: int = 32  # decode: prompt tokens before timing
+    gen: int = 32  # decode/maxbatch: generated tokens
+    # repetitions (interleaved; kernel 7, others 5); coord: seeds per width
+    reps: int | None = None
+    max_batch: int = 4096  # maxbatch: stop searching here
+    calibrate: bool = False  # decode: calibrate pre-merge thresholds first
     procs: int = 2  # memory: ranks of each torchrun
-    concurrency: tuple[int, ...] = (1, 8, 32)  # serve: concurrent clients
-    kinds: tuple[str, ...] | None = None  # kernel/ffn: only these structures
-    against: Path | None = None  # train: nanoGPT's model.py, timed beside structlm's models
+    concurrency: Annotated[tuple[int, ...], _INTS] = (1, 8, 32)  # serve: concurrent clients
+    # kernel/ffn: only these structures
+    kinds: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="KIND [KIND ...]")] = None
+    against: Path | None = None  # train: nanoGPT's model.py (yours), timed at the same shapes
     steps: int = 5  # coord: AdamW steps per width
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # coord: lr, base_width
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # coord: its batch's source
+    # coord: lr, base_width (the CLI's --optim.* of the preset)
+    optim: Annotated[OptimConfig, tyro.conf.Suppress] = dataclasses.field(
+        default_factory=OptimConfig)
+    # coord: its batch's source (the CLI's --data.* of the preset)
+    data: Annotated[DataConfig, tyro.conf.Suppress] = dataclasses.field(
+        default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, str):
+            object.__setattr__(self, "device", autodetect_device(self.device))
+        if isinstance(self.dtype, str):
+            object.__setattr__(self, "dtype", autocast_dtype(self.device, self.dtype))
+        for name in _POSITIVE:
+            v = getattr(self, name)
+            if v is not None and not v >= 1:
+                raise ValueError(f"--{name} {v}: must be a positive integer")
+        for name in ("widths", "tokens", "concurrency"):
+            if any(v < 1 for v in getattr(self, name) or ()):
+                raise ValueError(f"--{name} {getattr(self, name)}: must be positive integers")
+        for kind in self.kinds or ():
+            if kind not in LINEARS:
+                raise ValueError(f"--kinds {kind}: unknown kind; choose from {sorted(LINEARS)}")
 
     def reps_or(self, default: int) -> int:
         """--reps where given, else the benchmark's own default."""
         return default if self.reps is None else self.reps
+
+    def widths_or(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        """--widths where given, else the benchmark's own default."""
+        return default if self.widths is None else self.widths
 
 
 @dataclass(frozen=True)
@@ -110,7 +171,6 @@ class Benchmark:
     plot: tuple[str, str, str] = ("batch", "tokens_per_s", "variant")  # x, y, one line per
     facet: str | None = None  # one panel per value of this column
     notes: Callable[[list[dict]], list[str]] | None = None  # lines printed after the table
-    widths: tuple[int, ...] = (768, 1024, 1536, 2048)  # --widths when not given
     draw: Callable[[list[dict], str, str], None] | None = None  # its own plot instead of plot_rows
 
 
@@ -132,7 +192,8 @@ def _coord(o: BenchOptions, m: ModelConfig) -> list[dict]:
     m = quick_model(m) if o.quick else m
     kinds = o.kinds or ("dense", *bench_kinds())
     seq = min(32 if o.quick else o.seq, m.block_size)
-    rows = coord_check(m, o.optim, o.data, o.widths, kinds, 3 if o.quick else o.steps,
+    rows = coord_check(m, o.optim, o.data, o.widths_or((64, 128, 256, 512)), kinds,
+                       3 if o.quick else o.steps,
                        1 if o.quick else o.reps_or(5), o.batch or 8, seq, o.device, o.dtype)
     return [{**r, **context(o.device, o.dtype)} for r in rows]
 
@@ -147,7 +208,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         ("kind", "d_in", "d_out", "rank", "nblocks", "tokens", "pass", "ms", "dense_ms",
          "speedup", "ideal", "efficiency"), plot=("tokens", "efficiency", "kind")),
     "ffn": Benchmark(
-        lambda o, m: bench_ffn(o.device, o.dtype, o.widths, o.tokens, o.backward, o.quick,
+        lambda o, m: bench_ffn(o.device, o.dtype, o.widths_or((768, 1024, 1536, 2048)), o.tokens,
+                               o.backward, o.quick,
                                compile=o.compile, kinds=o.kinds, reps=o.reps_or(5)),
         ("variant", "width", "tokens", "pass", "ms", "ms_min", "ms_max", "speedup", "ideal",
          "eager_ms", "eager_speedup", "vs_eager"),
@@ -188,7 +250,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         plot=("clients", "out_tok_per_s", "variant")),
     "coord": Benchmark(
         _coord, ("kind", "scaling", "layer", "width", "act_rms", "delta_rms", "slope"),
-        widths=(64, 128, 256, 512), draw=plot_coord),
+        draw=plot_coord),
     "crossover": Benchmark(
         _crossover, ("kind", "d_in", "d_out", "tokens", "structured_ms", "merged_ms", "speedup"),
         plot=("tokens", "speedup", "d_out"), facet="d_in", notes=_crossover_notes),

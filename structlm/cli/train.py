@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
+from typing import Annotated
 
-from structlm.cli.args import parse_run_config, positive_float
-from structlm.data.prepare import prepare
-from structlm.studies.info import format_info, model_info
-from structlm.training import train
+from structlm.cli.args import POSITIVE_FLOAT, ResumableSource, parse_run_config
+
+
+@dataclass(frozen=True)
+class InfoOptions:
+    """Parameter and FLOP table of a preset plus overrides (the paper's accounting)."""
+
+    # training tokens, for total training FLOPs
+    tokens: Annotated[float | None, POSITIVE_FLOAT] = None
+    json: bool = False  # print one JSON object instead of a table
 
 
 def cmd_info(argv: list[str]) -> None:
-    """Parameter and FLOP table of a preset plus overrides (the paper's accounting)."""
-    p = argparse.ArgumentParser(prog="structlm info", add_help=False)
-    p.add_argument("--tokens", type=positive_float, default=None,
-                   help="training tokens, for total training FLOPs")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    cfg, ns = parse_run_config("structlm info", argv, p)
-    info = model_info(cfg, ns.tokens)
-    print(json.dumps(info) if ns.json else format_info(cfg, info))
+    cfg, _, a = parse_run_config("structlm info", argv, InfoOptions,
+                                 description=InfoOptions.__doc__)
+    from structlm.studies.info import format_info, model_info
+
+    info = model_info(cfg, a.tokens)
+    print(json.dumps(info) if a.json else format_info(cfg, info))
 
 
 def cmd_prepare(argv: list[str]) -> None:
     """Tokenize a corpus into data_dir (train.bin, val.bin, tokenizer.json, meta.json)."""
-    cfg, _ = parse_run_config("structlm prepare", argv, argparse.ArgumentParser(add_help=False))
+    cfg, _, _ = parse_run_config("structlm prepare", argv, description=cmd_prepare.__doc__)
+    from structlm.data.prepare import prepare
+
     prepare(cfg.data)
 
 
 def cmd_train(argv: list[str]) -> None:
     """Train (or resume) a run; prints the validation perplexity and how to generate from it."""
-    p = argparse.ArgumentParser(prog="structlm train", add_help=False)
-    cfg, ns = parse_run_config("structlm train", argv, p, resume=True)
-    if ns.override and not ns.resume:
-        raise ValueError("--override changes a run being resumed; give it with --resume RUN_DIR")
-    s = train(cfg, override=ns.override)
+    cfg, src, _ = parse_run_config("structlm train", argv, source=ResumableSource,
+                                   description=cmd_train.__doc__)
+    from structlm.training import train
+    from structlm.utils.device import dist_info
+    from structlm.utils.units import amount
+
+    s = train(cfg, override=src.override)
+    if dist_info()[0] != 0:  # under torchrun, rank 0 says it once
+        return
     print(
-        f"\ndone: {s.steps} steps, {s.tokens / 1e6:.1f}M tokens in {s.wall_time_s / 60:.1f} min | "
+        f"\ndone: {s.steps} steps, {amount(s.tokens, 'tokens')} in {s.wall_time_s / 60:.1f} min | "
         f"val loss {s.final_val_loss:.4f} | val ppl {s.final_val_ppl:.2f}\n"
         f"run: {s.out_dir} (summary.json, metrics.jsonl, loss.png, checkpoints/)\n"
         f"generate: structlm generate {s.out_dir} --prompt \"ROMEO:\""

@@ -25,8 +25,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+import tyro
 
 from structlm.studies.scaling import FITS, MIN_POINTS, bootstrap, predict
 
@@ -38,14 +40,34 @@ _GRID = np.geomspace(0.05, 2.0, 48)
 
 @dataclass(frozen=True)
 class PlanOptions:
-    flops: float | None = None  # the compute budget (training FLOPs)
-    target_loss: float | None = None  # instead/also: the loss to reach, at least compute
+    """What to plan for: a compute budget, a target loss or both, and how far a fit is trusted
+    (`structlm plan`'s flags; a field's comment is its --help)."""
+
+    flops: float | None = None  # compute budget (training FLOPs)
+    # the validation loss to reach (with --flops: families that miss it are not recommended;
+    # alone: the least compute per family)
+    target_loss: float | None = None
     max_params: float | None = None  # a parameter limit (Chinchilla fits: the constrained optimum)
-    form: str = "power"  # the L(C) form where L(N, D) is not identified
-    max_extrapolation: float = 10.0  # refuse budgets beyond this factor of the fitted range
-    extrapolate: bool = False  # ... unless set
-    n_boot: int = 300
-    seed: int = 0
+    # the L(C) form where a family's runs cannot separate N from D
+    form: Literal["power", "saturating"] = "power"
+    max_extrapolation: float = 10.0  # refuse budgets beyond this factor of a family's fitted range
+    extrapolate: bool = False  # predict beyond it anyway
+    # bootstrap resamples (0: no intervals)
+    n_boot: Annotated[int, tyro.conf.arg(name="bootstrap")] = 300
+    seed: int = 0  # the bootstrap's random seed
+
+    def __post_init__(self) -> None:
+        for name in ("flops", "target_loss", "max_params"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name} {v:g} is not a positive number")
+        if not self.max_extrapolation > 0:  # inf: never refuse
+            raise ValueError(f"--max_extrapolation {self.max_extrapolation:g} is not a positive "
+                             "number")
+        if self.form not in FITS:
+            raise ValueError(f"--form {self.form!r}: choose one of {sorted(FITS)}")
+        if self.n_boot < 0:
+            raise ValueError(f"--bootstrap {self.n_boot} must be >= 0")
 
 
 def paper_rows() -> list[dict]:
@@ -181,7 +203,10 @@ def _plan_lc(rows: list[dict], flops: float, o: PlanOptions) -> dict:
         except (ValueError, np.linalg.LinAlgError):
             continue
         boot.append(float(predict(refit, flops)))
-    plan["loss_ci"] = _interval(boot)
+    exact = len({r["train_flops"] for r in rows}) <= MIN_POINTS[o.form]
+    # as many points as the law has parameters: the fit passes through every one, and every
+    # resample refits the same curve; an interval of zero width would be false certainty
+    plan["loss_ci"] = (math.nan, math.nan) if exact else _interval(boot)
     if o.max_params is not None and n > o.max_params:
         plan["infeasible"] = f"its size rule gives {n:.3g} params > --max_params {o.max_params:.3g}"
     return plan
@@ -258,10 +283,11 @@ def format_budget_plan(result: dict) -> str:
             lines.append(f"{p['family']:>14}  {p.get('skipped') or p.get('refused')}")
             continue
         lo, hi = p["loss_ci"]
+        ci = f"[{lo:.4f}, {hi:.4f}]" if math.isfinite(lo) else "none (too few runs)"
         lines.append(
             f"{p['family']:>14} {p['law']:>16} {p['flops']:>9.3g} {p['params']:>9.3g} "
             f"{p['tokens']:>9.3g} {p['tokens'] / p['params']:>9.1f} {p['loss']:>7.4f} "
-            f"{f'[{lo:.4f}, {hi:.4f}]':>17} {math.exp(p['loss']):>8.2f}"
+            f"{ci:>17} {math.exp(p['loss']):>8.2f}"
             + (f"  ({p['infeasible']})" if "infeasible" in p else "")
             + ("  (misses the target)" if p.get("meets_target") is False else ""))
     best = result["recommendation"]

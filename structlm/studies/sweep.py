@@ -41,8 +41,11 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
+import tyro
 from tqdm import tqdm
+from tyro.constructors import PrimitiveConstructorSpec
 
 from structlm.config import (
     PRESETS,
@@ -65,32 +68,52 @@ GRID_KEYS = ("sizes", "structures", "sgt", "preset", "set", "tag")
 _SIZE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?$")  # LxD or LxDhH: layers, width, heads
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+# booleans on the command line: --sgt false true
+_BOOLS = PrimitiveConstructorSpec(
+    nargs="+", metavar="{true,false} ...", instance_from_str=lambda args: tuple(map(_bool, args)),
+    is_instance=lambda x: isinstance(x, tuple | list),
+    str_from_instance=lambda x: [str(v).lower() for v in x])
+
+
 @dataclass
 class SweepConfig:
-    """A grid of runs and the rule that gives each its token budget."""
+    """A grid of runs and the rule that gives each its token budget (`structlm sweep`'s flags and
+    a sweep file's keys; a field's comment is its --help)."""
 
     out_dir: str = "runs/sweep"  # one run directory per planned run inside it
     preset: str = "small"  # the base run every grid point modifies
     config: str | None = None  # or a saved config.json as the base
     # every run: dotted overrides of the base, e.g. "train.batch_size=64", "optim.lr=1e-3"
-    set: tuple[str, ...] = ()
+    set: Annotated[tuple[str, ...], tyro.conf.arg(metavar="PATH=VALUE")] = ()
     # model sizes "LxD" (layers x width, d_ff = 4*D, D/64 heads) or "LxDhH"; empty = the base size
-    sizes: tuple[str, ...] = ()
+    sizes: Annotated[tuple[str, ...], tyro.conf.arg(metavar="LxD")] = ()
     # "dense" or "KIND:FRACTION" (KIND a registered structure), hparams by its budget rule
-    structures: tuple[str, ...] = ("dense", "lowrank:0.63", "lowrank:0.32")
-    sgt: tuple[bool, ...] = (False,)  # self-guided training off/on for each structured run
+    structures: Annotated[tuple[str, ...], tyro.conf.arg(metavar="KIND:FRAC")] = (
+        "dense", "lowrank:0.63", "lowrank:0.32")
+    # self-guided training off/on for each structured run
+    sgt: Annotated[tuple[bool, ...], _BOOLS] = (False,)
     tokens_per_param: float | None = None  # budget: tokens = ratio x params
     param_group: str = "total"  # which param_groups entry counts: total | non_embedding | matrix
-    budget_from: str = "dense"  # tokens_per_param of the size's dense model, or of "self"
+    # with tokens_per_param: of the size's dense model, or of each run's own ("self")
+    budget_from: Literal["dense", "self"] = "dense"
     flops: float | None = None  # budget: the same training FLOPs for every run (iso-FLOP)
     tokens: float | None = None  # budget: the same tokens for every run
     evals: int = 4  # periodic validations per run (the final one always happens)
     # [[grid]] tables of a sweep file: sub-grids overriding sizes/structures/sgt, and preset/set
     # (a sub-grid on its own base, e.g. one paper size each) (not a CLI flag)
-    grids: tuple[dict, ...] = ()
-    # the plan's GPU-hours per run: train FLOPs / (gpu_peak_flops x mfu); None = not shown
-    gpu_peak_flops: float | None = None  # per GPU, e.g. 989e12 (H100 SXM bf16 dense)
-    mfu: float = 0.4  # model FLOPs utilisation assumed for the estimate
+    grids: Annotated[tuple[dict, ...], tyro.conf.Suppress] = ()
+    # per GPU, e.g. 989e12 (H100 SXM bf16 dense): the plan shows each run's GPU-hours, train
+    # FLOPs / (gpu_peak_flops x mfu); None = not shown
+    gpu_peak_flops: float | None = None
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the GPU-hours
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(SweepConfig)
@@ -104,8 +127,6 @@ class SweepConfig:
             )
         if rules[0] <= 0:
             raise ValueError(f"the sweep budget must be positive, got {rules[0]}")
-        if self.budget_from not in ("dense", "self"):
-            raise ValueError(f"budget_from={self.budget_from!r}: choose 'dense' or 'self'")
         if self.evals < 0:
             raise ValueError(f"evals={self.evals} must be >= 0")
         if not 0 < self.mfu <= 1:
@@ -132,8 +153,9 @@ class PlannedRun:
     train_flops: float  # the run's expected training FLOPs (guides included)
 
 
-def load_sweep(path: str, **overrides) -> SweepConfig:
-    """A SweepConfig from a TOML file, with CLI overrides (None values ignored) on top."""
+def read_sweep_file(path: str) -> dict:
+    """A sweep file's keys as SweepConfig fields (its [[grid]] tables as `grids`, lists as tuples),
+    unchecked; an unknown key, bad TOML or a missing file is refused by name."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist")
@@ -146,6 +168,12 @@ def load_sweep(path: str, **overrides) -> SweepConfig:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {path}; valid keys: {sorted(names)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def load_sweep(path: str, **overrides) -> SweepConfig:
+    """A SweepConfig from a TOML file, with overrides (None values ignored) on top."""
+    d = read_sweep_file(path)
     d.update({k: v for k, v in overrides.items() if v is not None})
     for k in ("set", "sizes", "structures", "sgt"):
         if k in d:
