@@ -1,10 +1,17 @@
 """structlm serve: a real uvicorn server on an ephemeral loopback port, driven by the official
 openai client and by raw HTTP: completions and chat, streaming, batched = alone under greedy
-decoding, every bad input answered in the OpenAI error format, disconnects, the queue limit, the
-API key, and the per-step pre-merge dispatch in /metrics."""
+decoding, every bad input answered in the OpenAI error format, the body size limit, an event loop
+that keeps answering while prompts are tokenized, disconnects, the queue limit, the API key, the
+Prometheus metrics (with the per-step pre-merge dispatch), and a graceful SIGTERM."""
 
 import http.client
 import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +26,11 @@ from structlm.runs import checkpoint
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+pytest.importorskip("prometheus_client")
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from structlm.serving import api  # noqa: E402
 from structlm.serving.engine import stop_prefix  # noqa: E402
 from structlm.serving.server import BackgroundServer, build  # noqa: E402
 
@@ -67,16 +78,36 @@ class Server(BackgroundServer):
         conn.close()
         return out
 
-    def get(self, path: str) -> str:
+    def fetch(self, path: str, headers=None) -> tuple[int, str]:
+        """GET path: (status, text)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("GET", path)
-        text = conn.getresponse().read().decode()
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        out = r.status, r.read().decode()
         conn.close()
-        return text
+        return out
 
-    def metric(self, name: str) -> float:
-        return sum(float(ln.split()[-1]) for ln in self.get("/metrics").splitlines()
-                   if ln.startswith(f"structlm_{name}"))
+    def get(self, path: str, headers=None) -> str:
+        return self.fetch(path, headers)[1]
+
+    def post_chunked(self, path: str, size: int, chunk: int = 2**16) -> tuple[int, dict]:
+        """POST `size` bytes of a JSON body in chunks (Transfer-Encoding: chunked, no
+        Content-Length)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        body = b'{"prompt": "' + b"a" * (size - 14) + b'"}'
+        conn.request("POST", path, (body[i:i + chunk] for i in range(0, size, chunk)),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    def metric(self, name: str, headers=None, **labels: str) -> float:
+        """The sum of the /metrics samples named `structlm:<name>` whose labels include
+        `labels`."""
+        families = text_string_to_metric_families(self.get("/metrics", headers))
+        return sum(s.value for f in families for s in f.samples
+                   if s.name == f"structlm:{name}" and labels.items() <= s.labels.items())
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +146,15 @@ def test_batched_outputs_equal_alone_and_dispatch_follows_the_batch(server):
     lengths = [20 + (i * 5) % 24 for i in range(32)]
     ask = lambda i: server.client.completions.create(  # noqa: E731
         model="run", prompt=prompts[i], max_tokens=lengths[i], temperature=0).choices[0].text
-    before = server.metric('layer_calls_total{kind="lowrank",d_in="32",d_out="128",path="merged"')
+    shape = {"kind": "lowrank", "d_in": "32", "d_out": "128"}
+    before = server.metric("layer_calls_total", **shape, path="merged")
     alone = [ask(i) for i in range(32)]
-    assert server.metric(
-        'layer_calls_total{kind="lowrank",d_in="32",d_out="128",path="merged"') > before
+    assert server.metric("layer_calls_total", **shape, path="merged") > before
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(ask, range(32)))
     assert together == alone
     assert server.metric("peak_batch_size") >= 16
-    assert server.metric('layer_calls_total{kind="lowrank",d_in="32",d_out="128",'
-                         'path="structured"') > 0
+    assert server.metric("layer_calls_total", **shape, path="structured") > 0
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [
@@ -211,7 +241,7 @@ def test_a_prompt_longer_than_a_prefill_chunk_is_chunked_to_the_same_output(run,
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
-    cancelled = server.metric('requests_total{outcome="cancelled"}')
+    cancelled = server.metric("request_success_total", finished_reason="abort")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": "Scene", "max_tokens": 64, "stream": True, "temperature": 1.0, "seed": 0}),
@@ -221,10 +251,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     conn.sock.close()
     conn.close()
     for _ in range(200):
-        if server.metric('requests_total{outcome="cancelled"}') > cancelled:
+        if server.metric("request_success_total", finished_reason="abort") > cancelled:
             break
         time.sleep(0.05)
-    assert server.metric('requests_total{outcome="cancelled"}') == cancelled + 1
+    assert server.metric("request_success_total", finished_reason="abort") == cancelled + 1
     assert json.loads(server.get("/health"))["running"] == 0
 
 
@@ -237,8 +267,8 @@ def test_a_client_that_disconnects_during_a_whole_response_frees_its_slot(server
     forward = server.engine._forward
     monkeypatch.setattr(server.engine, "_forward",
                         lambda *a: (time.sleep(0.05), forward(*a))[1])
-    cancelled = server.metric('requests_total{outcome="cancelled"}')
-    length = server.metric('requests_total{outcome="length"}')
+    cancelled = server.metric("request_success_total", finished_reason="abort")
+    length = server.metric("request_success_total", finished_reason="length")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     while server.engine.stats.generated_tokens == 0 or server.engine.running == 0:
@@ -247,11 +277,11 @@ def test_a_client_that_disconnects_during_a_whole_response_frees_its_slot(server
     conn.sock.close()
     conn.close()
     for _ in range(40):  # 2 s: the 64 tokens would take 3.2 s
-        if server.metric('requests_total{outcome="cancelled"}') > cancelled:
+        if server.metric("request_success_total", finished_reason="abort") > cancelled:
             break
         time.sleep(0.05)
-    assert server.metric('requests_total{outcome="cancelled"}') == cancelled + 1
-    assert server.metric('requests_total{outcome="length"}') == length
+    assert server.metric("request_success_total", finished_reason="abort") == cancelled + 1
+    assert server.metric("request_success_total", finished_reason="length") == length
     assert json.loads(server.get("/health"))["running"] == 0
 
 
@@ -274,6 +304,208 @@ def test_queue_limit_answers_429_and_api_key_401(run):
             assert first.result(timeout=60)[0] == 200
     finally:
         s.close()
+
+
+def test_a_body_over_the_limit_is_a_413_with_or_without_content_length(server):
+    """Over the 4 MiB default: 413 in the OpenAI error format, whether Content-Length says so or
+    the chunked bytes pass the limit; a body of exactly the limit is served."""
+    limit = api.MAX_BODY
+    assert limit == 4 * 2**20
+    small = json.dumps({"prompt": "Scene", "max_tokens": 2}).encode()
+    answers = [server.post("/v1/completions", small + b" " * (limit + 1 - len(small))),
+               server.post_chunked("/v1/completions", limit + 1),
+               server.post_chunked("/v1/chat/completions", 3 * limit)]
+    for code, out in answers:
+        assert code == 413, out
+        assert set(out["error"]) == {"message", "type", "param", "code"}
+        assert out["error"]["type"] == "invalid_request_error"
+        assert out["error"]["code"] == "request_too_large" and f"{limit:,} bytes" in out[
+            "error"]["message"]
+    code, out = server.post("/v1/completions", small + b" " * (limit - len(small)))
+    assert code == 200 and out["usage"]["completion_tokens"] == 2
+
+
+def test_health_answers_while_a_big_prompt_is_tokenized(server, monkeypatch):
+    """Tokenizing a 3 MiB prompt (slowed to 3 s here) happens off the event loop: /health answers
+    before the tokenizer returns, and the prompt is then refused as over the context."""
+    entered, returned = threading.Event(), []
+    token_ids = api.token_ids
+
+    def slow(tokenizer, text):
+        entered.set()
+        time.sleep(3)
+        returned.append(time.monotonic())
+        return token_ids(tokenizer, text)
+
+    monkeypatch.setattr(api, "token_ids", slow)
+    with ThreadPoolExecutor(1) as pool:
+        big = pool.submit(server.post, "/v1/completions", {"prompt": "and the " * 3 * 2**17})
+        assert entered.wait(30)
+        health = json.loads(server.get("/health"))
+        answered = time.monotonic()
+        code, out = big.result(timeout=60)
+    assert health["status"] == "ok"
+    assert answered < returned[0]  # /health answered while the tokenizer was still at work
+    assert code == 400 and out["error"]["code"] == "context_length_exceeded", out
+    assert "characters alone have" in out["error"]["message"]  # refused by its beginning
+
+
+def test_metrics_need_the_api_key_and_health_does_not(run):
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=1, api_key="sekret")
+    s = Server(app, engine, start_engine=False)
+    try:
+        code, text = s.fetch("/metrics")
+        assert code == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+        code, text = s.fetch("/metrics", {"Authorization": "Bearer wrong"})
+        assert code == 401
+        code, text = s.fetch("/metrics", {"Authorization": "Bearer sekret"})
+        assert code == 200 and "structlm:num_requests_waiting" in text
+        code, text = s.fetch("/health")
+        assert code == 200 and json.loads(text)["status"] == "ok"
+    finally:
+        s.close()
+
+
+def test_metrics_count_the_tokens_and_requests_served(run):
+    """After two completions (one streamed) on a fresh server, /metrics parses as Prometheus
+    text: the token counters equal the usage served, every request histogram counted each
+    request once, the inter-token histogram each token after a request's first."""
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=2, max_tokens=64)
+    s = Server(app, engine)
+    try:
+        whole = s.client.completions.create(model="run", prompt="Scene 1", max_tokens=9,
+                                            temperature=0)
+        chunks = list(s.client.completions.create(
+            model="run", prompt="Scene 2. and the", max_tokens=13, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        usages = [whole.usage, chunks[-1].usage]
+        reasons = [whole.choices[0].finish_reason,
+                   next(c.choices[0].finish_reason for c in chunks
+                        if c.choices and c.choices[0].finish_reason)]
+        families = {f.name: f for f in text_string_to_metric_families(s.get("/metrics"))}
+    finally:
+        s.close()
+
+    def value(family: str, sample: str, **labels) -> float:
+        return sum(x.value for x in families[f"structlm:{family}"].samples
+                   if x.name == f"structlm:{sample}" and labels.items() <= x.labels.items())
+
+    assert value("prompt_tokens", "prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    generated = sum(u.completion_tokens for u in usages)
+    assert value("generation_tokens", "generation_tokens_total") == generated
+    for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds"):
+        assert value(h, f"{h}_count") == 2, h
+        assert value(h, f"{h}_bucket", le="+Inf") == 2, h
+    # a request that stopped at end-of-text sampled that token too (not in its usage)
+    sampled = generated + reasons.count("stop")
+    assert value("inter_token_latency_seconds", "inter_token_latency_seconds_count") == \
+        sampled - 2
+    assert value("e2e_request_latency_seconds", "e2e_request_latency_seconds_sum") >= value(
+        "time_to_first_token_seconds", "time_to_first_token_seconds_sum") > 0
+    for reason in ("stop", "length"):
+        assert value("request_success", "request_success_total", finished_reason=reason,
+                     model_name="run") == reasons.count(reason)
+    assert value("request_success", "request_success_total") == 2
+    assert value("num_requests_running", "num_requests_running") == 0
+    assert value("num_requests_waiting", "num_requests_waiting") == 0
+
+
+def test_sigterm_stops_structlm_serve_gracefully_with_exit_0(run):
+    """`structlm serve --port 0` in a subprocess: a stream in flight when SIGTERM comes still
+    ends with [DONE], and the process exits 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "structlm", "serve", str(run), "--port", "0", "--device", "cpu",
+         "--dtype", "fp32", "--max_tokens", "80"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout] + [lines.put("")],
+                     daemon=True).start()
+    try:
+        line = lines.get(timeout=120)
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert port, (line, proc.stderr.read() if proc.poll() is not None else "")
+        conn = http.client.HTTPConnection("127.0.0.1", int(port.group(1)), timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": "Scene", "max_tokens": 80, "stream": True, "temperature": 1.0,
+             "seed": 0}), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        assert r.read().rstrip().endswith(b"data: [DONE]")  # the stream finished
+        conn.close()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stream_chunks(port: int, body: dict) -> int:
+    """One streamed completion to its end: the number of its events before [DONE]."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    text = r.read()
+    conn.close()
+    assert r.status == 200 and text.rstrip().endswith(b"data: [DONE]"), text[-200:]
+    return text.count(b"data: ") - 1
+
+
+@pytest.mark.slow
+def test_under_load_a_10_mb_body_is_a_413_and_health_answers_within_1_s(run, record_property):
+    """The issue's acceptance test: while 32 clients stream completions back to back, a 10 MiB
+    body (with Content-Length, and chunked) is answered 413 and a 3 MiB prompt is tokenized and
+    refused as over the context; /health, polled throughout, answers every time, the slowest
+    within 1 s."""
+    app, engine = build(str(run), device="cpu", dtype="fp32", max_batch=32, max_tokens=64)
+    s = Server(app, engine)
+    stop = threading.Event()
+
+    def client(i: int) -> int:
+        done = 0
+        while not stop.is_set():
+            done += stream_chunks(s.port, {"prompt": f"Scene {i}", "max_tokens": 64,
+                                           "temperature": 1.0, "seed": 1000 * i + done}) > 0
+        return done
+
+    def poll() -> list[float]:
+        latencies = []
+        while not stop.is_set():
+            t = time.perf_counter()
+            assert json.loads(s.get("/health"))["status"] == "ok"
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.05)
+        return latencies
+
+    big = b'{"prompt": "' + b"a" * (10 * 2**20) + b'"}'
+    try:
+        with ThreadPoolExecutor(33) as pool:
+            try:
+                clients = [pool.submit(client, i) for i in range(32)]
+                health = pool.submit(poll)
+                deadline = time.monotonic() + 120
+                while engine.stats.peak_batch < 16 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert engine.stats.peak_batch >= 16  # the clients decode together
+                answers = [s.post("/v1/completions", big),
+                           s.post_chunked("/v1/completions", 10 * 2**20),
+                           s.post("/v1/completions", {"prompt": "and the " * 3 * 2**17})]
+                time.sleep(2)
+            finally:
+                stop.set()
+            served = [c.result(timeout=120) for c in clients]
+            latencies = health.result(timeout=60)
+    finally:
+        s.close()
+    assert [code for code, _ in answers] == [413, 413, 400], answers
+    assert answers[2][1]["error"]["code"] == "context_length_exceeded"
+    assert all(n > 0 for n in served) and len(latencies) >= 20
+    record_property("max_health_latency_s", max(latencies))
+    print(f"/health: {len(latencies)} calls under load, max {max(latencies) * 1e3:.0f} ms, "
+          f"{sum(served)} streams served")
+    assert max(latencies) < 1.0
 
 
 @pytest.mark.slow

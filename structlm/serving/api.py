@@ -4,9 +4,11 @@ here (the optional `[serve]` extra).
 
 Every error is an OpenAI-format JSON body with a 4xx status (bad JSON, non-UTF-8 bodies, wrong
 types, unknown fields, prompts beyond the context, limits, sampling values out of range); the
-server keeps serving. A full queue answers 429; with an API key, requests without its bearer
-token get 401. A client that disconnects (streaming or not) frees its slot at the next engine
-step.
+server keeps serving. A body over the size limit answers 413 before anything parses it; a full
+queue answers 429; with an API key, /v1/ and /metrics requests without its bearer token get 401
+(/health stays open). Bodies are validated, chat templates rendered and prompts tokenized in
+worker threads, so the event loop (/health, streams) keeps answering meanwhile. A client that
+disconnects (streaming or not) frees its slot at the next engine step.
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from jinja2 import TemplateError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenizers import Tokenizer
 
 from structlm.serving.engine import ContextTooLong, Engine, Event, QueueFull, Request
+from structlm.serving.metrics import ServingMetrics
 from structlm.serving.schemas import ChatBody, CompletionBody, error_body
+
+MAX_BODY = 4 * 2**20  # bytes: the default request size limit (4 MiB)
+# a prompt of more characters than this per context position is first tokenized by its beginning:
+# if that alone fills the context (with SLACK tokens to spare for the cut), it is refused without
+# tokenizing megabytes
+HEAD_CHARS_PER_TOKEN = 16
+SLACK = 16
 
 
 @dataclass
@@ -37,6 +49,7 @@ class ServeConfig:
     chat_template: str | None = None  # jinja, from the run's tokenizer files
     bos: str = ""
     eos: str = ""
+    max_body: int = MAX_BODY  # bytes a request body may hold
 
 
 class BadRequest(Exception):
@@ -47,14 +60,16 @@ class BadRequest(Exception):
 
 
 class RequireKey:
-    """ASGI middleware: /v1/ paths need `Authorization: Bearer KEY`. Plain ASGI, not Starlette's
-    BaseHTTPMiddleware, through which a handler could never see its client disconnect."""
+    """ASGI middleware: /v1/ paths and /metrics need `Authorization: Bearer KEY`. Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, through which a handler could never see its client
+    disconnect."""
 
-    def __init__(self, app, key: str) -> None:
+    def __init__(self, app: ASGIApp, key: str) -> None:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
-    async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1/")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http"
+                and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics")
                 and dict(scope["headers"]).get(b"authorization") != self.expected):
             body = error_body("missing or wrong API key (Authorization: Bearer KEY)",
                               code="invalid_api_key")
@@ -62,12 +77,59 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 (OpenAI's error format)
+    before the app sees it: at once when its Content-Length says so, else as soon as the bytes
+    received (a chunked body) pass the limit. The body read here is handed to the app whole;
+    of a refused one, uvicorn reads and discards what the client still sends."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what comes next: the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (f"the request body is larger than this server's limit of {self.limit:,} bytes "
+                   "(structlm serve --max_body_mb)")
+        response = JSONResponse(error_body(message, code="request_too_large"), status_code=413)
+        await response(scope, receive, send)
+
+
 def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
+    """The app serving `engine`; its metrics become the engine's observer."""
     app = FastAPI(title="structlm", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     template = compile_template(cfg.chat_template) if cfg.chat_template else None
+    metrics = ServingMetrics(engine, cfg.name)
+    engine.observer = metrics
 
-    if cfg.api_key:
+    app.add_middleware(LimitBody, limit=cfg.max_body)
+    if cfg.api_key:  # added last, so outermost: a request without the key is not even read
         app.add_middleware(RequireKey, key=cfg.api_key)
 
     @app.exception_handler(BadRequest)
@@ -84,36 +146,55 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
                                             "created": created, "owned_by": "structlm"}]}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await parse(request, CompletionBody, cfg)
-        ids = encode(tokenizer, body.prompt, engine, "prompt")
-        return await run(request, engine, body, ids, cfg, budget(body.max_tokens, 16, cfg))
+        arrival = time.monotonic()
+        raw = await request.body()
+        body, ids = await asyncio.to_thread(completion_input, raw, tokenizer, engine, cfg)
+        n = budget(body.max_tokens, 16, cfg)
+        return await run(request, engine, body, ids, cfg, n, arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
+        arrival = time.monotonic()
         if template is None:
             raise BadRequest("this model has no chat template (its tokenizer files define none); "
                              "use /v1/completions", status=404, code="no_chat_template")
-        body = await parse(request, ChatBody, cfg)
-        try:
-            text = template.render(
-                messages=[m.model_dump(exclude_none=True) for m in body.messages],
-                add_generation_prompt=True, bos_token=cfg.bos, eos_token=cfg.eos)
-        except TemplateError as e:
-            raise BadRequest(f"this model's chat template refuses these messages: {e}",
-                             "messages") from None
-        ids = encode(tokenizer, text, engine, "messages")
+        raw = await request.body()
+        body, ids = await asyncio.to_thread(chat_input, raw, template, tokenizer, engine, cfg)
         n = budget(body.max_completion_tokens or body.max_tokens, 256, cfg)
-        return await run(request, engine, body, ids, cfg, n, chat=True)
+        return await run(request, engine, body, ids, cfg, n, arrival, chat=True)
 
     return app
 
 
-def compile_template(source: str):
+def completion_input(raw: bytes, tokenizer: Tokenizer, engine: Engine,
+                     cfg: ServeConfig) -> tuple[CompletionBody, list[int]]:
+    """A completion request's body and prompt ids, or a BadRequest (run in a worker
+    thread)."""
+    body = parse(raw, CompletionBody, cfg)
+    return body, encode(tokenizer, body.prompt, engine, "prompt")
+
+
+def chat_input(raw: bytes, template: Template, tokenizer: Tokenizer, engine: Engine,
+               cfg: ServeConfig) -> tuple[ChatBody, list[int]]:
+    """A chat request's body and the ids of its rendered messages, or a BadRequest (run in a
+    worker thread)."""
+    body = parse(raw, ChatBody, cfg)
+    try:
+        text = template.render(
+            messages=[m.model_dump(exclude_none=True) for m in body.messages],
+            add_generation_prompt=True, bos_token=cfg.bos, eos_token=cfg.eos)
+    except TemplateError as e:
+        raise BadRequest(f"this model's chat template refuses these messages: {e}",
+                         "messages") from None
+    return body, encode(tokenizer, text, engine, "messages")
+
+
+def compile_template(source: str) -> Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message):
@@ -122,9 +203,8 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
-async def parse(request: HTTPRequest, schema, cfg: ServeConfig):
+def parse(raw: bytes, schema, cfg: ServeConfig):
     """The body as `schema`, or a BadRequest naming what is wrong."""
-    raw = await request.body()
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -153,18 +233,37 @@ async def parse(request: HTTPRequest, schema, cfg: ServeConfig):
 
 
 def encode(tokenizer: Tokenizer, text: str, engine: Engine, param: str) -> list[int]:
+    """The prompt's ids (an empty prompt: the end-of-text id), or a BadRequest: an unpaired
+    surrogate, or no room left in the context. A text of more than HEAD_CHARS_PER_TOKEN characters
+    per context position is first tokenized up to a space near that length: when that beginning
+    alone has SLACK tokens more than the context, the prompt is refused without tokenizing the
+    rest."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise BadRequest(f"{param} holds an unpaired UTF-16 surrogate ({text[e.start]!r} at "
                          f"character {e.start}): send valid Unicode text", param) from None
-    ids = tokenizer.encode(text).ids if text else []
+
+    def too_long(has: str) -> BadRequest:
+        return BadRequest(f"This model's maximum context length is {engine.max_len} tokens; the "
+                          f"prompt has {has}: shorten it", param, code="context_length_exceeded")
+
+    head = HEAD_CHARS_PER_TOKEN * engine.max_len
+    if len(text) > head:
+        cut = text.rfind(" ", head // 2, head)  # where a pre-tokenizer splits too
+        cut = cut if cut > 0 else head
+        if (n := len(token_ids(tokenizer, text[:cut]))) >= engine.max_len + SLACK:
+            raise too_long(f"more than that (its first {cut:,} characters alone have {n})")
+    ids = token_ids(tokenizer, text) if text else []
     ids = ids or [engine.eos]
     if len(ids) >= engine.max_len:
-        raise BadRequest(f"This model's maximum context length is {engine.max_len} tokens; the "
-                         f"prompt has {len(ids)}: shorten it", param,
-                         code="context_length_exceeded")
+        raise too_long(str(len(ids)))
     return ids
+
+
+def token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of `text` (a module-level function, so that tests can slow it down)."""
+    return tokenizer.encode(text).ids
 
 
 def budget(asked: int | None, default: int, cfg: ServeConfig) -> int:
@@ -179,11 +278,14 @@ def budget(asked: int | None, default: int, cfg: ServeConfig) -> int:
 
 
 async def run(request: HTTPRequest, engine: Engine, body, ids: list[int], cfg: ServeConfig,
-              max_tokens: int, chat: bool = False) -> Response:
+              max_tokens: int, arrival: float, chat: bool = False) -> Response:
+    """Submits the request (arrived at `arrival`, time.monotonic) and answers it, streamed or
+    whole."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client left
     req = Request(ids, max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  body.temperature, body.top_p, tuple(body.stop or ()), body.seed)
+                  body.temperature, body.top_p, tuple(body.stop or ()), body.seed,
+                  submitted=arrival)
     try:
         engine.submit(req)
     except QueueFull as e:
@@ -296,32 +398,3 @@ async def cancel_on_disconnect(http: HTTPRequest, req: Request, engine: Engine,
             events.put_nowait(None)
             return
         await asyncio.sleep(every)
-
-
-def render_metrics(engine: Engine) -> str:
-    """Prometheus text format."""
-    s = engine.stats
-    out = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        out.extend([f"# HELP structlm_{name} {help_}", f"# TYPE structlm_{name} {kind}"])
-        out.extend(f"structlm_{name}{labels} {value}" for labels, value in samples)
-
-    metric("requests_total", "counter", "Finished requests by outcome.",
-           [(f'{{outcome="{k}"}}', v) for k, v in s.requests.items()])
-    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", s.prompt_tokens)])
-    metric("generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)])
-    metric("tokens_per_second", "gauge", "Decoded tokens per second over the last 10 s.",
-           [("", round(s.tokens_per_s(), 3))])
-    metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", engine.queue_depth)])
-    metric("running", "gauge", "Requests holding a slot.", [("", engine.running)])
-    metric("batch_size", "gauge", "Sequences in the last decode step.", [("", s.last_batch)])
-    metric("peak_batch_size", "gauge", "The most sequences one decode step has held.",
-           [("", s.peak_batch)])
-    metric("decode_steps_total", "counter", "Decode forwards.", [("", s.decode_steps)])
-    metric("prefill_chunks_total", "counter", "Prefill forwards.", [("", s.prefill_chunks)])
-    metric("layer_calls_total", "counter",
-           "Calls of each structured layer shape by path (merged dense or structured factors).",
-           [(f'{{kind="{k}",d_in="{n}",d_out="{m}",path="{p}"}}', c)
-            for (k, n, m), paths in engine.layer_paths().items() for p, c in paths.items()])
-    return "\n".join(out) + "\n"

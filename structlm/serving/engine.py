@@ -9,7 +9,9 @@ number of tokens in the call, so the dispatch follows the batch size step by ste
 layer shape for /metrics).
 
 The engine runs in its own thread; `submit` and `cancel` are safe from any thread, and a request's
-`emit` callback receives its text deltas and the finish reason from the engine thread.
+`emit` callback receives its text deltas and the finish reason from the engine thread. Its
+`observer` hears the timings and counts of every request (structlm.serving.metrics turns them into
+Prometheus metrics).
 """
 
 from __future__ import annotations
@@ -48,6 +50,24 @@ class Event:
     completion_tokens: int = 0
 
 
+class Observer:
+    """What the engine reports as requests move through it, from the engine thread (no-op here).
+    Times are seconds of `time.monotonic`."""
+
+    def admitted(self, queued_s: float) -> None:
+        """A request left the queue for a slot after `queued_s` in it."""
+
+    def prefilled(self, tokens: int) -> None:
+        """A request's whole prompt of `tokens` tokens is in the cache."""
+
+    def token(self, gap_s: float, first: bool, output: bool) -> None:
+        """A request sampled a token, `gap_s` after its previous one (the first: after its
+        arrival); `output`: the token is part of the completion (not the end-of-text token)."""
+
+    def finished(self, reason: str, e2e_s: float) -> None:
+        """A request ended ("stop", "length", "cancelled" or "error") `e2e_s` after arriving."""
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -65,12 +85,16 @@ class Request:
     cancelled: bool = False
     done: bool = False
     generator: torch.Generator | None = None
+    # when it arrived (the API passes its handler's start)
     submitted: float = field(default_factory=time.monotonic)
+    queued: float = 0.0  # when `submit` queued it
+    last_token: float | None = None  # when it sampled its latest token
 
 
 @dataclass
 class Stats:
-    """Counters /metrics reports (read without a lock: plain ints and floats)."""
+    """Counters of the engine's work (plain ints and floats, read without a lock); /metrics
+    reports the step-level ones (structlm.serving.metrics)."""
 
     requests: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "cancelled": 0,
                                                     "error": 0})
@@ -93,6 +117,7 @@ class Engine:
         self, model: nn.Module, tokenizer: Tokenizer, eos: int, *, max_batch: int = 32,
         max_queue: int = 256, prefill_chunk: int = 256, device: torch.device | None = None,
         dtype: torch.dtype | None = None, max_len: int | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.model, self.tokenizer, self.eos = model, tokenizer, eos
         self.device = device or torch.device("cpu")
@@ -104,6 +129,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # holding a slot: prefilling or decoding
         self.stats = Stats()
+        self.observer = observer or Observer()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -116,6 +142,7 @@ class Engine:
                                  f"context is {self.max_len} tokens: shorten the prompt")
         if req.seed is not None:
             req.generator = torch.Generator(self.device).manual_seed(req.seed)
+        req.queued = time.monotonic()
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue limit); "
@@ -162,12 +189,12 @@ class Engine:
             while self.free and self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled:  # gone before it had a slot
-                    req.done = True
-                    self.stats.requests["cancelled"] += 1
+                    self._finish(req, "cancelled")
                     continue
                 req.slot = self.free.pop(0)
                 self.cache.lengths[req.slot] = 0
                 self.active.append(req)
+                self.observer.admitted(time.monotonic() - req.queued)
         if not self.active:
             return False
         try:
@@ -198,6 +225,7 @@ class Engine:
             self.stats.prefill_chunks += 1
             if req.prefilled == len(req.prompt):  # the prompt is in: its first token
                 self.stats.prompt_tokens += len(req.prompt)
+                self.observer.prefilled(len(req.prompt))
                 self._take(req, self._sample(req, logits[0:1]))
 
     def _decode(self) -> None:
@@ -221,6 +249,10 @@ class Engine:
         """A request's next token: emit the new text; finish on end-of-text, a stop string, its
         max_tokens or the full context."""
         self.stats.generated_tokens += 1
+        now, first = time.monotonic(), req.last_token is None
+        self.observer.token(now - (req.submitted if first else req.last_token), first,
+                            token != self.eos)
+        req.last_token = now
         if token == self.eos:
             self._emit(req, self.tokenizer.decode(req.generated))  # what was held back
             return self._finish(req, "stop")
@@ -249,6 +281,7 @@ class Engine:
             self.free.append(req.slot)
             self.free.sort()
         self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
+        self.observer.finished(reason, time.monotonic() - req.submitted)
         if reason != "cancelled":
             req.emit(Event(message, reason, len(req.prompt), len(req.generated)))
 
