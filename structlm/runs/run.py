@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from structlm.config import RunConfig, load_run_config
+from structlm.config import ModelConfig, RunConfig, load_run_config
 from structlm.data.tokenizer import declared_token, eot_id, load_tokenizer, stop_id
 from structlm.hf.reader import gguf_file, read_config, read_hf
 from structlm.linear.registry import DENSE
@@ -29,6 +31,7 @@ from structlm.model.gpt import GPT
 from structlm.runs.checkpoint import (
     CheckpointError,
     find_latest,
+    is_sharded,
     load_weights,
     verify,
     weight_names,
@@ -107,13 +110,16 @@ class Run:
                     "still mixed in); evaluate or serve a checkpoint from after the guided "
                     "steps, or finish training first")
             cfg = self.config
-            model = GPT(cfg.model)
-            load_weights(model, self.ckpt)
+            if is_sharded(self.ckpt):
+                model = GPT(cfg.model)
+                load_weights(model, self.ckpt)
+            else:
+                model = skeleton_with(cfg.model, load_file(str(self.ckpt / "model.safetensors")),
+                                      self.ckpt)
         else:
             model_cfg, sd = read_hf(self.path)
             cfg = RunConfig(model=model_cfg)
-            model = GPT(model_cfg)
-            model.load_state_dict(sd, strict=True)
+            model = skeleton_with(model_cfg, sd, self.path)
         if device is not None:
             model.to(device)
         return model.eval(), cfg
@@ -186,3 +192,22 @@ def load_model(path: str | Path, device=None) -> tuple[nn.Module, RunConfig]:
     """The model (eval mode) and config of a run, checkpoint, Hugging Face directory or GGUF file:
     `Run.open(path).load_model(device)`."""
     return Run.open(path).load_model(device)
+
+
+def skeleton_with(cfg: ModelConfig, sd: dict[str, torch.Tensor], source) -> GPT:
+    """GPT(cfg) holding the tensors of `sd`, built on the meta device so that no initialisation
+    runs (a structured layer's init can take a while: LowRank's takes an SVD per layer, all of it
+    overwritten by the checkpoint); names and shapes must match exactly."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp32 masters
+    if cfg.tie_embeddings:  # one tensor under two names: the file keeps only one of them
+        shared = sd.get("wte.weight", sd.get("lm_head.weight"))
+        sd = {**sd, "wte.weight": shared, "lm_head.weight": shared}
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} does not fit its model: {str(e)[:500]}") from None
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model
