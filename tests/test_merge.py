@@ -168,3 +168,17 @@ def test_premerge_twice_does_not_nest_and_survives_autocast_changes():
             model(idx)  # the merged matrices are built here, inside autocast
         out, _ = model(idx)  # and used in fp32 afterwards
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("structured,merged,want", [
+    ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], 8),      # ties everywhere: merged (the dense GEMM) always
+    ([1.04, 0.97, 0.5], [1.0, 1.0, 1.0], 4),    # within 5% used to count for the factors
+    ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], 1),      # clearly faster at every count: factors always
+    ([0.5, 1.2, 0.5], [1.0, 1.0, 1.0], 4),      # only from the count after the last loss
+    ([0.5, 0.5, 0.95], [1.0, 1.0, 1.0], 8),     # near-tie at the largest count: merged always
+])
+def test_the_factors_are_chosen_only_where_clearly_faster(structured, merged, want):
+    """The pre-merge choice on planted timings (token counts 1, 2, 4): the merged matrix unless
+    the factors are at least 10% faster at that and every larger count, so a noisy per-layer
+    timing cannot make the pre-merged model slower than its dense parent."""
+    assert pm.choose_threshold((1, 2, 4), structured, merged) == want

@@ -192,15 +192,12 @@ def calibrate_layer(
     layer: StructuredLinear, device: torch.device, dtype: torch.dtype | None,
     tokens: tuple[int, ...] = TOKEN_GRID, reps: int = 5,
 ) -> tuple[int, list[dict]]:
-    """Time the structured path against the merged dense matrix at each token count.
-
-    Returns (threshold, rows): the merged path is used below `threshold` tokens. The threshold is
-    the smallest measured count from which the structured path is faster (or within 5%) at every
-    larger count (1 if it always is, one past the grid if it never is)."""
+    """Time the structured path against the merged dense matrix at each token count; returns
+    (threshold, rows): the merged path is used below `threshold` tokens (`choose_threshold`)."""
     layer = layer.to(device).eval()
     merged = layer.to_dense()
     bias = layer.bias
-    rows, faster = [], []
+    rows = []
     for T in tokens:
         x = torch.randn(T, layer.d_in, device=device)
         with autocast(device, dtype):
@@ -210,16 +207,32 @@ def calibrate_layer(
                 device, reps=reps, min_time=0.01,
             )
         s, m = statistics.median(times["structured"]), statistics.median(times["merged"])
-        faster.append(s <= 1.05 * m)  # a tie within timing noise goes to the path with fewer FLOPs
         rows.append({"bench": "crossover", **context(device, dtype), "kind": layer.kind,
                      "d_in": layer.d_in, "d_out": layer.d_out, **layer.hp, "tokens": T,
                      "structured_ms": 1e3 * s, "merged_ms": 1e3 * m, "speedup": m / s})
-    threshold = tokens[-1] * 2
-    for i in range(len(tokens) - 1, -1, -1):
-        if not faster[i]:
-            break
-        threshold = tokens[i]
+    threshold = choose_threshold(tokens, [r["structured_ms"] for r in rows],
+                                 [r["merged_ms"] for r in rows])
     return threshold, rows
+
+
+# the factors must be measured at least this much faster than the merged matrix to be used: the
+# merged matrix is the dense layer's own GEMM, so choosing it can never make the model slower than
+# its dense parent, while a factor path chosen on a timing within noise (one layer alone, out of
+# the model's caches) could
+FACTORS_MARGIN = 0.9
+
+
+def choose_threshold(tokens: tuple[int, ...] | list[int], structured_ms: list[float],
+                     merged_ms: list[float], margin: float = FACTORS_MARGIN) -> int:
+    """The smallest token count from which the structured path is clearly faster (structured <=
+    margin x merged) at that and every larger measured count; one past the grid (merged always)
+    when it is not clearly faster at the largest. Ties and near-ties go to the merged matrix."""
+    threshold = tokens[-1] * 2
+    for T, s, m in reversed(list(zip(tokens, structured_ms, merged_ms, strict=True))):
+        if s > margin * m:
+            break
+        threshold = T
+    return threshold
 
 
 def thresholds_for(
