@@ -232,3 +232,29 @@ def test_racing_prepares_and_trains_with_random_kills_never_mix(tmp_path):
         steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()
                  if json.loads(ln).get("split") == "train"]
         assert steps == sorted(set(steps)), run
+
+
+def test_a_failed_checkpoint_write_names_its_cause(tmp_path):
+    """Two racing trains used to die with "Free disk space" when one removed the other's files."""
+    import errno
+
+    from structlm.runs import checkpoint
+
+    for err, says, not_says in ((errno.ENOENT, "no other command writes", "Free disk space"),
+                                (errno.ENOSPC, "Free disk space", "no other command"),
+                                (errno.EACCES, "permissions", "Free disk space")):
+        cls = PermissionError if err == errno.EACCES else OSError
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint._failed(tmp_path / "tmp", tmp_path / "step_1", cls(err, os.strerror(err)))
+        assert says in str(e.value) and not_says not in str(e.value)
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_rank_prints_the_summary(corpus, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "structlm", *train_args(corpus, tmp_path / "data", tmp_path / "run",
+                                                      "--train.max_steps", "4",
+                                                      "--train.micro_batch_size", "4")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: ") == 1, r.stdout
