@@ -2,9 +2,12 @@
 (the ones .ci/run executes)."""
 
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -43,3 +46,39 @@ def test_the_quick_start_is_two_commands_that_install_torch_first():
     assert len(cmds) == 2
     assert all(c.startswith("pip install torch==") for c in cmds)
     assert cmds[0].endswith("structlm train") and "pytest" in cmds[1]
+
+
+def readme_command(starts: str) -> str:
+    """The README's shell command that begins with `starts` (continuation lines joined)."""
+    text = README.replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith(starts))
+    return " ".join(line.split())
+
+
+@pytest.mark.slow
+def test_the_readmes_lm_eval_command_runs_on_an_export(tmp_path):
+    """The lm-evaluation-harness command as the README writes it, on a tiny structured run's
+    export in place of runs/small-hf: the local task loads and every item is scored."""
+    pytest.importorskip("lm_eval")
+    from helpers import random_run
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from structlm.runs.export import export_run
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([ln for ln in (ROOT / "docs/lm_eval/shakespeare_cloze.jsonl")
+                             .read_text().splitlines()] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    run, _ = random_run(tmp_path, tmp_path / "tokenizer.json", norm="layernorm", act="gelu",
+                        pos_emb="rope", dense_ffn_layers=(0,),
+                        ffn=__import__("structlm").LinearSpec("lowrank", rank=8))
+    out = export_run(run, tmp_path / "hf", format="hf")
+    cmd = readme_command("HF_DATASETS_OFFLINE=1 lm_eval").replace("runs/small-hf", str(out))
+    cmd += f" --output_path {tmp_path / 'results'}"
+    r = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shakespeare_cloze" in r.stdout and "acc" in r.stdout, r.stdout[-2000:]
