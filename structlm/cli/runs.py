@@ -216,4 +216,5 @@ def cmd_convert(argv: list[str]) -> None:
     print(f"converted {len(report)} FFN layers of {a.source} to {a.kind}: {before:,} -> {after:,} "
           f"weights, relative error <= {err:.3f} (per layer: {out}/conversion.json)\n"
           f"heal it: structlm train --config {out}/config.json --train.init_from {out} "
-          "--train.out_dir runs/NEW")
+          f"--data.source TEXT --data.tokenizer {out}/tokenizer.json --train.max_steps N "
+          "--optim.lr 3e-4 --train.out_dir runs/NEW")

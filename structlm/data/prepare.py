@@ -39,6 +39,7 @@ from structlm.data.tokenizer import (
     EOT,
     EOT_CANDIDATES,
     _tokenizer_path,
+    copy_sidecars,
     eot_id,
     load_tokenizer,
 )
@@ -150,6 +151,8 @@ def _prepare_into(
     try:
         layout = shards.assemble(work, tmp, len(tasks), dtype, cfg.shard_tokens)
         shutil.copyfile(work / "tokenizer.json", tmp / "tokenizer.json")
+        if tok_path is not None:  # an existing tokenizer: its chat template and special tokens
+            copy_sidecars(tok_path.parent, tmp)
         counts = {k: sum(sh["tokens"] for sh in v) for k, v in layout.items()}
         meta = {
             "version": META_VERSION, "vocab_size": vocab, "dtype": dtype.name,

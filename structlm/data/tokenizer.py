@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,17 @@ def encode_text_file(path: str | Path, tokenizer: Tokenizer) -> np.ndarray:
     if not ids or sum(a.size for a in ids) == 0:
         raise ValueError(f"{p} holds no text")
     return np.concatenate(ids)
+
+
+# what travels with a tokenizer.json from an imported or converted model: its special tokens, chat
+# template and generation settings (an instruct model's end of turn lives here)
+SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+            "generation_config.json")
+
+
+def copy_sidecars(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer's side files found in `src` into `dst`; returns their names."""
+    found = [n for n in SIDECARS if (Path(src) / n).is_file()]
+    for name in found:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return found

@@ -19,7 +19,7 @@ from structlm.data.tokenizer import encode_text_file
 from structlm.linear.registry import DENSE, choose_hparams
 from structlm.linear.structure import structure
 from structlm.runs import checkpoint
-from structlm.runs.importer import import_hf
+from structlm.runs.importer import HEAL_EVAL_TOKENS, import_hf
 from structlm.runs.run import Run
 from structlm.utils.files import is_tty, publish_dir, require_empty
 
@@ -60,6 +60,7 @@ def convert_run(
                                   calib=calib, progress=is_tty())
         dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
         new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
+        new.train.eval_tokens = HEAL_EVAL_TOKENS
         new.train.out_dir = str(out)
         tokenizer, origin = run.tokenizer_path, str(Path(source).resolve())
 

@@ -14,6 +14,10 @@ from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
 from structlm.utils.files import publish_dir, require_empty
 
+# tokens each evaluation of a run started from an imported or converted model reads (a healing
+# run of a few hundred steps would otherwise spend most of its time evaluating)
+HEAL_EVAL_TOKENS = 8192
+
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a structlm run directory (config.json, tokenizer.json, checkpoints/step_0000000) for
@@ -60,6 +64,7 @@ def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_di
     cfg = RunConfig(model=model_cfg)
     cfg.data.tokenizer = str(out / "tokenizer.json")
     cfg.train.out_dir = str(out)
+    cfg.train.eval_tokens = HEAL_EVAL_TOKENS  # a later healing run's evaluation, not 65,536 tokens
 
     def write(tmp: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -27,6 +27,7 @@ from structlm.config import (
     load_run_config,
     save_json,
 )
+from structlm.data.tokenizer import copy_sidecars
 from structlm.hf.reader import read_hf
 from structlm.runs import checkpoint, dcp
 from structlm.runs.convert import dense_guides_path
@@ -251,7 +252,7 @@ def _open_init(path: str) -> Run:
 def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> None:
     """Rank 0, before the first step: leftovers of killed saves removed, metrics.jsonl cut back to
     what the checkpoint covers (or set aside, said aloud, when a run that died before its first
-    checkpoint starts over), an override recorded, config.json and tokenizer.json written."""
+    checkpoint starts over), an override recorded, config.json and the tokenizer's files written."""
     out, metrics = resume.out, resume.out / "metrics.jsonl"
     checkpoint.clean_leftovers(out)
     if resume.ckpt is not None:
@@ -269,6 +270,7 @@ def start_files(resume: Resume, cfg: RunConfig, data_dir: Path, steps: int) -> N
                                 "changes": resume.changes}) + "\n")
     save_json(cfg, str(out / "config.json"))
     shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
+    copy_sidecars(data_dir, out)  # an imported model's chat template and end of turn stay with it
 
 
 def _set_aside(path: Path) -> Path:
