@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from structlm.linear.allocate import allocate_ranks, spectrum
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import damped
 from structlm.linear.registry import (
@@ -56,16 +57,20 @@ def structure(
     model: nn.Module, spec_or_fraction: LinearSpec | float, *, kind: str = "lowrank",
     include: Patterns = DEFAULT_INCLUDE, exclude: Patterns = DEFAULT_EXCLUDE,
     init: str = "project", calib: Tensor | None = None, progress: bool = False,
+    allocate: str = "uniform",
 ) -> tuple[nn.Module, list[dict]]:
     """Replace the matching dense linear layers of `model`, in place, by structured layers of
     `spec_or_fraction` (a LinearSpec, or a share of each layer's parameters for `kind`, by the
     paper's budget rule per shape); returns (model, a report row per layer). Under a fraction, a
     layer that no structure of `kind` makes smaller (a 32 -> 1 gate) stays dense: its row has
-    kind "dense" and says why under "kept". `progress`: a bar over the layers (the
-    activation-aware block projections take seconds each)."""
+    kind "dense" and says why under "kept". `allocate="error"` (LowRank, a fraction) spends the
+    fraction of all matching layers' weights where it removes the most activation-weighted error
+    (`linear.allocate`): uneven ranks instead of one share per layer. `progress`: a bar over the
+    layers (the activation-aware block projections take seconds each)."""
     if init not in ("project", "paper"):
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
+    ranks = _allocated(model, spec_or_fraction, kind, allocate, covs, include, exclude)
     n_tokens = None if calib is None else calib.numel()
     report: list[dict] = []
     total = sum(_dense_weight(m) is not None for _, m, _, _ in named_modules(model, include,
@@ -78,7 +83,9 @@ def structure(
             return None
         d_out, d_in = w.shape
         spec = spec_or_fraction
-        if not isinstance(spec, LinearSpec):
+        if ranks is not None:
+            spec = LinearSpec("lowrank", rank=ranks[name])
+        elif not isinstance(spec, LinearSpec):
             spec, why = _budget(kind, d_in, d_out, float(spec_or_fraction))
             if why:  # e.g. a 32 -> 1 gate: nothing to save
                 report.append(_kept(name, d_in, d_out, why))
@@ -110,6 +117,22 @@ def structure(
         raise ValueError(f"no nn.Linear matches include={include} exclude={exclude}; name the "
                          "layers to structure with fnmatch patterns of their qualified names")
     return model, report
+
+
+def _allocated(model: nn.Module, spec_or_fraction, kind: str, allocate: str, covs: dict,
+               include: Patterns, exclude: Patterns) -> dict[str, int] | None:
+    """Per-layer ranks under allocate="error", None under "uniform"."""
+    if allocate == "uniform":
+        return None
+    if allocate != "error":
+        raise ValueError(f"allocate={allocate!r}: choose uniform or error")
+    if kind != "lowrank" or isinstance(spec_or_fraction, LinearSpec):
+        raise ValueError("allocate='error' splits a fraction into LowRank ranks: give a fraction "
+                         "and kind='lowrank' (the block kinds allocate uniformly for now)")
+    spectra = [spectrum(name, w.detach(), covs.get(name))
+               for name, m, _, _ in named_modules(model, include, exclude)
+               if (w := _dense_weight(m)) is not None]
+    return allocate_ranks(spectra, float(spec_or_fraction))
 
 
 def _warn_short_calibration(report: list[dict], tokens: int) -> None:
