@@ -146,7 +146,7 @@ def test_generate_help_loads_no_library():
         (["plan"], ["--flops", "--target_loss", "--from", "--bootstrap", "--extrapolate"]),
         (["bench", "ffn"], ["--quick", "--widths", "--tokens", "--kinds", "--json",
                             "--model.ffn.kind"]),
-        (["export"], ["RUN_DIR", "OUT_DIR", "--format", "hf-merged"]),
+        (["export"], ["RUN_DIR", "OUT", "--format", "hf-merged", "gguf", "q8_0"]),
     ],
 )
 def test_help_lists_each_verbs_flags(args, flags):

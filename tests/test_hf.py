@@ -299,6 +299,69 @@ def test_factor_export_handles_a_left_padded_batch(tmp_path, tokenizer_path):
         close(both[1, 4:], model(b)[0][0])
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_factor_export_gives_structlms_logits_through_either_attention_function(
+    impl, tmp_path, tokenizer_path
+):
+    """transformers' attention interface: the export loads with attn_implementation="eager" (our
+    function) and "sdpa" (transformers'), each giving structlm's logits, cached greedy text and
+    left-padded batch."""
+    run, model = random_run(tmp_path, tokenizer_path,
+                            **FACTOR_CASES["llama-like-blockshuffle-gqa"])
+    out = export_run(run, tmp_path / "hf", format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, attn_implementation=impl).eval()
+    assert hf.config._attn_implementation == impl
+    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(5))
+    a, b = idx[:1, :10], idx[1:, :6]
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        close(hf(idx).logits, model(idx)[0])
+        both = hf(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        close(both.logits[0], model(a)[0][0])
+        close(both.logits[1, 4:], model(b)[0][0])
+    same_greedy(model, hf, idx[:1, :8])
+
+
+def test_factor_export_base_model_serves_through_an_engines_attention(tmp_path, tokenizer_path):
+    """What vLLM's transformers backend does with the export: AutoModel (from auto_map) builds the
+    base model, which declares _supports_attention_backend; the engine registers its own
+    attention function and names it in config._attn_implementation, calls the base model with
+    one flat sequence, positions, no cache, return_dict=False and its own keyword arguments, and
+    applies lm_head itself. Its function is called for every layer (by layer_idx) with those
+    arguments and no mask (it applies causality itself), and the hidden states give structlm's
+    logits."""
+    import torch.nn.functional as F
+
+    run, model = random_run(tmp_path, tokenizer_path,
+                            **FACTOR_CASES["absolute-untied-interleaved-wide"])
+    out = export_run(run, tmp_path / "hf", format="hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["auto_map"]["AutoModel"] == "modeling_structlm.StructlmModel"
+    assert conf["head_dim"] == model.cfg.head_dim
+    calls = []
+
+    def engine_attention(module, q, k, v, attention_mask, scaling=None, engine_state=None, **kw):
+        calls.append((module.layer_idx, engine_state, attention_mask))
+        g = module.num_key_value_groups
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(
+            g, 1), is_causal=module.is_causal, scale=scaling)
+        return y.transpose(1, 2), None
+
+    transformers.AttentionInterface.register("structlm_test_engine", engine_attention)
+    base = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(base).__name__ == "StructlmModel" and base.is_backend_compatible()
+    base.config._attn_implementation = "structlm_test_engine"
+    idx = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        hidden = base(input_ids=idx, position_ids=torch.arange(12)[None], use_cache=False,
+                      return_dict=False, engine_state="kv")[0]
+        close(F.linear(hidden, model.lm_head.weight), model(idx)[0])
+    assert calls == [(i, "kv", None) for i in range(model.cfg.n_layer)]
+
+
 def test_cli_export_defaults_to_factors_for_a_structured_run(tmp_path, tokenizer_path):
     import subprocess
     import sys

@@ -146,26 +146,33 @@ def cmd_generate(argv: list[str]) -> None:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Write a run as a transformers model directory (loads with no structlm installed)."""
+    """Write a run as a transformers model directory (loads with no structlm installed) or as one
+    GGUF file (llama.cpp, ollama, LM Studio)."""
 
     run_dir: RunDir  # a run directory (or one checkpoint directory)
-    # a new (or empty) directory to write
-    out_dir: Annotated[str, Positional, tyro.conf.arg(metavar="OUT_DIR")]
+    # a new (or empty) directory to write; a new file ending in .gguf for --format gguf
+    out_dir: Annotated[str, Positional, tyro.conf.arg(metavar="OUT")]
     # hf (default for structured runs): the factors themselves, loaded with trust_remote_code=True;
-    # hf-merged (default for dense runs): folded into a native Llama / GPT-2 / GPT-NeoX
-    format: Literal["hf", "hf-merged"] | None = None
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the weights' dtype in the export
+    # hf-merged (default for dense runs): folded into a native Llama / GPT-2 / GPT-NeoX;
+    # gguf (default for OUT ending in .gguf): the merged model as a Llama GGUF file
+    format: Literal["hf", "hf-merged", "gguf"] | None = None
+    # the weights' dtype in the export (q8_0: gguf only; f32 / f16 are fp32 / fp16)
+    dtype: Literal["fp32", "bf16", "fp16", "f32", "f16", "q8_0"] = "fp32"
 
 
 def cmd_export(argv: list[str]) -> None:
     a = parse(ExportOptions, argv, "structlm export")
     from structlm.runs.export import default_format, export_run
 
-    fmt = a.format or default_format(a.run_dir)
+    fmt = a.format or default_format(a.run_dir, a.out_dir)
     out = export_run(a.run_dir, a.out_dir, fmt, a.dtype)
-    remote = ", trust_remote_code=True" if fmt == "hf" else ""
-    print(f"exported {a.run_dir} to {out} as {fmt} (logits checked against structlm's)\n"
-          f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
+    print(f"exported {a.run_dir} to {out} as {fmt} (logits checked against structlm's)")
+    if fmt == "gguf":
+        print(f"run it: llama-server -m {out}   (or transformers: from_pretrained("
+              f"{str(out.parent)!r}, gguf_file={out.name!r}))")
+    else:
+        remote = ", trust_remote_code=True" if fmt == "hf" else ""
+        print(f"load it: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
 
 
 @dataclass(frozen=True)

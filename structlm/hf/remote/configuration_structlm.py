@@ -21,5 +21,6 @@ class StructlmConfig(PretrainedConfig):
             self.num_hidden_layers = m["n_layer"]
             self.num_attention_heads = m["n_head"]
             self.num_key_value_heads = m["n_kv_head"] or m["n_head"]
+            self.head_dim = (m["attn_dim"] or m["d_model"]) // m["n_head"]  # read by vLLM
             self.max_position_embeddings = m["block_size"]
         super().__init__(**kwargs)

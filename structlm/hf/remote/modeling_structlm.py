@@ -1,10 +1,16 @@
 """A structlm GPT for transformers (self-contained: torch and transformers only).
 
-The module tree and parameter names are structlm's, so the weights are the structured factors
-themselves: LowRank (down, up), BlockDense (blkdiag, up), BlockShuffle (blkdiag1, blkdiag2) and BTT
-(core1, core2) keep their parameter and FLOP savings. In evaluation, calls with fewer than
-`premerge_tokens` tokens (one decoding step) use each layer's merged dense matrix instead, built
-once from the factors.
+The module tree and parameter names are structlm's, under `model.` (the base model, StructlmModel)
+with `lm_head` beside it, so the weights are the structured factors themselves: LowRank (down, up),
+BlockDense (blkdiag, up), BlockShuffle (blkdiag1, blkdiag2) and BTT (core1, core2) keep their
+parameter and FLOP savings. In evaluation, calls with fewer than `premerge_tokens` tokens (one
+decoding step) use each layer's merged dense matrix instead, built once from the factors.
+
+The base model follows transformers' attention interface, which is what lets serving engines
+(vLLM's transformers backend) run it with their own attention kernels: attention is computed by
+`ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` (our own function for "eager"), every
+module passes its keyword arguments down to it, and the classes declare
+`_supports_attention_backend`. The mask is built here in the form each function takes.
 """
 
 import torch
@@ -12,13 +18,17 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_structlm import StructlmConfig
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
+    "past_key_values")  # transformers renamed the outputs' cache field
+BASE_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else (
     "past_key_values")
+MASKED_KERNELS = (None, "eager", "sdpa")  # take a 4-D mask; the others (flash, vLLM's) the 2-D one
 
 
 # --- the structured linear maps: y = f(x) + b ------------------------------------------------
@@ -159,31 +169,62 @@ def apply_rope(x, cos, sin, interleaved):
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):
+    """Attention written out, with the contract of transformers' attention functions: query
+    (B, H, T, hd), key and value (B, H_kv, S, hd) with H a multiple of H_kv, a mask that is
+    boolean (True: attend) or additive and broadcasts to (B, H, T, S), or None (no masking).
+    Returns the output as (B, T, H, hd) and the attention probabilities (B, H, T, S)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1).to(query.dtype)
+    value = value.repeat_interleave(groups, dim=1).to(query.dtype)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
+            scores + mask)
+    probs = F.dropout(scores.softmax(-1).to(value.dtype), p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def attention_function(name):
+    """The attention function config._attn_implementation names: ours for "eager" (or none
+    set), else the one registered in transformers' ALL_ATTENTION_FUNCTIONS (sdpa, flash
+    attention, or a serving engine's own, e.g. vLLM's)."""
+    return eager_attention if name in (None, "eager") else ALL_ATTENTION_FUNCTIONS[name]
+
+
 class Attention(nn.Module):
-    def __init__(self, m, layer):
+    is_causal = True  # attention functions that apply causality themselves read this
+
+    def __init__(self, config, layer):
         super().__init__()
-        self.m, self.layer = m, layer
+        m = config.structlm
+        self.config, self.m, self.layer_idx = config, m, layer
         ad = m["attn_dim"] or m["d_model"]
         self.nq, self.nkv = m["n_head"], m["n_kv_head"] or m["n_head"]
         self.hd = ad // self.nq
+        self.num_key_value_groups = self.nq // self.nkv  # read by transformers' sdpa function
+        self.scaling = self.hd ** -0.5
         self.qkv = nn.Linear(m["d_model"], (self.nq + 2 * self.nkv) * self.hd, bias=m["bias"])
         self.o_proj = nn.Linear(ad, m["d_model"], bias=m["bias"])
 
-    def forward(self, x, rope_cs, mask, cache):
+    def forward(self, x, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         q = q.view(B, T, self.nq, self.hd).transpose(1, 2)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
-        if rope_cs is not None:
-            q = apply_rope(q, *rope_cs, self.m["rope_interleaved"])
-            k = apply_rope(k, *rope_cs, self.m["rope_interleaved"])
+        if position_embeddings is not None:  # RoPE; absolute positions were added to the input
+            q = apply_rope(q, *position_embeddings, self.m["rope_interleaved"])
+            k = apply_rope(k, *position_embeddings, self.m["rope_interleaved"])
         if cache is not None:
-            k, v = cache.update(k, v, self.layer)
-        g = self.nq // self.nkv
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nq * self.hd))
+            k, v = cache.update(k, v, self.layer_idx)
+        attend = attention_function(self.config._attn_implementation)
+        y, _ = attend(self, q, k.to(q.dtype), v.to(q.dtype), attention_mask, dropout=0.0,
+                      scaling=self.scaling, **kwargs)
+        return self.o_proj(y.reshape(B, T, self.nq * self.hd))
 
 
 class MLP(nn.Module):
@@ -212,34 +253,23 @@ def norm(m):
 
 
 class Block(nn.Module):
-    def __init__(self, m, layer, premerge_tokens):
+    def __init__(self, config, layer):
         super().__init__()
-        self.ln_1, self.attn = norm(m), Attention(m, layer)
-        self.ln_2, self.mlp = norm(m), MLP(m, layer, premerge_tokens)
+        m = config.structlm
+        self.ln_1, self.attn = norm(m), Attention(config, layer)
+        self.ln_2, self.mlp = norm(m), MLP(m, layer, config.premerge_tokens)
 
-    def forward(self, x, rope_cs, mask, cache):
-        x = x + self.attn(self.ln_1(x), rope_cs, mask, cache)
+    def forward(self, x, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        x = x + self.attn(self.ln_1(x), position_embeddings, attention_mask, cache, **kwargs)
         return x + self.mlp(self.ln_2(x))
 
 
-class StructlmForCausalLM(PreTrainedModel, GenerationMixin):
+class StructlmPreTrainedModel(PreTrainedModel):
     config_class = StructlmConfig
-    base_model_prefix = "structlm"
+    base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
-    _tied_weights_keys = {"lm_head.weight": "wte.weight"} if V5 else ["lm_head.weight"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        m = config.structlm
-        self.wte = nn.Embedding(m["vocab_size"], m["d_model"])
-        self.wpe = nn.Embedding(m["block_size"], m["d_model"]) if m["pos_emb"] == "absolute" \
-            else None
-        self.blocks = nn.ModuleList(Block(m, i, config.premerge_tokens)
-                                    for i in range(m["n_layer"]))
-        self.ln_f = norm(m)
-        self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
-        self.post_init()
+    _supports_attention_backend = True  # attention through ALL_ATTENTION_FUNCTIONS, kwargs passed
 
     def _init_weights(self, module):
         std = self.config.structlm.get("init_std", 0.02)
@@ -252,44 +282,105 @@ class StructlmForCausalLM(PreTrainedModel, GenerationMixin):
                 else:
                     p.normal_(0.0, std)
 
+
+class StructlmModel(StructlmPreTrainedModel):
+    """The transformer without its head: embeddings, blocks, final norm -> hidden states."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.structlm
+        self.wte = nn.Embedding(m["vocab_size"], m["d_model"])
+        self.wpe = nn.Embedding(m["block_size"], m["d_model"]) if m["pos_emb"] == "absolute" \
+            else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(m["n_layer"]))
+        self.ln_f = norm(m)
+        self.post_init()
+
     def get_input_embeddings(self):
         return self.wte
 
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                past_key_values=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        m = self.config.structlm
+                past_key_values=None, inputs_embeds=None, use_cache=None, return_dict=None,
+                **kwargs):
+        """Hidden states (B, T, d_model); every other keyword argument reaches the attention
+        function (a serving engine's per-layer state, say)."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
-        B, T = input_ids.shape
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
         if position_ids is None:
-            position_ids = (past + torch.arange(T, device=input_ids.device)).expand(B, T)
-        x = self.wte(input_ids)
+            position_ids = (past + torch.arange(T, device=x.device)).expand(B, T)
         rope_cs = None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
         else:
-            rope_cs = rope(m, position_ids, input_ids.device)
-        mask = causal_mask(attention_mask, B, T, past, input_ids.device)
+            rope_cs = rope(self.config.structlm, position_ids, x.device)
+        mask = mask_for(self.config._attn_implementation, attention_mask, B, T, past, x.device)
         for block in self.blocks:
-            x = block(x, rope_cs, mask, cache)
-        x = self.ln_f(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+            x = block(x, rope_cs, mask, cache, **kwargs)
+        out = BaseModelOutputWithPast(last_hidden_state=self.ln_f(x),
+                                      **{BASE_CACHE_FIELD: cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
+
+
+class StructlmForCausalLM(StructlmPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.wte.weight"} if V5 else ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = StructlmModel(config)
+        m = config.structlm
+        self.lm_head = nn.Linear(m["d_model"], m["vocab_size"], bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def set_input_embeddings(self, value):
+        self.model.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, return_dict=None, **kwargs):
+        """Logits (and the next-token loss with `labels`); `logits_to_keep`: the last n positions
+        (an int, 0 for all) or the positions themselves (a tensor of indices)."""
+        cache = cache if cache is not None else past_key_values
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, return_dict=True, **kwargs)
+        x = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            x = x[:, -logits_to_keep:] if logits_to_keep else x
+        else:
+            x = x[:, logits_to_keep]
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      **{CACHE_FIELD: cache if use_cache else None})
+        res = CausalLMOutputWithPast(loss=loss, logits=logits,
+                                     **{CACHE_FIELD: getattr(out, BASE_CACHE_FIELD)})
+        return res if return_dict is not False else res.to_tuple()
+
+
+def mask_for(implementation, attention_mask, B, T, past, device):
+    """The mask in the form the attention function takes. eager and sdpa: the 4-D boolean of
+    causal_mask, or None where plain causality is all there is (sdpa then uses its causal kernel;
+    a square block or one query). Every other function (flash attention, a serving engine's
+    kernel) applies causality itself and takes the (B, past + T) padding mask as given."""
+    if implementation not in MASKED_KERNELS:
+        return attention_mask
+    if implementation == "sdpa" and attention_mask is None and (past == 0 or T == 1):
+        return None
+    return causal_mask(attention_mask, B, T, past, device)
 
 
 def causal_mask(attention_mask, B, T, past, device):
