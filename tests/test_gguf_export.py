@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import random_run, smollm2_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import bpe_tokenizer, random_run, smollm2_file
+from tokenizers import Tokenizer
 
 from structlm.config import LinearSpec
 from structlm.hf.families import Unsupported
@@ -37,15 +37,8 @@ TEXT = "To be, or not to be<|endoftext|> that is the question."
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
     """A byte-level BPE of 300 tokens (the models have 320 rows: the GGUF pads the list)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json",
+                         ["To be, or not to be, that is the question."] * 50)
 
 
 def export(run, tmp_path, dtype="f32"):

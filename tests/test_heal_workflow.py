@@ -5,8 +5,7 @@ a healing run evaluates a small share, not 65,536 tokens."""
 import json
 
 import pytest
-from helpers import random_run
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import bpe_tokenizer, random_run
 
 from structlm.config import load_run_config
 from structlm.runs.convert import convert_run
@@ -19,15 +18,8 @@ TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfo
 @pytest.fixture
 def instruct_run(tmp_path):
     """A random dense run whose tokenizer files are an instruct model's: <|im_end|> ends a turn."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50,
-                            trainers.BpeTrainer(vocab_size=300,
-                                                special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                "<|im_end|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    bpe_tokenizer(tmp_path / "tokenizer.json", ["To be, or not to be, that is the question."] * 50,
+                  specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     run, _ = random_run(tmp_path, tmp_path / "tokenizer.json", norm="layernorm", act="gelu",
                         pos_emb="rope", dense_ffn_layers=(0,))
     (run / "tokenizer_config.json").write_text(json.dumps(

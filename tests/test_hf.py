@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_run, smollm2_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import bpe_tokenizer, random_run, smollm2_file
+from tokenizers import Tokenizer
 
 import structlm
 from structlm.config import LinearSpec
@@ -44,15 +44,8 @@ CASES = {  # name: ModelConfig overrides; each maps onto one native class
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50, trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json",
+                         ["To be, or not to be, that is the question."] * 50)
 
 
 @torch.no_grad()

@@ -60,19 +60,12 @@ def test_the_readmes_lm_eval_command_runs_on_an_export(tmp_path):
     """The lm-evaluation-harness command as the README writes it, on a tiny structured run's
     export in place of runs/small-hf: the local task loads and every item is scored."""
     pytest.importorskip("lm_eval")
-    from helpers import random_run
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from helpers import bpe_tokenizer, random_run
 
     from structlm.runs.export import export_run
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([ln for ln in (ROOT / "docs/lm_eval/shakespeare_cloze.jsonl")
-                             .read_text().splitlines()] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    lines = (ROOT / "docs/lm_eval/shakespeare_cloze.jsonl").read_text().splitlines()
+    bpe_tokenizer(tmp_path / "tokenizer.json", lines * 20)
     run, _ = random_run(tmp_path, tmp_path / "tokenizer.json", norm="layernorm", act="gelu",
                         pos_emb="rope", dense_ffn_layers=(0,),
                         ffn=__import__("structlm").LinearSpec("lowrank", rank=8))

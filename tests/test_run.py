@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import bpe_tokenizer
 
 from structlm.config import LinearSpec, ModelConfig, RunConfig, save_json
 from structlm.model.gpt import GPT
@@ -30,13 +30,7 @@ def run_dir(tmp_path_factory):
             model.lm_head.weight.mul_(1.0 + 0.1 * step)  # two checkpoints, two models
         checkpoint.save(root, model, None, cfg, step, {})
     save_json(cfg, str(root / "config.json"))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(root / "tokenizer.json"))
+    bpe_tokenizer(root / "tokenizer.json", ["To be, or not to be, that is the question."] * 50)
     return root
 
 

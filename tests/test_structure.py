@@ -185,17 +185,11 @@ def test_convert_writes_a_structured_run_that_loads_and_heals_from(tmp_path):
     import subprocess
     import sys
 
-    from helpers import random_run
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from helpers import bpe_tokenizer, random_run
 
     from structlm.training.rundir import load_init
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["To be, or not to be, that is the question."] * 50,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tok.json"))
+    bpe_tokenizer(tmp_path / "tok.json", ["To be, or not to be, that is the question."] * 50)
     run, dense = random_run(tmp_path, tmp_path / "tok.json", norm="layernorm", act="gelu",
                             pos_emb="rope", dense_ffn_layers=(0,))
     text = tmp_path / "calib.txt"

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ from structlm.linear.merge import merge_linears
 from structlm.model.flops import param_groups
 from structlm.model.mup import fold_scales
 from structlm.runs.run import Run
-from structlm.utils.files import alive, publish_dir, require_empty, umask_modes
+from structlm.utils.files import publish_dir, require_empty, scratch_beside, umask_modes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"f32": "fp32", "f16": "fp16"}  # GGUF's spellings
@@ -180,13 +178,7 @@ def _require_new_gguf(out: Path) -> None:
 def _publish_file(out: Path, write) -> Path:
     """Run write(tmp) for a file in a temporary directory beside `out`, then rename it to `out`:
     a failed or refused write leaves nothing behind (nor does a killed one, after the next)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.export-"
-    for stale in out.parent.glob(prefix + "*"):
-        pid = stale.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
+    tmp = scratch_beside(out, "export")
     try:
         write(tmp / out.name)
         umask_modes(tmp)

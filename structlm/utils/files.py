@@ -55,13 +55,7 @@ def publish_dir(out: Path, write, what: str = "write") -> Path:
     """Run write(tmp) in a temporary directory beside `out` (empty or absent), then rename it to
     `out`: a failed or refused write leaves nothing behind, and what a killed one left (its
     process is gone) is removed by the next. The result has the user's umask, as a mkdir would."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.{what}-"
-    for stale in out.parent.glob(prefix + "*"):
-        pid = stale.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
+    tmp = scratch_beside(out, what)
     try:
         write(tmp)
         umask_modes(tmp)
@@ -71,6 +65,18 @@ def publish_dir(out: Path, write, what: str = "write") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def scratch_beside(out: Path, what: str) -> Path:
+    """A new private directory `.<name>.<what>-<pid>-XXXX` beside `out`, after removing those that
+    killed processes left (their pid is gone; a live process's own stay)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.{what}-"
+    for stale in out.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
 
 
 def umask_modes(root: Path) -> None:
