@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from structlm._version import __version__
 from structlm.config import RunConfig, save_json
-from structlm.data.tokenizer import encode_text_file
+from structlm.data.tokenizer import copy_sidecars, encode_text_file
 from structlm.linear.registry import DENSE, choose_hparams
 from structlm.linear.structure import structure
 from structlm.runs import checkpoint
@@ -66,9 +66,7 @@ def convert_run(
 
         def write(tmp: Path) -> None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-                if (tokenizer.parent / name).exists():  # the chat template, when there is one
-                    shutil.copyfile(tokenizer.parent / name, tmp / name)
+            copy_sidecars(tokenizer.parent, tmp)  # the chat template, when there is one
             checkpoint.save(tmp, model, None, new, 0, {"imported_from": origin})
             save_json(new, str(tmp / "config.json"))
             (tmp / "conversion.json").write_text(json.dumps(

@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from structlm.config import ModelConfig, RunConfig, save_json
+from structlm.data.tokenizer import copy_sidecars
 from structlm.hf.reader import gguf_file, read_gguf, read_hf
 from structlm.model.gpt import GPT
 from structlm.runs import checkpoint
@@ -67,10 +68,8 @@ def _write_run(hf_dir: Path, out: Path, model_cfg: ModelConfig, sd: dict, tok_di
     cfg.train.eval_tokens = HEAL_EVAL_TOKENS  # a later healing run's evaluation, not 65,536 tokens
 
     def write(tmp: Path) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "generation_config.json"):
-            if (tok_dir / name).exists():  # the chat template: tokenizer_config.json or .jinja
-                shutil.copyfile(tok_dir / name, tmp / name)
+        shutil.copyfile(tok_dir / "tokenizer.json", tmp / "tokenizer.json")
+        copy_sidecars(tok_dir, tmp)  # the chat template: tokenizer_config.json or .jinja
         checkpoint.save(tmp, model, None, cfg, 0, {"imported_from": str(hf_dir.resolve())})
         save_json(cfg, str(tmp / "config.json"))
 

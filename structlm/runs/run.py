@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -24,7 +25,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from structlm.config import ModelConfig, RunConfig, load_run_config
-from structlm.data.tokenizer import declared_token, eot_id, load_tokenizer, stop_id
+from structlm.data.tokenizer import declared_token, load_tokenizer, stop_id
 from structlm.hf.reader import gguf_file, read_config, read_hf
 from structlm.linear.registry import DENSE
 from structlm.model.gpt import GPT
@@ -38,17 +39,17 @@ from structlm.runs.checkpoint import (
 )
 from structlm.utils.files import file_sha256
 
-KINDS = ("run", "checkpoint", "hf", "gguf")
+Kind = Literal["run", "checkpoint", "hf", "gguf"]
 
 
 @dataclass(frozen=True)
 class Run:
-    """A path opened as one of KINDS. `root` holds the tokenizer files (the run directory for a
+    """A path opened as one of the Kinds. `root` holds the tokenizer files (the run directory for a
     checkpoint inside one); `ckpt` is the verified checkpoint a structlm run or checkpoint loads
     (None for Hugging Face sources)."""
 
     path: Path
-    kind: str
+    kind: Kind
     root: Path
     ckpt: Path | None = None
 
@@ -124,7 +125,7 @@ class Run:
             model.to(device)
         return model.eval(), cfg
 
-    @property
+    @cached_property
     def tokenizer_path(self) -> Path:
         """The tokenizer.json beside the model (a run keeps a copy; a GGUF file carries its own,
         which `structlm import` writes out)."""
@@ -160,8 +161,8 @@ class Run:
     def stop_id(self, tok: Tokenizer) -> int:
         """The id generation stops at: the declared eos (an instruct model's end of turn), else
         the end-of-text token, else 0."""
-        found = stop_id(tok, self.tokenizer_path)
-        return found if found is not None else (eot_id(tok) or 0)
+        found = stop_id(tok, self.tokenizer_path)  # falls back to the end-of-text token itself
+        return 0 if found is None else found
 
     def chat_template(self) -> str | None:
         """The chat template of its tokenizer files (tokenizer_config.json's, or
