@@ -146,6 +146,19 @@ def test_prepare_refuses_a_directory_holding_other_data(fresh_corpus, tmp_path):
     assert (out / "train.bin").read_bytes() == before
 
 
+def test_source_none_uses_the_prepared_data_as_it_is(fresh_corpus, tmp_path, capsys):
+    out = prepare(cfg_for(fresh_corpus, tmp_path / "out"), progress=False)
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    (fresh_corpus / "doc0.txt").write_text(doc_text(7, 13))  # the source changed since: no matter
+    assert prepare(DataConfig(source=None, data_dir=str(out), vocab_size=999)) == out
+    assert f"using the data prepared in {out} (from {fresh_corpus}" in capsys.readouterr().out
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
+    with pytest.raises(FileNotFoundError, match="no prepared data.*structlm prepare"):
+        prepare(DataConfig(source=None, data_dir=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="no data.data_dir"):
+        DataConfig(source=None)
+
+
 def test_prepare_refuses_non_empty_directory_without_meta(fresh_corpus, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")

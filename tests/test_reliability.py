@@ -265,6 +265,23 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, args, match):
     assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_train_on_a_prepared_directory_needs_only_its_path(corpus, tmp_path):
+    """The README's recipe: `prepare --data.source X --data.data_dir D`, then `train
+    --data.data_dir D` alone trains on D (the preset's source is not re-prepared into it); any
+    other --data flag keeps the check that D holds what those flags would prepare."""
+    d = str(tmp_path / "d")
+    cli("prepare", "--preset", "tiny", "--data.source", str(corpus), "--data.data_dir", d,
+        check_rc=0)
+    steps = ("--train.max_steps", "2", "--train.eval_interval", "2", "--train.eval_tokens", "256")
+    r = cli("train", "--preset", "tiny", "--data.data_dir", d, *steps,
+            "--train.out_dir", str(tmp_path / "run"), check_rc=0)
+    assert f"using the data prepared in {d} (from {corpus}" in r.stdout
+    r = cli("train", "--preset", "tiny", "--data.data_dir", d, "--data.seed", "3", *steps,
+            "--train.out_dir", str(tmp_path / "run2"), check_rc=2)
+    assert "holds data prepared from something else" in r.stderr
+    assert not (tmp_path / "run2").exists()
+
+
 def test_an_unwritable_out_dir_is_an_error_not_a_traceback(corpus, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     cfg = tiny_cfg(corpus, tmp_path / "file" / "run", max_steps=2, eval_interval=0)

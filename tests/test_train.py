@@ -43,6 +43,25 @@ def test_loss_decreases_and_artifacts_written(corpus, tmp_path):
     assert summary["tokens"] == 30 * 8 * 32
 
 
+def test_the_final_evaluation_covers_final_eval_tokens(corpus, tmp_path):
+    """The final validation loss (summary.json) is the trained model's loss on the first
+    final_eval_tokens of the split in micro-batch windows; None covers the whole split."""
+    from structlm.data.batches import eval_batches, load_tokens
+    from structlm.runs.evaluate import evaluate
+
+    cfg = tiny_cfg(corpus, tmp_path / "run", max_steps=4, eval_interval=0, final_eval_tokens=256)
+    s = train(cfg)
+    model, _ = load_model(tmp_path / "run")
+    val = load_tokens(cfg.data.data_dir, "val")
+    cpu = torch.device("cpu")
+    for tokens, want in ((256, s.final_val_loss), (None, None)):
+        res = evaluate(model, eval_batches(val, 32, cfg.train.micro_batch_size, tokens), cpu)
+        if want is not None:
+            assert res["tokens"] == 256 and res["loss"] == pytest.approx(want, rel=1e-5)
+        else:  # the whole split: another number, so the bound took effect
+            assert res["tokens"] > 256 and res["loss"] != pytest.approx(s.final_val_loss, rel=1e-5)
+
+
 def test_overfit_one_batch():
     """A tiny structured model memorises one batch (llm.c's --overfit_single_batch)."""
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from structlm.cli.args import POSITIVE_FLOAT, ResumableSource, parse_run_config
@@ -35,6 +36,15 @@ def cmd_prepare(argv: list[str]) -> None:
     prepare(cfg.data)
 
 
+def _only_the_data_dir(argv: list[str], data_dir: str | None) -> bool:
+    """True when the command line names --data.data_dir, no other --data flag, and that directory
+    holds prepared data: `structlm prepare ... --data.data_dir D` then `structlm train
+    --data.data_dir D` trains on what prepare made, whatever source the preset or config names."""
+    data_flags = {a.split("=")[0] for a in argv if a.startswith("--data.")}
+    return (data_flags == {"--data.data_dir"} and data_dir is not None
+            and (Path(data_dir).expanduser() / "meta.json").is_file())
+
+
 def cmd_train(argv: list[str]) -> None:
     """Train (or resume) a run; prints the validation perplexity and how to generate from it."""
     cfg, src, _ = parse_run_config("structlm train", argv, source=ResumableSource,
@@ -43,6 +53,8 @@ def cmd_train(argv: list[str]) -> None:
     from structlm.utils.device import dist_info
     from structlm.utils.units import amount
 
+    if src.resume is None and _only_the_data_dir(argv, cfg.data.data_dir):
+        cfg.data.source = None  # prepared by `structlm prepare`: trained on as it is
     s = train(cfg, override=src.override)
     if dist_info()[0] != 0:  # under torchrun, rank 0 says it once
         return

@@ -20,8 +20,10 @@ from structlm.linear.registry import (
 class DataConfig:
     """Where the training text comes from and where its prepared tokens live."""
 
-    # 'shakespeare' (built in), a text file, a directory, a glob or a .jsonl file
-    source: str = "shakespeare"
+    # 'shakespeare' (built in), a text file, a directory, a glob or a .jsonl file; None: the data
+    # already prepared in data_dir, as it is (`structlm train --data.data_dir DIR` with no other
+    # --data flag sets it when DIR holds prepared data)
+    source: str | None = "shakespeare"
     # prepared data directory; None = data/<source name>-bpe<vocab_size>
     data_dir: str | None = None
     tokenizer: str | None = None  # an existing tokenizer.json to use instead of training a BPE
@@ -41,6 +43,9 @@ class DataConfig:
     shard_tokens: int = 1 << 30
 
     def __post_init__(self) -> None:
+        if self.source is None and not self.data_dir:
+            raise ValueError("data.source=None trains on data already prepared in data.data_dir, "
+                             "but no data.data_dir is given; set --data.data_dir DIR")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"data.workers={self.workers} must be >= 1 (or None: all cores)")
         if self.shard_tokens < 1:
@@ -155,8 +160,11 @@ class TrainConfig:
     max_flops: float | None = None  # budget in training FLOPs (paper convention, flops.py)
     # evaluate on the validation split every this many steps (0: only at the end)
     eval_interval: int = 100
-    # validation tokens per periodic evaluation (the final one uses all of them)
+    # validation tokens per periodic evaluation (the final one: final_eval_tokens)
     eval_tokens: int = 65536
+    # validation tokens of the final evaluation (summary.json's final_val_loss); None: the whole
+    # validation split (bound it on big corpora: 5% of 10B tokens is a long evaluation)
+    final_eval_tokens: int | None = None
     log_interval: int = 10  # one log line every this many steps
     ckpt_interval: int = 0  # checkpoint every this many steps; 0 = at each evaluation
     keep_last: int = 2  # checkpoints kept on disk
@@ -202,6 +210,9 @@ class TrainConfig:
                 "train.eval_interval and train.ckpt_interval must be >= 0 (0 = only at the end), "
                 "train.eval_tokens >= 1"
             )
+        if self.final_eval_tokens is not None and self.final_eval_tokens < 1:
+            raise ValueError(f"train.final_eval_tokens={self.final_eval_tokens} must be >= 1 "
+                             "(or None: the whole validation split)")
         if any(b is not None and b <= 0 for b in budgets):
             raise ValueError(
                 "the training budget (max_steps/max_tokens/max_flops) must be positive"

@@ -72,6 +72,8 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
     Resumes an interrupted preparation of the same inputs (its work directory, next to `out`).
     The data directory is locked for the whole preparation: a second prepare of it (same inputs
     or not) stops with a message naming the first, before it reads, deletes or writes anything."""
+    if cfg.source is None:
+        return _prepared(resolve_data_dir(cfg))
     t0 = time.time()
     progress = sys.stderr.isatty() if progress is None else progress
     files, builtin = _source_files(cfg.source)
@@ -97,6 +99,18 @@ def prepare(cfg: DataConfig, *, progress: bool | None = None) -> Path:
         if not isinstance(e, Busy):  # a preparation that failed early leaves no directories
             _remove_made(made)
         raise
+    return out
+
+
+def _prepared(out: Path) -> Path:
+    """`out`, which must hold published prepared data (data.source=None: used as it is)."""
+    meta = out / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{out} holds no prepared data (no meta.json); prepare it first with `structlm prepare "
+            f"--data.source TEXT --data.data_dir {out}`, or give --data.source to prepare it here")
+    print(f"using the data prepared in {out} (from {json.loads(meta.read_text())['source']})",
+          flush=True)
     return out
 
 

@@ -276,7 +276,7 @@ def finish(run: RunState) -> Summary:
     """Full validation, the final checkpoint, summary.json and loss.png. Killed anywhere in here, a
     rerun redoes it from the final checkpoint (or the last step) to the same summary."""
     steps, out = run.plan.total_steps, run.resume.out
-    final_val = val_loss(run, steps, None)
+    final_val = val_loss(run, steps, run.cfg.train.final_eval_tokens)
     run.tally.best_val = min(run.tally.best_val, final_val)
     run.saver.wait()
     if run.resume.step < steps:  # a resumed final phase already has its final checkpoint
