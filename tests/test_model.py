@@ -11,7 +11,7 @@ from structlm.linear import LINEARS
 from structlm.linear.dense import DenseLinear
 from structlm.model.cache import KVCache
 from structlm.model.gpt import GPT, rope_angles
-from structlm.model.sampling import sample
+from structlm.model.sampling import sample, sample_rows
 from structlm.ops.rope import apply_rope
 
 KINDS = sorted(LINEARS)
@@ -266,6 +266,38 @@ def test_generate_is_deterministic_under_a_generator():
 def test_sample_greedy_is_argmax():
     logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1, keepdim=True))
+
+
+def test_sample_rows_draws_each_row_as_it_would_alone():
+    """Greedy rows take the argmax; a sampled row's token depends on its logits, settings and its
+    own generator only, not on the rows beside it."""
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    temps = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.0, 0.9])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.5, 0.3, 1.0])
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    alone_gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    for _ in range(20):
+        together = sample_rows(logits, temps, top_p, gens)
+        alone = torch.cat([sample_rows(logits[i:i + 1], temps[i:i + 1], top_p[i:i + 1],
+                                       [alone_gens[i]]) for i in (5, 4, 3, 2, 1, 0)])
+        assert torch.equal(together, alone.flip(0))
+        assert together[0] == logits[0].argmax() and together[4] == logits[4].argmax()
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.85])
+def test_sample_rows_follows_the_distribution(top_p):
+    """20,000 draws: each token's frequency is its (nucleus-renormalised) probability."""
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    perm = torch.tensor([3, 0, 4, 1, 2])  # shuffled, so the sort matters
+    logits = torch.empty(5).scatter_(0, perm, (probs.log() * 2.0)).expand(20000, 5)
+    n = logits.shape[0]
+    got = sample_rows(logits, torch.full((n,), 2.0), torch.full((n,), top_p),
+                      [None] * n)  # the global generator
+    torch.manual_seed(0)
+    want = probs.clone() if top_p == 1.0 else torch.tensor([0.5, 0.3, 0.1, 0.0, 0.0])
+    want = want / want.sum()
+    freq = torch.bincount(got, minlength=5).float() / n
+    torch.testing.assert_close(freq[perm], want, atol=0.015, rtol=0)
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 10])

@@ -39,3 +39,30 @@ def sample(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def sample_rows(
+    logits: Tensor, temperature: Tensor, top_p: Tensor,
+    generators: list[torch.Generator | None],
+) -> Tensor:
+    """One token per row of logits (B, vocab), each row with its own temperature (B,) (<= 0:
+    greedy), top-p (B,) and generator: one batched softmax, sort and cumulative sum for the whole
+    batch, and one uniform number per row from that row's generator (the inverse of the CDF in
+    vocabulary order), so a row draws the same token whatever rows share its batch. Returns (B,)
+    token ids."""
+    greedy = temperature <= 0
+    best = logits.argmax(dim=-1)  # (B,)
+    if bool(greedy.all()):
+        return best
+    probs = (logits / torch.where(greedy, 1.0, temperature)[:, None]).softmax(dim=-1)
+    if not bool((top_p >= 1.0).all()):  # top-p: keep the smallest prefix of the sorted
+        # vocabulary whose mass reaches top_p, in the vocabulary's own order (so a row's draw
+        # never depends on whether another row needed the sort)
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+        keep = ((ranked.cumsum(dim=-1) - ranked) <= top_p[:, None]) | (top_p >= 1.0)[:, None]
+        probs = probs * torch.empty_like(keep).scatter_(-1, order, keep)
+    cum = probs.cumsum(dim=-1)  # (B, vocab), unnormalised
+    u = torch.stack([torch.rand((), generator=g, device=logits.device) for g in generators])
+    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)
+    pick = pick.clamp_(max=logits.shape[-1] - 1)  # (B, 1)
+    return torch.where(greedy, best, pick.squeeze(-1))

@@ -28,7 +28,7 @@ from torch import nn
 
 from structlm.linear.merge import PreMergedLinear
 from structlm.model.cache import SlotCache
-from structlm.model.sampling import sample
+from structlm.model.sampling import sample_rows
 from structlm.utils.device import autocast
 
 
@@ -226,7 +226,7 @@ class Engine:
             if req.prefilled == len(req.prompt):  # the prompt is in: its first token
                 self.stats.prompt_tokens += len(req.prompt)
                 self.observer.prefilled(len(req.prompt))
-                self._take(req, self._sample(req, logits[0:1]))
+                self._take(req, int(self._sample([req], logits[0:1])[0]))
 
     def _decode(self) -> None:
         batch = [r for r in self.active if r.prefilled == len(r.prompt) and r.generated
@@ -239,11 +239,15 @@ class Engine:
         self.stats.last_batch = len(batch)
         self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
         self.stats.recent.append((time.monotonic(), len(batch)))
-        for b, req in enumerate(batch):
-            self._take(req, self._sample(req, logits[b:b + 1]))
+        for req, token in zip(batch, self._sample(batch, logits).tolist(), strict=True):
+            self._take(req, token)
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        return int(sample(logits.float(), req.temperature, None, req.top_p, req.generator))
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """One token per request from its row of logits (B, vocab), all rows at once; each
+        request's draws come from its own generator, so batching does not change them."""
+        temps = torch.tensor([r.temperature for r in reqs], device=logits.device)
+        top_p = torch.tensor([r.top_p for r in reqs], device=logits.device)
+        return sample_rows(logits.float(), temps, top_p, [r.generator for r in reqs])
 
     def _take(self, req: Request, token: int) -> None:
         """A request's next token: emit the new text; finish on end-of-text, a stop string, its
