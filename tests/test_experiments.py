@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,19 @@ def test_bench_scripts_keep_an_earlier_runs_rows(tmp_path, script, existing):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "OUT=" in r.stderr and str(out) in r.stderr
     assert kept.read_text() == '{"bench": "ffn"}\n' and list(out.iterdir()) == [kept]
+
+
+def test_engine_profile_accounts_for_every_step():
+    """experiments/engine_profile.py on the tiny preset: every line's parts add up to its step."""
+    r = subprocess.run([sys.executable, str(ROOT / "experiments/engine_profile.py"), "--preset",
+                        "tiny", "--batch", "3", "--steps", "4", "--reps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [f"tiny batch 3 {n}" for n in
+                                                 ("rep 0", "rep 1", "median")]
+    for ln in lines[:2]:
+        step = float(ln.split(": ")[1].split(" ms/step")[0])
+        parts = [float(x) for x in
+                 re.findall(r"(?:forward|sample|take|scheduling) ([\d.]+) ms", ln)]
+        assert len(parts) == 4 and sum(parts) == pytest.approx(step, abs=0.03)  # 2-decimal rounding
