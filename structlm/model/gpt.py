@@ -58,7 +58,7 @@ class CausalSelfAttention(nn.Module):
         hd, nq, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
         h = self.qkv(x)  # (B, T, (nq + 2 nkv) hs)
         fused = None
-        if rope is not None and not cfg.rope_interleaved:  # (slot caches: per-row angles, no)
+        if rope is not None and not cfg.rope_interleaved:  # a SlotCache's per-row angles: None
             fused = _qkv_fused(h, *rope)
         if fused is not None:
             q, k, v = _QkvRopeFn.apply(h, *rope, nq, nkv, fused)  # contiguous, q, k rotated

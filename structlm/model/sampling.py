@@ -22,23 +22,15 @@ def sample(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw one token per row of logits (B, vocab): greedy at temperature 0, else top-k then
-    top-p."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    """Draw one token per row of logits (B, vocab), all rows with the same settings and generator:
+    greedy at temperature 0, else top-k then top-p (`sample_rows` draws). Returns (B, 1)."""
+    if temperature > 0 and top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # keep the smallest prefix reaching top_p
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # out of the softmax below
+    B = logits.shape[0]
+    full = lambda v: torch.full((B,), v, device=logits.device)  # noqa: E731
+    return sample_rows(logits, full(temperature), full(1.0 if top_p is None else top_p),
+                       [generator] * B)[:, None]
 
 
 def sample_rows(
