@@ -159,3 +159,20 @@ def test_engine_profile_accounts_for_every_step():
         parts = [float(x) for x in
                  re.findall(r"(?:forward|sample|take|scheduling) ([\d.]+) ms", ln)]
         assert len(parts) == 4 and sum(parts) == pytest.approx(step, abs=0.03)  # 2-decimal rounding
+
+
+def test_premerge_decode_measures_every_variant_without_touching_the_users_cache(tmp_path):
+    """experiments/premerge_decode.py on the tiny preset: four variants per kind and budget, dense
+    the reference, and its calibration kept out of the user's pre-merge cache."""
+    rows = tmp_path / "rows.jsonl"
+    env = {**os.environ, "STRUCTLM_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, str(ROOT / "experiments/premerge_decode.py"), "--preset",
+                        "tiny", "--kinds", "lowrank", "--budgets", "0.32", "--reps", "1", "--gen",
+                        "2", "--json", str(rows)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [json.loads(ln) for ln in rows.read_text().splitlines()]
+    assert [g["variant"] for g in got] == ["dense", "factors", "merged_default",
+                                          "merged_calibrated"]
+    assert got[0]["speedup_vs_dense"] == 1.0 and all(g["ms_per_token"] > 0 for g in got)
+    assert not (tmp_path / "cache").exists()

@@ -182,3 +182,27 @@ def test_the_factors_are_chosen_only_where_clearly_faster(structured, merged, wa
     the factors are at least 10% faster at that and every larger count, so a noisy per-layer
     timing cannot make the pre-merged model slower than its dense parent."""
     assert pm.choose_threshold((1, 2, 4), structured, merged) == want
+
+
+@pytest.mark.parametrize("kind, d, rank, device, dtype, want", [
+    ("lowrank", 384, 96, "cpu", None, 1),              # big enough: the factors from one token on
+    ("lowrank", 384, 96, "cpu", torch.bfloat16, 1),
+    ("lowrank", 256, 64, "cpu", None, 1),
+    ("lowrank", 256, 64, "cpu", torch.bfloat16, 16),   # half the bytes saved: merged
+    ("lowrank", 32, 8, "cpu", None, 16),               # tiny: a second GEMM's fixed cost wins
+    ("lowrank", 384, 96, "cuda", None, 16),            # launch latency: merged below 16 tokens
+    ("blockdense", 384, 96, "cpu", None, 16),          # block kinds merge below 16 everywhere
+])
+def test_uncalibrated_threshold_follows_the_byte_rule(kind, d, rank, device, dtype, want):
+    hp = {"rank": rank} if kind == "lowrank" else {"rank": rank, "nblocks": 4}
+    layer = build_linear(LinearSpec.of(kind, **hp), d, 4 * d)
+    assert pm.default_threshold(layer, torch.device(device), dtype) == want
+
+
+def test_uncalibrated_thresholds_of_a_model_use_the_byte_rule(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTLM_CACHE", str(tmp_path))  # nothing measured
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=384, d_ff=1536,
+                      ffn=LinearSpec("lowrank", rank=96))
+    th, rows = pm.thresholds_for(GPT(cfg), torch.device("cpu"), None)
+    assert set(th.values()) == {1} and rows == []
+    assert not (tmp_path / "premerge.json").exists()  # a rule, not a measurement: nothing cached

@@ -5,7 +5,8 @@ one dense matrix W = f(I)^T, and for calls with few tokens (decoding) that one G
     unmerge(model)                the inverse
     merge_linears(model)          a copy with every structured layer an nn.Linear holding W
     thresholds_for(model, ...)    the token count below which each layer shape uses W: measured
-                                  (`calibrate_layer`, cached per device/dtype/torch) or the default
+                                  (`calibrate_layer`, cached per device/dtype/torch) or
+                                  `default_threshold`
 
 `PreMergedLinear` dispatches on the number of tokens in each call:
 
@@ -39,6 +40,12 @@ from structlm.utils.timing import context, time_interleaved
 
 # pre-merge below 16 tokens per call when uncalibrated (the paper's example)
 DEFAULT_MAX_DENSE_TOKENS = 16
+# the uncalibrated CPU rule for LowRank (`default_threshold`): a call costs its weight bytes at
+# this bandwidth plus this much fixed time per GEMM. Both fitted to one layer timed alone on a
+# 2-core AMD EPYC, fp32, where the weights sit in cache: conservative, since weights streamed
+# from memory in a model make the bytes the factors save weigh more
+CPU_BYTES_PER_US = 50e3
+CALL_US = 6.0
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -64,9 +71,16 @@ class PreMergedLinear(Wrapper):
             self.merged = self.structured.to_dense().detach()  # (d_out, d_in)
         self._versions = self._current_versions()
 
+    def _factors(self):
+        """The wrapped layer's parameters, looked up now (`load_state_dict(assign=True)` swaps
+        them); its own dict directly when it has no submodules (a decode step calls this per
+        layer, and `parameters()` costs microseconds)."""
+        s = self.structured
+        return s._parameters.values() if not s._modules else s.parameters()
+
     def _current_versions(self) -> tuple:
         """What identifies the factors' values: each tensor's storage, dtype and version."""
-        return tuple((p.data_ptr(), p.dtype, p._version) for p in self.structured.parameters())
+        return tuple((p.data_ptr(), p.dtype, p._version) for p in self._factors() if p is not None)
 
     def _learning(self) -> bool:
         return torch.is_grad_enabled() and any(
@@ -77,10 +91,13 @@ class PreMergedLinear(Wrapper):
         if tokens >= self.max_dense_tokens or self._learning():
             self.calls["structured"] += 1
             return self.structured(x)  # large calls, and gradients must reach the factors
-        if self._versions != self._current_versions() or self.merged.device != x.device:
+        # moving the model moves the factors (new storage, so new versions): no device check.
+        # The dicts are read directly: nn.Module's attribute lookup costs a decode step
+        # microseconds per layer, which would make the merged path slower than a dense layer
+        if self._versions != self._current_versions():
             self.refresh()
         self.calls["merged"] += 1
-        return F.linear(x, self.merged, self.structured.bias)
+        return F.linear(x, self._buffers["merged"], self.structured._parameters.get("bias"))
 
     def unwrap(self) -> StructuredLinear:
         return self.structured
@@ -235,12 +252,29 @@ def choose_threshold(tokens: tuple[int, ...] | list[int], structured_ms: list[fl
     return threshold
 
 
+def default_threshold(layer: StructuredLinear, device: torch.device,
+                      dtype: torch.dtype | None = None) -> int:
+    """The threshold when nothing is measured. On a CPU a LowRank layer's two GEMMs read fewer
+    weight bytes and do fewer FLOPs than its merged matrix at every token count, and a CPU has no
+    kernel-launch latency to amortise: its factors are used from one token on (threshold 1)
+    wherever the bytes they save outweigh a second call, by the FACTORS_MARGIN the calibration
+    asks for. Everywhere else (block kinds, whose small batched GEMMs and permutations are slow at
+    few tokens; GPUs, where two launches cost more than one) DEFAULT_MAX_DENSE_TOKENS."""
+    if device.type != "cpu" or layer.kind != "lowrank":
+        return DEFAULT_MAX_DENSE_TOKENS
+    size = (dtype or layer.weights()[0].dtype).itemsize  # bytes per weight as computed
+    factors = 2 * CALL_US + size * layer.weight_params(layer.d_in, layer.d_out, **layer.hp) \
+        / CPU_BYTES_PER_US
+    merged = CALL_US + size * layer.d_in * layer.d_out / CPU_BYTES_PER_US
+    return 1 if factors <= FACTORS_MARGIN * merged else DEFAULT_MAX_DENSE_TOKENS
+
+
 def thresholds_for(
     model: nn.Module, device: torch.device, dtype: torch.dtype | None, calibrate: bool = False,
     progress: bool = False,
 ) -> tuple[dict[tuple, int], list[dict]]:
     """Pre-merge thresholds for every distinct structured layer of `model`: from the cache, measured
-    when `calibrate` (and cached), else DEFAULT_MAX_DENSE_TOKENS. Returns
+    when `calibrate` (and cached), else `default_threshold`. Returns
     ({layer_key: threshold}, rows)."""
     cache = load_cache()
     out, rows, changed = {}, [], False
@@ -258,7 +292,7 @@ def thresholds_for(
             cache[ck] = out[key]
             changed = True
         else:
-            out[key] = DEFAULT_MAX_DENSE_TOKENS
+            out[key] = default_threshold(layer, device, dtype)
     if changed:
         save_cache(cache)
     return out, rows
