@@ -4,6 +4,7 @@ structured model pre-merged by the uncalibrated default and by calibrated thresh
 interleaved per repetition. One JSON row per (kind, budget, variant); a table on stdout.
 
     python experiments/premerge_decode.py --preset medium --batch 1 --json rows.jsonl
+    python experiments/premerge_decode.py --preset runs/smollm2/config.json --kinds lowrank
 
 Calibration writes to a throw-away cache (STRUCTLM_CACHE is pointed at a temporary folder), so the
 "default" variant is what a user without a calibrated cache gets.
@@ -21,7 +22,7 @@ import tempfile
 import torch
 
 from structlm.bench.decode import decode_latency
-from structlm.config import PRESETS
+from structlm.config import PRESETS, load_run_config
 from structlm.linear.merge import premerge, thresholds_for, unmerge
 from structlm.linear.registry import LinearSpec, choose_hparams
 from structlm.model.gpt import GPT
@@ -31,8 +32,10 @@ KINDS = ("lowrank", "blockdense", "blockshuffle", "btt")
 
 
 def configs(name: str, kinds: list[str], budgets: list[float]):
-    """(kind, budget, ModelConfig) for every kind and FFN share."""
-    base = PRESETS[name]().model
+    """(kind, budget, ModelConfig) for every kind and FFN share of a preset or a run's
+    config.json (its dense shapes, e.g. an imported SmolLM2-135M)."""
+    base = (load_run_config(name).model if name.endswith(".json") else PRESETS[name]().model)
+    base = dataclasses.replace(base, ffn_overrides={})
     shapes = [(n, m) for _, n, m in base.ffn_shapes()]
     for kind in kinds:
         for b in budgets:
@@ -63,7 +66,7 @@ def measure(cfg, batch: int, reps: int, gen: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="medium")
+    p.add_argument("--preset", default="medium", help="a preset, or a run's config.json")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--budgets", default="0.63,0.32")
     p.add_argument("--kinds", default=",".join(KINDS))

@@ -3,6 +3,7 @@ truncation error on small cases, never worse than one share everywhere, and `str
 allocate="error")` projects the layers at those ranks within the budget."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -65,3 +66,70 @@ def test_allocation_is_refused_where_it_does_not_apply():
         structure(model, 0.4, include="*", exclude=(), allocate="even")
     with pytest.raises(ValueError, match="give a fraction and kind='lowrank'"):
         structure(model, 0.4, kind="blockdense", include="*", exclude=(), allocate="error")
+
+
+def test_convert_allocate_error_writes_uneven_ranks_that_load(tmp_path):
+    """`structlm convert --allocate error`: ranks follow each linear's spectrum (a nearly rank-2
+    fc1 gets few, the others more) within the budget; the config keeps them in
+    model.ffn_overrides, so the run loads, counts its parameters and heals from them."""
+    import subprocess
+    import sys
+
+    from helpers import bpe_tokenizer, random_run
+
+    from structlm.config import load_run_config
+    from structlm.model.flops import ffn_params
+    from structlm.runs import checkpoint
+    from structlm.runs.run import Run
+
+    bpe_tokenizer(tmp_path / "tok.json", ["To be, or not to be, that is the question."] * 50)
+    run, model = random_run(tmp_path, tmp_path / "tok.json", n_layer=3, d_model=48, d_ff=96,
+                            dense_ffn_layers=(0,))
+    w = model.blocks[1].mlp.fc1.weight
+    with torch.no_grad():
+        w.copy_(w[:, :2] @ torch.randn(2, w.shape[1]))  # rank 2
+    checkpoint.save(run, model, None, load_run_config(str(run / "config.json")), 1, {})
+    out = tmp_path / "allocated"
+    r = subprocess.run([sys.executable, "-m", "structlm", "convert", str(run), str(out),
+                        "--fraction", "0.32", "--allocate", "error"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = load_run_config(str(out / "config.json")).model
+    layers = json.loads((out / "conversion.json").read_text())["layers"]
+    ranks = {row["name"]: row["rank"] for row in layers}
+    others = [v for k, v in ranks.items() if k != "blocks.1.mlp.fc1"]
+    assert ranks["blocks.1.mlp.fc1"] <= 2 < min(others)
+    assert sum(row["params_after"] for row in layers) <= 0.32 * sum(
+        row["params_before"] for row in layers)
+    loaded, _ = Run.open(out).load_model()
+    for name, rank in ranks.items():
+        assert loaded.get_submodule(name).rank == rank
+        block, fc = name.split(".")[1], name.split(".")[-1]
+        assert cfg.linear_spec(int(block), fc).rank == rank
+    assert ffn_params(cfg, bias=False) == sum(row["params_after"] for row in layers) + 2 * 48 * 96
+
+
+def test_ffn_overrides_are_checked():
+    from structlm.config import LinearSpec, ModelConfig
+
+    base = dict(vocab_size=64, n_layer=2, n_head=2, d_model=16, d_ff=32,
+                ffn=LinearSpec("lowrank", rank=4))
+    with pytest.raises(ValueError, match="keys are BLOCK.fc1 or BLOCK.fc2"):
+        ModelConfig(**base, ffn_overrides={"0.fc1": {"rank": 2}})  # block 0 is dense
+    with pytest.raises(ValueError, match="keys are BLOCK.fc1"):
+        ModelConfig(**base, ffn_overrides={"1.fc3": {"rank": 2}})
+    with pytest.raises(ValueError, match=r"ffn_overrides\['1.fc2'\]"):
+        ModelConfig(**base, ffn_overrides={"1.fc2": {"rank": 0}})
+    ModelConfig(**{**base, "ffn": LinearSpec()}, ffn_overrides={"1.fc2": {"rank": 2}})  # inert
+
+
+def test_convert_refuses_allocation_for_a_block_kind(tmp_path):
+    from helpers import bpe_tokenizer, random_run
+
+    from structlm.runs.convert import convert_run
+
+    bpe_tokenizer(tmp_path / "tok.json", ["To be, or not to be."] * 50)
+    run, _ = random_run(tmp_path, tmp_path / "tok.json", dense_ffn_layers=(0,))
+    with pytest.raises(ValueError, match="kind='lowrank'"):
+        convert_run(run, tmp_path / "out", "blockdense", 0.32, allocate="error")
+    assert not (tmp_path / "out").exists()

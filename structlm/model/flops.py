@@ -21,10 +21,12 @@ from structlm.linear.registry import DENSE, linear_class
 
 def ffn_layer_params(cfg: ModelConfig, layer: int, *, bias: bool | None = None) -> int:
     """Parameters of block `layer`'s FFN (fc1 + fc2); matrices only when bias=False."""
-    spec = cfg.ffn_spec(layer)
-    cls = linear_class(spec.kind)
     b = cfg.bias if bias is None else bias
-    return sum(cls.count_params(n, m, bias=b, **spec.hparams()) for _, n, m in cfg.ffn_shapes())
+    total = 0
+    for name, n, m in cfg.ffn_shapes():
+        spec = cfg.linear_spec(layer, name)
+        total += linear_class(spec.kind).count_params(n, m, bias=b, **spec.hparams())
+    return total
 
 
 def ffn_flops(cfg: ModelConfig) -> int:
@@ -32,9 +34,9 @@ def ffn_flops(cfg: ModelConfig) -> int:
     parameters for every shipped kind)."""
     total = 0
     for i in range(cfg.n_layer):
-        spec = cfg.ffn_spec(i)
-        cls = linear_class(spec.kind)
-        total += sum(cls.weight_flops(n, m, **spec.hparams()) for _, n, m in cfg.ffn_shapes())
+        for name, n, m in cfg.ffn_shapes():
+            spec = cfg.linear_spec(i, name)
+            total += linear_class(spec.kind).weight_flops(n, m, **spec.hparams())
     return total
 
 

@@ -107,10 +107,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.act = cfg.act
-        spec = cfg.ffn_spec(layer)
         (_, d_in1, d_out1), (_, d_in2, d_out2) = cfg.ffn_shapes()
-        self.fc1 = build_linear(spec, d_in1, d_out1, bias=cfg.bias, init_std=cfg.init_std)
-        self.fc2 = build_linear(spec, d_in2, d_out2, bias=cfg.bias, init_std=cfg.init_std)
+        self.fc1 = build_linear(cfg.linear_spec(layer, "fc1"), d_in1, d_out1, bias=cfg.bias,
+                                init_std=cfg.init_std)
+        self.fc2 = build_linear(cfg.linear_spec(layer, "fc2"), d_in2, d_out2, bias=cfg.bias,
+                                init_std=cfg.init_std)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)  # (B, T, d_ff) or (B, T, 2*d_ff) for swiglu

@@ -29,11 +29,13 @@ CALIB_TOKENS = 4096  # tokens of calibration text run through the model (activat
 
 def convert_run(
     source: str | Path, out_dir: str | Path, kind: str, fraction: float,
-    calib_text: str | None = None,
+    calib_text: str | None = None, allocate: str = "uniform",
 ) -> tuple[Path, list[dict]]:
     """Write `out_dir`: the source model with every FFN outside model.dense_ffn_layers converted to
-    `kind` at `fraction` of the dense FFN's parameters (the paper's rule for the whole FFN, so fc1
-    and fc2 share one spec). Returns (out_dir, the per-layer report)."""
+    `kind` at `fraction` of the dense FFN's parameters: by the paper's rule for the whole FFN (fc1
+    and fc2 share one spec) under allocate="uniform"; under "error" (lowrank) at ranks allocated
+    across all FFN linears (`linear.allocate`), kept in the config's model.ffn_overrides. Returns
+    (out_dir, the per-layer report)."""
     out = Path(out_dir)
     require_empty(out)
     with tempfile.TemporaryDirectory() as scratch:
@@ -53,13 +55,16 @@ def convert_run(
                  if ".mlp.fc" in k and k.endswith(".weight")}
         layers = 2 * (m.n_layer - len(m.dense_ffn_layers))
         hp = {"rank": spec.rank, "nblocks": spec.nblocks, **spec.params}
-        print(f"convert: projecting {layers} FFN layers onto {kind} ("
-              + ", ".join(f"{k}={v}" for k, v in hp.items() if v is not None)
+        how = (", ".join(f"{k}={v}" for k, v in hp.items() if v is not None)
+               if allocate == "uniform" else f"ranks allocated by {allocate} at {fraction:g}")
+        print(f"convert: projecting {layers} FFN layers onto {kind} ({how}"
               + (", activation-aware" if calib is not None else "") + ")", flush=True)
-        model, report = structure(model, spec, include="blocks.*.mlp.*", exclude=exclude,
-                                  calib=calib, progress=is_tty())
+        model, report = structure(model, spec if allocate == "uniform" else fraction,
+                                  kind=kind, include="blocks.*.mlp.*", exclude=exclude,
+                                  calib=calib, progress=is_tty(), allocate=allocate)
         dense = {r["name"]: dense[r["name"]].contiguous() for r in report}  # what was replaced
-        new = RunConfig(model=dataclasses.replace(m, ffn=spec), data=cfg.data)
+        new = RunConfig(model=dataclasses.replace(m, ffn=spec, ffn_overrides=_overrides(
+            report, spec)), data=cfg.data)
         new.train.eval_tokens = HEAL_EVAL_TOKENS
         new.train.out_dir = str(out)
         tokenizer, origin = run.tokenizer_path, str(Path(source).resolve())
@@ -75,6 +80,20 @@ def convert_run(
 
         publish_dir(out, write, "convert")
     return out, report
+
+
+def _overrides(report: list[dict], spec) -> dict[str, dict[str, int]]:
+    """model.ffn_overrides for the report's layers ("blocks.3.mlp.fc1" -> "3.fc1") whose
+    hyper-parameters differ from `spec`'s (none under uniform allocation)."""
+    out = {}
+    for r in report:
+        if r["kind"] != spec.kind:
+            continue
+        hp = {k: r[k] for k in spec.hparams() if r.get(k) != spec.hparams()[k]}
+        if hp:
+            block, fc = r["name"].split(".")[1], r["name"].rsplit(".", 1)[1]
+            out[f"{block}.{fc}"] = hp
+    return out
 
 
 def _calib_ids(path: str, run: Run, block_size: int) -> torch.Tensor:

@@ -319,7 +319,9 @@ def model_card(cfg: RunConfig, run: Run, family: str, dtype: str) -> str:
         f"`{CLASSES.get(family, ('', 'StructlmForCausalLM'))[1]}` ({dtype}).",
         "",
         f"- FFN structure: `{m.ffn.kind}`{f' ({spec})' if spec else ''}, dense in blocks "
-        f"{list(m.dense_ffn_layers)}; "
+        f"{list(m.dense_ffn_layers)}"
+        + (f", per-linear hyper-parameters for {len(m.ffn_overrides)} linears (allocated); "
+           if m.ffn_overrides else "; ")
         + ("kept as factors: load with `trust_remote_code=True`." if family == "structlm"
            else "here folded into dense matrices (hf-merged)."),
         f"- structlm parameters: {g['total']:,} ({g['ffn']:,} in FFNs); this export holds "

@@ -31,7 +31,8 @@ def model_info(cfg: RunConfig, tokens: float | None = None) -> dict:
         "flops_per_token_groups": fpt,
         "seq_len": cfg.seq_len,
         "ffn": {"kind": m.ffn.kind, **m.ffn.hparams(),
-                "dense_ffn_layers": list(m.dense_ffn_layers)},
+                "dense_ffn_layers": list(m.dense_ffn_layers),
+                **({"overrides": dict(m.ffn_overrides)} if m.ffn_overrides else {})},
         "kinds": sorted(LINEARS),
     }
     if tokens is not None:
@@ -62,7 +63,9 @@ def format_info(cfg: RunConfig, info: dict) -> str:
         f"model: d_model={m.d_model} n_layer={m.n_layer} heads={m.n_head}{kv} "
         f"attn_dim={m.attention_dim} d_ff={m.d_ff} vocab={m.vocab_size} seq={cfg.seq_len} "
         f"{m.act}/{m.norm}/{m.pos_emb}",
-        f"ffn:   {m.ffn.kind}{hp} (dense in blocks {list(m.dense_ffn_layers)})\n",
+        f"ffn:   {m.ffn.kind}{hp} (dense in blocks {list(m.dense_ffn_layers)})"
+        + (f"; {len(m.ffn_overrides)} linears with their own hyper-parameters "
+           "(model.ffn_overrides)" if m.ffn_overrides else "") + "\n",
         f"{'parameters':<22}{'count':>16}{'':>10}",
     ]
     for k in GROUPS:

@@ -146,6 +146,21 @@ def build_linear(spec, d_in, d_out, bias, premerge_tokens):
                                **spec.get("params", {}))
 
 
+def linear_spec(m, layer, name):
+    """Block `layer`'s FFN linear `name`: dense in a dense block, else the model's FFN kind with
+    the hyper-parameters this linear overrides (an allocated conversion's uneven ranks)."""
+    if layer in m["dense_ffn_layers"] or m["ffn"]["kind"] == "dense":
+        return {"kind": "dense"}
+    own = m.get("ffn_overrides", {}).get(f"{layer}.{name}", {})
+    spec = {**m["ffn"], "params": dict(m["ffn"].get("params", {}))}
+    for k, v in own.items():
+        if k in ("rank", "nblocks"):
+            spec[k] = v
+        else:
+            spec["params"][k] = v
+    return spec
+
+
 # --- the transformer ----------------------------------------------------------------------------
 
 
@@ -230,11 +245,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, m, layer, premerge_tokens):
         super().__init__()
-        spec = {"kind": "dense"} if layer in m["dense_ffn_layers"] else m["ffn"]
         self.swiglu = m["act"] == "swiglu"
         out1 = 2 * m["d_ff"] if self.swiglu else m["d_ff"]
-        self.fc1 = build_linear(spec, m["d_model"], out1, m["bias"], premerge_tokens)
-        self.fc2 = build_linear(spec, m["d_ff"], m["d_model"], m["bias"], premerge_tokens)
+        self.fc1 = build_linear(linear_spec(m, layer, "fc1"), m["d_model"], out1, m["bias"],
+                                premerge_tokens)
+        self.fc2 = build_linear(linear_spec(m, layer, "fc2"), m["d_ff"], m["d_model"], m["bias"],
+                                premerge_tokens)
 
     def forward(self, x):
         h = self.fc1(x)
