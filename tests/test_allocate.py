@@ -62,7 +62,7 @@ def test_allocated_beats_uniform_on_the_projected_model():
 
 def test_allocation_is_refused_where_it_does_not_apply():
     model = nn.Sequential(nn.Linear(24, 24))
-    with pytest.raises(ValueError, match="choose uniform or error"):
+    with pytest.raises(ValueError, match="choose uniform, error or sensitivity"):
         structure(model, 0.4, include="*", exclude=(), allocate="even")
     with pytest.raises(ValueError, match="give a fraction and kind='lowrank'"):
         structure(model, 0.4, kind="blockdense", include="*", exclude=(), allocate="error")
@@ -133,3 +133,39 @@ def test_convert_refuses_allocation_for_a_block_kind(tmp_path):
     with pytest.raises(ValueError, match="kind='lowrank'"):
         convert_run(run, tmp_path / "out", "blockdense", 0.32, allocate="error")
     assert not (tmp_path / "out").exists()
+
+
+class _TwoBranches(nn.Module):
+    """head(10 a(x) + 0.1 b(x)): a and b have the same singular values, so their local errors are
+    alike, but a's matter 100x more to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = nn.Linear(24, 24, bias=False), nn.Linear(24, 24, bias=False)
+        self.head = nn.Linear(24, 40, bias=False)
+        with torch.no_grad():
+            w = torch.randn(24, 24, generator=g)
+            self.a.weight.copy_(w)
+            self.b.weight.copy_(w[torch.randperm(24, generator=g)])
+            self.head.weight.copy_(torch.randn(40, 24, generator=g))
+
+    def forward(self, x):
+        return self.head(10 * self.a(x) + 0.1 * self.b(x))
+
+
+def test_sensitivity_allocation_gives_rank_where_the_outputs_need_it():
+    x = torch.randn(512, 24, generator=torch.Generator().manual_seed(1))
+    ref = _TwoBranches()(x).log_softmax(-1)
+    ranks, kl = {}, {}
+    for how in ("uniform", "error", "sensitivity"):
+        m = _TwoBranches()
+        _, report = structure(m, 0.4, include=["a", "b"], exclude=(), calib=x, allocate=how)
+        ranks[how] = {r["name"]: r["rank"] for r in report}
+        with torch.no_grad():
+            kl[how] = (ref.exp() * (ref - m(x).log_softmax(-1))).sum(-1).mean().item()
+    assert abs(ranks["error"]["a"] - ranks["error"]["b"]) <= 1  # alike locally
+    assert ranks["sensitivity"]["a"] > ranks["sensitivity"]["b"] + 2
+    assert kl["sensitivity"] < kl["uniform"]
+    with pytest.raises(ValueError, match="give calib"):
+        structure(_TwoBranches(), 0.4, include=["a", "b"], exclude=(), allocate="sensitivity")

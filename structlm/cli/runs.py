@@ -211,8 +211,9 @@ class ConvertOptions:
     fraction: Annotated[float, POSITIVE_FLOAT] = 0.32
     calib: str | None = None  # a text file: activation-aware projection on its first tokens
     # uniform: every FFN linear keeps `fraction` of its weights; error (lowrank): `fraction` of
-    # all FFN weights, spent per layer where it removes the most (activation-weighted) error
-    allocate: Literal["uniform", "error"] = "uniform"
+    # all FFN weights, spent per layer where it removes the most (activation-weighted) error;
+    # sensitivity (lowrank, --calib): each layer's error weighed by its effect on the outputs
+    allocate: Literal["uniform", "error", "sensitivity"] = "uniform"
 
 
 def cmd_convert(argv: list[str]) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from structlm.linear.allocate import allocate_ranks, spectrum
+from structlm.linear.allocate import Spectrum, allocate_ranks, spectrum
 from structlm.linear.base import StructuredLinear
 from structlm.linear.factors import damped
 from structlm.linear.registry import (
@@ -65,13 +65,16 @@ def structure(
     layer that no structure of `kind` makes smaller (a 32 -> 1 gate) stays dense: its row has
     kind "dense" and says why under "kept". `allocate="error"` (LowRank, a fraction) spends the
     fraction of all matching layers' weights where it removes the most activation-weighted error
-    (`linear.allocate`): uneven ranks instead of one share per layer. `progress`: a bar over the
+    (`linear.allocate`): uneven ranks instead of one share per layer; "sensitivity" (needs
+    `calib`) weighs each layer's error by what truncating that layer alone does to the model's
+    outputs (one forward per layer). `progress`: a bar over the
     layers (the activation-aware block projections take seconds each)."""
     if init not in ("project", "paper"):
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
-    ranks = _allocated(model, spec_or_fraction, kind, allocate, covs, include, exclude)
     n_tokens = None if calib is None else calib.numel()
+    ranks = _allocated(model, spec_or_fraction, kind, allocate, covs, include, exclude,
+                       (calib, n_tokens), progress)
     report: list[dict] = []
     total = sum(_dense_weight(m) is not None for _, m, _, _ in named_modules(model, include,
                                                                               exclude))
@@ -120,19 +123,66 @@ def structure(
 
 
 def _allocated(model: nn.Module, spec_or_fraction, kind: str, allocate: str, covs: dict,
-               include: Patterns, exclude: Patterns) -> dict[str, int] | None:
-    """Per-layer ranks under allocate="error", None under "uniform"."""
+               include: Patterns, exclude: Patterns, calib: tuple,
+               progress: bool = False) -> dict[str, int] | None:
+    """Per-layer ranks under allocate="error" or "sensitivity", None under "uniform"."""
     if allocate == "uniform":
         return None
-    if allocate != "error":
-        raise ValueError(f"allocate={allocate!r}: choose uniform or error")
+    if allocate not in ("error", "sensitivity"):
+        raise ValueError(f"allocate={allocate!r}: choose uniform, error or sensitivity")
     if kind != "lowrank" or isinstance(spec_or_fraction, LinearSpec):
-        raise ValueError("allocate='error' splits a fraction into LowRank ranks: give a fraction "
-                         "and kind='lowrank' (the block kinds allocate uniformly for now)")
+        raise ValueError(f"allocate={allocate!r} splits a fraction into LowRank ranks: give a "
+                         "fraction and kind='lowrank' (the block kinds allocate uniformly for now)")
+    if allocate == "sensitivity" and calib[0] is None:
+        raise ValueError("allocate='sensitivity' measures each layer's effect on the model's "
+                         "outputs: give calib (token ids)")
+    fraction = float(spec_or_fraction)
     spectra = [spectrum(name, w.detach(), covs.get(name))
                for name, m, _, _ in named_modules(model, include, exclude)
                if (w := _dense_weight(m)) is not None]
-    return allocate_ranks(spectra, float(spec_or_fraction))
+    if allocate == "sensitivity":
+        spectra = _weighed(model, spectra, fraction, covs, include, exclude, calib, progress)
+    return allocate_ranks(spectra, fraction)
+
+
+def _weighed(model: nn.Module, spectra: list[Spectrum], fraction: float, covs: dict,
+             include: Patterns, exclude: Patterns, calib: tuple,
+             progress: bool = False) -> list[Spectrum]:
+    """Each spectrum scaled so that its truncation error at the uniform rank equals what that
+    truncation alone costs the model: KL(dense outputs || outputs with only this layer
+    projected) on the calibration tokens. A first-order exchange rate from each layer's local
+    error to the model's, so that the greedy trades layers by their effect on the outputs."""
+    tokens, n = calib
+    ref = _log_probs(model, tokens)  # (..., vocab)
+    by_name = {s.name: s for s in spectra}
+    out = []
+    for name, m, _, _ in tqdm(list(named_modules(model, include, exclude)), desc="sensitivity",
+                              unit="layer", disable=not progress):
+        w = _dense_weight(m)
+        if w is None:
+            continue
+        s = by_name[name]
+        rank = min(s.max_rank, choose_hparams("lowrank", [(s.d_in, s.d_out)], fraction).rank)
+        layer = build_linear(LinearSpec("lowrank", rank=rank), s.d_in, s.d_out, bias=False,
+                             dtype=torch.float64)
+        project_(layer, w.detach(), covs.get(name), n)
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.copy_(layer.to_dense().to(w.dtype))
+            kl = (ref.exp() * (ref - _log_probs(model, tokens))).sum(-1).mean().item()
+            w.copy_(saved)
+        rate = max(kl, 1e-12) / max(float(s.energy[rank:].sum()), 1e-300)
+        out.append(Spectrum(name, s.d_in, s.d_out, s.energy * rate))
+    return out
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, tokens: Tensor) -> Tensor:
+    """log-softmax of the model's logits (a structlm GPT's first output, a transformers model's
+    .logits, or the output itself), in float32."""
+    out = model(tokens)
+    out = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)
+    return out.float().log_softmax(-1)
 
 
 def _warn_short_calibration(report: list[dict], tokens: int) -> None:
