@@ -42,8 +42,9 @@ def configs(name: str, kinds: list[str], budgets: list[float]):
             yield kind, b, dataclasses.replace(base, ffn=choose_hparams(kind, shapes, b))
 
 
-def measure(cfg, batch: int, reps: int, gen: int) -> dict[str, float]:
-    """Median ms per token of each variant, interleaved per repetition."""
+def measure(cfg, batch: int, reps: int, gen: int) -> tuple[dict[str, float], dict]:
+    """(median ms per token of each variant, interleaved per repetition; the calibrated
+    thresholds)."""
     dev, dtype = torch.device("cpu"), None
     torch.manual_seed(0)
     dense = GPT(dataclasses.replace(cfg, ffn=LinearSpec())).eval()

@@ -73,8 +73,8 @@ def structure(
         raise ValueError(f"init={init!r}: choose project (from the dense weights) or paper")
     covs = input_covariances(model, calib, include, exclude) if calib is not None else {}
     n_tokens = None if calib is None else calib.numel()
-    ranks = _allocated(model, spec_or_fraction, kind, allocate, covs, include, exclude,
-                       (calib, n_tokens), progress)
+    ranks = _allocated(model, spec_or_fraction, kind, allocate, covs, include, exclude, calib,
+                       progress)
     report: list[dict] = []
     total = sum(_dense_weight(m) is not None for _, m, _, _ in named_modules(model, include,
                                                                               exclude))
@@ -123,7 +123,7 @@ def structure(
 
 
 def _allocated(model: nn.Module, spec_or_fraction, kind: str, allocate: str, covs: dict,
-               include: Patterns, exclude: Patterns, calib: tuple,
+               include: Patterns, exclude: Patterns, calib: Tensor | None,
                progress: bool = False) -> dict[str, int] | None:
     """Per-layer ranks under allocate="error" or "sensitivity", None under "uniform"."""
     if allocate == "uniform":
@@ -133,46 +133,39 @@ def _allocated(model: nn.Module, spec_or_fraction, kind: str, allocate: str, cov
     if kind != "lowrank" or isinstance(spec_or_fraction, LinearSpec):
         raise ValueError(f"allocate={allocate!r} splits a fraction into LowRank ranks: give a "
                          "fraction and kind='lowrank' (the block kinds allocate uniformly for now)")
-    if allocate == "sensitivity" and calib[0] is None:
+    if allocate == "sensitivity" and calib is None:
         raise ValueError("allocate='sensitivity' measures each layer's effect on the model's "
                          "outputs: give calib (token ids)")
     fraction = float(spec_or_fraction)
-    spectra = [spectrum(name, w.detach(), covs.get(name))
-               for name, m, _, _ in named_modules(model, include, exclude)
-               if (w := _dense_weight(m)) is not None]
+    weights = {name: w.detach() for name, m, _, _ in named_modules(model, include, exclude)
+               if (w := _dense_weight(m)) is not None}
+    spectra = [spectrum(name, w, covs.get(name)) for name, w in weights.items()]
     if allocate == "sensitivity":
-        spectra = _weighed(model, spectra, fraction, covs, include, exclude, calib, progress)
+        spectra = _weighed(model, spectra, weights, fraction, covs, calib, progress)
     return allocate_ranks(spectra, fraction)
 
 
-def _weighed(model: nn.Module, spectra: list[Spectrum], fraction: float, covs: dict,
-             include: Patterns, exclude: Patterns, calib: tuple,
-             progress: bool = False) -> list[Spectrum]:
+@torch.no_grad()
+def _weighed(model: nn.Module, spectra: list[Spectrum], weights: dict[str, Tensor],
+             fraction: float, covs: dict, calib: Tensor, progress: bool) -> list[Spectrum]:
     """Each spectrum scaled so that its truncation error at the uniform rank equals what that
     truncation alone costs the model: KL(dense outputs || outputs with only this layer
     projected) on the calibration tokens. A first-order exchange rate from each layer's local
     error to the model's, so that the greedy trades layers by their effect on the outputs."""
-    tokens, n = calib
-    ref = _log_probs(model, tokens)  # (..., vocab)
-    by_name = {s.name: s for s in spectra}
+    ref = _log_probs(model, calib)  # (..., vocab)
     out = []
-    for name, m, _, _ in tqdm(list(named_modules(model, include, exclude)), desc="sensitivity",
-                              unit="layer", disable=not progress):
-        w = _dense_weight(m)
-        if w is None:
-            continue
-        s = by_name[name]
+    for s in tqdm(spectra, desc="sensitivity", unit="layer", disable=not progress):
+        w = weights[s.name]  # a view of the model's weight: written in place, then restored
         rank = min(s.max_rank, choose_hparams("lowrank", [(s.d_in, s.d_out)], fraction).rank)
         layer = build_linear(LinearSpec("lowrank", rank=rank), s.d_in, s.d_out, bias=False,
                              dtype=torch.float64)
-        project_(layer, w.detach(), covs.get(name), n)
-        saved = w.detach().clone()
-        with torch.no_grad():
-            w.copy_(layer.to_dense().to(w.dtype))
-            kl = (ref.exp() * (ref - _log_probs(model, tokens))).sum(-1).mean().item()
-            w.copy_(saved)
+        project_(layer, w, covs.get(s.name), calib.numel())
+        saved = w.clone()
+        w.copy_(layer.to_dense().to(w.dtype))
+        kl = (ref.exp() * (ref - _log_probs(model, calib))).sum(-1).mean().item()
+        w.copy_(saved)
         rate = max(kl, 1e-12) / max(float(s.energy[rank:].sum()), 1e-300)
-        out.append(Spectrum(name, s.d_in, s.d_out, s.energy * rate))
+        out.append(Spectrum(s.name, s.d_in, s.d_out, s.energy * rate))
     return out
 
 
